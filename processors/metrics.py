@@ -1,0 +1,91 @@
+"""All Prometheus collectors of a worker, built in one place, and the HTTP
+server for /metrics, /healthz and /readyz. Processing code calls these hooks."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from aiohttp import web
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest)
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_POW2 = tuple(float(2 ** i) for i in range(0, 14))
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.requests = Counter("sluice_requests_total", "Requests answered, by status and cache level.",
+                                ["model", "status", "cache"], registry=r)
+        self.errors = Counter("sluice_request_errors_total", "Error results and DLQ records, by code.",
+                              ["code"], registry=r)
+        self.dlq = Counter("sluice_dlq_records_total", "Records sent to the DLQ.", registry=r)
+        self.latency = Histogram("sluice_stage_seconds", "Time per request in each stage.",
+                                 ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_items = Histogram("sluice_batch_items", "Records per model hand-off.",
+                                     buckets=_POW2, registry=r)
+        self.batch_tokens = Histogram("sluice_inference_padded_tokens", "Padded tokens per ONNX Runtime call.",
+                                      buckets=_POW2, registry=r)
+        self.inference = Histogram("sluice_inference_seconds", "Model thread time per hand-off.",
+                                   buckets=_LATENCY_BUCKETS, registry=r)
+        self.compute_seconds = Counter("sluice_compute_seconds_total", "Model compute time.", registry=r)
+        self.cost = Counter("sluice_cost_usd_total", "Cost attributed to requests.", ["model"], registry=r)
+        self.pending = Gauge("sluice_pending_items", "Records read and not yet handed to the model.", registry=r)
+        self.inflight = Gauge("sluice_inflight_items", "Records handed to the model and not yet committed.",
+                              registry=r)
+        self.assigned = Gauge("sluice_assigned_partitions", "Partitions this worker owns.", registry=r)
+        self.rebalances = Counter("sluice_rebalances_total", "Partition revocations handled.", registry=r)
+        self.commits = Counter("sluice_commits_total", "Offset commits.", ["outcome"], registry=r)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self.latency.labels(stage).observe(seconds)
+
+
+class HealthServer:
+    """/metrics, /healthz (event loop alive) and /readyz (model loaded and
+    partitions assigned) on one port."""
+
+    def __init__(self, metrics: WorkerMetrics, host: str, port: int,
+                 ready: Callable[[], tuple[bool, str]], heartbeat_age_s: Callable[[], float],
+                 stale_after_s: float = 30.0) -> None:
+        self._metrics = metrics
+        self._host, self._port = host, port
+        self._ready = ready
+        self._heartbeat_age_s = heartbeat_age_s
+        self._stale_after_s = stale_after_s
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._serve_metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        log.info("metrics on http://%s:%s/metrics", self._host, self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _serve_metrics(self, _: web.Request) -> web.Response:
+        body = generate_latest(self._metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        age = self._heartbeat_age_s()
+        if age > self._stale_after_s:
+            return web.Response(status=503, text=f"fetch loop silent for {age:.0f} s\n")
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        ok, why = self._ready()
+        return web.Response(status=200 if ok else 503, text=why + "\n")

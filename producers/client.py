@@ -1,0 +1,228 @@
+"""The Python client: produce requests, await or stream their results.
+
+One producer and one results reader per client. The reader is assigned
+every partition of the results topic (no consumer group: each client sees
+all results and keeps those it is waiting for), positioned at the end
+before the first request goes out, so no answer can be missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import uuid
+from typing import Any, AsyncIterator, Iterable
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from schemas.errors import SluiceError
+from schemas.keys import partition_key
+from schemas.records import Result, now_ms
+from schemas.topics import KafkaConfig
+
+log = logging.getLogger(__name__)
+
+
+class ClientError(SluiceError):
+    code = "client"
+
+
+class ResultTimeout(ClientError):
+    code = "timeout"
+    retriable = True
+
+
+def make_request(text: str, *, id: str | None = None, task: str = "embed", model: str | None = None,
+                 tenant: str = "default", labels: Iterable[str] | None = None,
+                 reply_to: str | None = None, deadline_ms: int | None = None,
+                 cache: str = "use") -> dict[str, Any]:
+    """A request record with the contract's field names (no validation here:
+    the worker validates, and answers a bad request with an error result)."""
+    doc: dict[str, Any] = {"v": 1, "id": id or uuid.uuid4().hex, "input": text, "task": task,
+                           "tenant": tenant, "cache": cache}
+    for name, value in (("model", model), ("reply_to", reply_to), ("deadline_ms", deadline_ms)):
+        if value is not None:
+            doc[name] = value
+    if labels is not None:
+        doc["labels"] = list(labels)
+    return doc
+
+
+def request_key(doc: dict[str, Any]) -> bytes:
+    """The partition key: identical requests meet on one partition."""
+    labels = doc.get("labels")
+    text = doc.get("input")
+    if not isinstance(text, str):
+        return str(doc.get("id", "")).encode()
+    return partition_key(tenant=str(doc.get("tenant", "default")), model=doc.get("model"),
+                         task=str(doc.get("task", "embed")),
+                         labels=tuple(labels) if isinstance(labels, list) else None, text=text)
+
+
+class SluiceClient:
+    """Async client. `async with SluiceClient(KafkaConfig(...)) as c: await c.submit("text")`."""
+
+    def __init__(self, config: KafkaConfig | None = None, *, results_topic: str | None = None,
+                 timeout_s: float = 60.0, linger_ms: int = 2) -> None:
+        self.config = config or KafkaConfig()
+        self.topics = self.config.topics
+        self.results_topic = results_topic or self.topics.results
+        self.timeout_s = timeout_s
+        self._linger_ms = linger_ms
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._reader: asyncio.Task | None = None
+        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._streams: list[asyncio.Queue[dict[str, Any]]] = []
+        self._ids = itertools.count()
+        self._prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
+
+    async def __aenter__(self) -> "SluiceClient":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        cfg = self.config
+        self._producer = AIOKafkaProducer(bootstrap_servers=cfg.bootstrap_servers, acks="all",
+                                          enable_idempotence=True, linger_ms=self._linger_ms)
+        await self._producer.start()
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap_servers,
+                                          enable_auto_commit=False, group_id=None,
+                                          isolation_level="read_committed", fetch_max_wait_ms=50)
+        await self._consumer.start()
+        parts = await self._wait_partitions(self.results_topic)
+        tps = [TopicPartition(self.results_topic, p) for p in parts]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_end(*tps)
+        for tp in tps:  # materialise the positions now, before any request is sent
+            await self._consumer.position(tp)
+        self._reader = asyncio.create_task(self._read_results(), name="sluice-client-results")
+
+    async def _wait_partitions(self, topic: str, timeout_s: float = 30.0) -> set[int]:
+        assert self._consumer is not None
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            parts = self._consumer.partitions_for_topic(topic)
+            if parts:
+                return parts
+            if asyncio.get_running_loop().time() > deadline:
+                raise ClientError(f"results topic {topic!r} not found on {self.config.bootstrap_servers}"
+                                  " (is the stack up? `sluice up`)")
+            await self._consumer._client.force_metadata_update()  # aiokafka has no public refresh
+            await asyncio.sleep(0.2)
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except (asyncio.CancelledError, Exception):
+                pass
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(ClientError("client stopped before the result arrived"))
+        self._waiting.clear()
+        for part in (self._producer, self._consumer):
+            if part is not None:
+                await part.stop()
+
+    async def _read_results(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=200, max_records=5000)
+            for records in batches.values():
+                for rec in records:
+                    try:
+                        doc = orjson.loads(rec.value)
+                    except (orjson.JSONDecodeError, TypeError):
+                        log.warning("unreadable result at %s:%s", rec.partition, rec.offset)
+                        continue
+                    if not isinstance(doc, dict):
+                        continue
+                    doc["_received_at_ms"] = now_ms()
+                    fut = self._waiting.pop(doc.get("id"), None)  # type: ignore[arg-type]
+                    if fut is not None and not fut.done():
+                        fut.set_result(doc)
+                    for q in self._streams:
+                        q.put_nowait(doc)
+
+    # -- sending -------------------------------------------------------------
+    async def send(self, doc: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+        """Produce one request record; return a future of its result. The
+        record is keyed so that identical requests share a partition."""
+        assert self._producer is not None, "call start() first"
+        doc.setdefault("sent_at_ms", now_ms())
+        if self.results_topic != self.topics.results:
+            doc.setdefault("reply_to", self.results_topic)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[doc["id"]] = fut
+        await self._producer.send(self.topics.requests, orjson.dumps(doc), key=request_key(doc))
+        return fut
+
+    async def send_raw(self, value: bytes, key: bytes | None = None) -> None:
+        """Produce bytes as they are (tests of bad input, kcat-style use)."""
+        assert self._producer is not None, "call start() first"
+        await (await self._producer.send(self.topics.requests, value, key=key))
+
+    def expect(self, request_id: str) -> asyncio.Future[dict[str, Any]]:
+        """A future for a result of a request sent some other way."""
+        fut = self._waiting.get(request_id)
+        if fut is None:
+            fut = self._waiting[request_id] = asyncio.get_running_loop().create_future()
+        return fut
+
+    async def flush(self) -> None:
+        assert self._producer is not None
+        await self._producer.flush()
+
+    async def submit(self, text: str, *, timeout_s: float | None = None, **fields: Any) -> Result:
+        """Send one request and await its result."""
+        fut = await self.send(make_request(text, **fields))
+        return Result.model_validate(await self._await(fut, timeout_s))
+
+    async def submit_many(self, texts: Iterable[str], *, timeout_s: float | None = None,
+                          **fields: Any) -> list[Result]:
+        """Send many requests at once; results in the order of `texts`."""
+        futs = [await self.send(make_request(t, **fields)) for t in texts]
+        await self.flush()
+        docs = await asyncio.gather(*(self._await(f, timeout_s) for f in futs))
+        return [Result.model_validate(d) for d in docs]
+
+    async def stream(self, requests: Iterable[dict[str, Any] | str], *,
+                     timeout_s: float | None = None) -> AsyncIterator[Result]:
+        """Send requests and yield each result as it arrives (arrival order)."""
+        pending: set[asyncio.Future[dict[str, Any]]] = set()
+        for r in requests:
+            pending.add(await self.send(make_request(r) if isinstance(r, str) else dict(r)))
+        await self.flush()
+        limit = timeout_s or self.timeout_s
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=limit,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                raise ResultTimeout(f"{len(pending)} results did not arrive within {limit} s")
+            for fut in done:
+                yield Result.model_validate(fut.result())
+
+    async def results(self) -> AsyncIterator[dict[str, Any]]:
+        """Every result on the results topic from now on (for `subscribe`)."""
+        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._streams.append(q)
+        try:
+            while True:
+                yield await q.get()
+        finally:
+            self._streams.remove(q)
+
+    async def _await(self, fut: asyncio.Future[dict[str, Any]], timeout_s: float | None) -> dict[str, Any]:
+        limit = timeout_s or self.timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout=limit)
+        except TimeoutError:
+            raise ResultTimeout(f"no result within {limit} s") from None

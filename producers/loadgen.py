@@ -1,0 +1,161 @@
+"""Open-loop load generator.
+
+Requests go out on a fixed schedule (request i at t0 + i/rate) whatever the
+answers do, and each latency runs from the request's *scheduled* send time
+to its result's arrival: a slow pipeline cannot slow the generator down and
+hide its own queueing (no coordinated omission).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from producers.client import SluiceClient, make_request
+from producers.corpus import Workload
+from schemas.records import now_ms
+from schemas.topics import KafkaConfig
+
+
+@dataclass
+class LoadReport:
+    rate: float
+    duration_s: float
+    sent: int = 0
+    answered: int = 0
+    unanswered: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    cache: dict[str, int] = field(default_factory=dict)
+    throughput_rps: float = 0.0
+    send_lag_max_ms: float = 0.0
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    latency_by_cache_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    cost_usd: float = 0.0
+
+    @property
+    def errors(self) -> int:
+        return sum(n for s, n in self.statuses.items() if s != "ok")
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["errors"] = self.errors
+        return d
+
+    def summary(self) -> str:
+        lat = self.latency_ms
+        lines = [
+            f"rate {self.rate:g}/s for {self.duration_s:g} s: sent {self.sent}, answered "
+            f"{self.answered}, unanswered {self.unanswered}, errors {self.errors}",
+            f"throughput {self.throughput_rps:.0f} results/s; statuses "
+            + ", ".join(f"{k} {v}" for k, v in sorted(self.statuses.items())),
+            "latency ms (scheduled send -> result): "
+            + ", ".join(f"{k} {lat[k]:.1f}" for k in ("p50", "p95", "p99", "max") if k in lat),
+        ]
+        if self.cache:
+            total = sum(self.cache.values()) or 1
+            hits = sum(v for k, v in self.cache.items() if k in ("l1", "l2", "coalesced"))
+            lines.append(f"cache: hit rate {hits / total:.1%} ("
+                         + ", ".join(f"{k} {v}" for k, v in sorted(self.cache.items())) + ")")
+            for level, q in sorted(self.latency_by_cache_ms.items()):
+                lines.append(f"  {level:>9}: p50 {q['p50']:.1f}  p95 {q['p95']:.1f}  p99 {q['p99']:.1f} ms")
+        lines.append(f"cost ${self.cost_usd:.6f} (${self.cost_usd / max(1, self.answered) * 1e6:.3f} per million)")
+        return "\n".join(lines)
+
+
+def percentiles(values: list[float] | np.ndarray) -> dict[str, float]:
+    if len(values) == 0:
+        return {}
+    a = np.asarray(values, dtype=np.float64)
+    p50, p95, p99 = np.percentile(a, [50, 95, 99])
+    return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "max": float(a.max()),
+            "mean": float(a.mean())}
+
+
+async def run_load(config: KafkaConfig, *, rate: float, duration_s: float,
+                   workload: Workload = Workload(), task: str = "embed",
+                   labels: list[str] | None = None, tenant: str = "loadtest", cache: str = "use",
+                   drain_timeout_s: float = 30.0,
+                   progress: Callable[[str], None] | None = print,
+                   client: SluiceClient | None = None) -> LoadReport:
+    if rate <= 0 or duration_s <= 0:
+        raise ValueError(f"rate={rate}, duration_s={duration_s}: both must be > 0")
+    n = max(1, int(rate * duration_s))
+    texts = workload.texts(n)
+    own = client is None
+    client = client or SluiceClient(config)
+    if own:
+        await client.start()
+    report = LoadReport(rate=rate, duration_s=duration_s)
+    scheduled: dict[str, int] = {}
+    latencies: list[float] = []
+    by_level: dict[str, list[float]] = {}
+    statuses: Counter[str] = Counter()
+    levels: Counter[str] = Counter()
+    last_arrival = [0]
+    cost = [0.0]
+
+    def on_result(fut: asyncio.Future) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        doc = fut.result()
+        lat = doc["_received_at_ms"] - scheduled[doc["id"]]
+        latencies.append(lat)
+        statuses[doc.get("status", "?")] += 1
+        level = doc.get("cache") or "none"
+        levels[level] += 1
+        by_level.setdefault(level, []).append(lat)
+        cost[0] += float(doc.get("cost_usd") or 0.0)
+        last_arrival[0] = doc["_received_at_ms"]
+
+    futures: list[asyncio.Future] = []
+    run_id = f"lt-{now_ms()}-"
+    t0_wall = now_ms()
+    t0 = time.monotonic()
+    next_progress = t0 + 2.0
+    try:
+        for i, text in enumerate(texts):
+            due = t0 + i / rate
+            ahead = due - time.monotonic()
+            if ahead > 0.001:
+                await asyncio.sleep(ahead)
+            else:
+                report.send_lag_max_ms = max(report.send_lag_max_ms, -ahead * 1000)
+            rid = f"{run_id}{i}"
+            sched_ms = t0_wall + int(i * 1000 / rate)
+            scheduled[rid] = sched_ms
+            doc = make_request(text, id=rid, task=task, labels=labels, tenant=tenant, cache=cache)
+            doc["sent_at_ms"] = sched_ms
+            fut = await client.send(doc)
+            fut.add_done_callback(on_result)
+            futures.append(fut)
+            report.sent += 1
+            if progress and time.monotonic() >= next_progress:
+                next_progress += 2.0
+                q = percentiles(latencies[-2000:])
+                progress(f"  t={time.monotonic() - t0:5.1f}s sent {report.sent} answered "
+                         f"{len(latencies)} p99(recent) {q.get('p99', 0):.0f} ms")
+        await client.flush()
+        deadline = time.monotonic() + drain_timeout_s
+        while len(latencies) < len(futures) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        for f in futures:
+            if not f.done():
+                f.cancel()
+        if own:
+            await client.stop()
+    report.answered = len(latencies)
+    report.unanswered = report.sent - report.answered
+    report.statuses = dict(statuses)
+    report.cache = dict(levels)
+    span_s = max(1e-3, (last_arrival[0] - t0_wall) / 1000)
+    report.throughput_rps = report.answered / span_s
+    report.latency_ms = percentiles(latencies)
+    report.latency_by_cache_ms = {k: percentiles(v) for k, v in by_level.items()}
+    report.cost_usd = cost[0]
+    return report

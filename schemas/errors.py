@@ -1,0 +1,54 @@
+"""One root exception for Sluice; each stage raises a subclass.
+
+`retriable` tells the caller whether trying again can succeed; `code` is the
+stable, machine-readable name that results and metrics carry.
+"""
+
+from __future__ import annotations
+
+
+class SluiceError(Exception):
+    code = "internal"
+    retriable = False
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.code
+
+
+class ConfigError(SluiceError):
+    """A setting is missing or invalid; raised at start, names the setting."""
+
+    code = "config"
+
+
+class RequestError(SluiceError):
+    """A request cannot be served as sent (bad field, unknown model, ...).
+
+    `request_id` is set when the record had a usable id, so the worker can
+    answer it with an error result instead of sending it to the DLQ.
+    """
+
+    code = "invalid_request"
+
+    def __init__(self, message: str, *, code: str, request_id: str | None = None,
+                 reply_to: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.request_id = request_id
+        self.reply_to = reply_to
+
+
+class ModelError(SluiceError):
+    code = "model_error"
+
+
+class StackError(SluiceError):
+    """The local stack (Kafka, Redis) could not be started or reached."""
+
+    code = "stack"
+    retriable = True

@@ -1,0 +1,1 @@
+"""Egress for analytics: the ClickHouse sink, named SQL queries, reports."""

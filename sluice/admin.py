@@ -1,0 +1,171 @@
+"""Kafka admin helpers: wait until a broker really answers, and create topics.
+
+Both are used by `sluice up` (through `sluice.stack`) and may be used by any
+component that wants its topics to exist before it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
+from aiokafka.errors import (
+    InvalidPartitionsError,
+    KafkaError,
+    TopicAlreadyExistsError,
+    for_code,
+)
+
+from schemas.errors import StackError
+from schemas.topics import check_topic_name
+
+# Locally there is one broker, so every topic gets one replica.
+_REPLICATION_FACTOR = 1
+_RETRY_PAUSE_S = 0.5
+
+
+@contextlib.contextmanager
+def _quiet_aiokafka() -> Iterator[None]:
+    """Silence aiokafka's connection errors while we poll on purpose.
+
+    A broker that is still starting refuses connections; aiokafka logs each
+    refusal at ERROR, which (without logging configured) Python prints to
+    stderr and would bury the progress lines of `sluice up`.
+    """
+    logger = logging.getLogger("aiokafka")
+    previous = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+@contextlib.asynccontextmanager
+async def _admin(bootstrap_servers: str, timeout_s: float) -> AsyncIterator[AIOKafkaAdminClient]:
+    client = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap_servers,
+        request_timeout_ms=max(1000, int(timeout_s * 1000)),
+    )
+    try:
+        await client.start()
+        yield client
+    finally:
+        await client.close()
+
+
+async def _probe(bootstrap_servers: str, timeout_s: float) -> None:
+    """One attempt: raises unless the broker serves metadata with a live broker in it.
+
+    A KRaft broker accepts TCP before it has caught up with the controller;
+    only a metadata answer that lists a broker means requests will be served.
+    """
+    async with _admin(bootstrap_servers, timeout_s) as client:
+        cluster = await client.describe_cluster()
+        if not cluster.get("brokers"):
+            raise KafkaError("broker answered, but lists no brokers yet")
+
+
+async def wait_for_broker(bootstrap_servers: str, timeout_s: float) -> None:
+    """Return once the broker answers a metadata request; StackError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    last_error: BaseException | None = None
+    with _quiet_aiokafka():
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                # aiokafka's own timeouts do not bound bootstrap retries, so bound
+                # each attempt here to keep the overall deadline honest.
+                await asyncio.wait_for(_probe(bootstrap_servers, min(remaining, 5.0)), remaining)
+                return
+            except (KafkaError, OSError) as exc:  # TimeoutError is an OSError
+                last_error = exc
+            await asyncio.sleep(min(_RETRY_PAUSE_S, max(0.0, deadline - time.monotonic())))
+    detail = f": {type(last_error).__name__}: {last_error}" if last_error else ""
+    raise StackError(f"Kafka at {bootstrap_servers} did not answer within {timeout_s:g} s{detail}")
+
+
+def _partition_counts(described: list[dict]) -> dict[str, int]:
+    return {t["topic"]: len(t["partitions"]) for t in described if t["error_code"] == 0}
+
+
+async def _wait_until_visible(client: AIOKafkaAdminClient, names: set[str],
+                              deadline: float) -> None:
+    """Creation is committed by the controller before the broker's metadata shows it;
+    wait so that a caller that describes or produces right away finds the topics."""
+    while missing := names - set(await client.list_topics()):
+        if time.monotonic() >= deadline:
+            raise StackError(
+                f"topics created but not visible in metadata yet: {', '.join(sorted(missing))}")
+        await asyncio.sleep(0.1)
+
+
+async def ensure_topics(bootstrap_servers: str, partitions: dict[str, int], *,
+                        timeout_s: float = 30.0) -> list[str]:
+    """Create missing topics with their partition counts (replication factor 1 locally);
+    return the names created. Existing topics are left alone (if one exists with fewer
+    partitions, increase them with create_partitions)."""
+    for name, count in partitions.items():
+        check_topic_name(name)
+        if count < 1:
+            raise ValueError(f"topic {name!r}: partition count must be >= 1, got {count}")
+    if not partitions:
+        return []
+
+    deadline = time.monotonic() + timeout_s
+    timeout_ms = max(1000, int(timeout_s * 1000))
+    try:
+        # One bound for the whole exchange: aiokafka's request timeout covers
+        # single requests, not bootstrap retries and the visibility wait.
+        async with asyncio.timeout(timeout_s), _admin(bootstrap_servers, timeout_s) as client:
+            # list_topics asks for all topics; asking metadata for named topics
+            # instead would let a broker with auto.create.topics.enable create
+            # the missing ones itself, with the default partition count.
+            existing = set(await client.list_topics()) & partitions.keys()
+            missing = [name for name in partitions if name not in existing]
+
+            created: list[str] = []
+            if missing:
+                response = await client.create_topics(
+                    [NewTopic(name, partitions[name], _REPLICATION_FACTOR) for name in missing],
+                    timeout_ms=timeout_ms)
+                for entry in response.topic_errors:
+                    name, code = entry[0], entry[1]
+                    if code == 0:
+                        created.append(name)
+                        continue
+                    error = for_code(code)
+                    if error is TopicAlreadyExistsError:
+                        # Someone else created it between our list and create;
+                        # check its partition count like any existing topic.
+                        existing.add(name)
+                        continue
+                    message = entry[2] if len(entry) > 2 and entry[2] else error.__name__
+                    raise StackError(f"could not create topic {name!r}: {message}")
+                await _wait_until_visible(client, set(created), deadline)
+
+            if existing:
+                counts = _partition_counts(await client.describe_topics(sorted(existing)))
+                grow = {name: NewPartitions(partitions[name]) for name, have in counts.items()
+                        if have < partitions[name]}
+                if grow:
+                    try:
+                        await client.create_partitions(grow, timeout_ms=timeout_ms)
+                    except InvalidPartitionsError:
+                        # Raced with another grower; fine if the count is now enough.
+                        counts = _partition_counts(await client.describe_topics(sorted(grow)))
+                        short = [n for n in grow if counts.get(n, 0) < partitions[n]]
+                        if short:
+                            raise
+            return created
+    except StackError:
+        raise
+    except (KafkaError, OSError) as exc:  # TimeoutError is an OSError
+        raise StackError(
+            f"could not ensure topics on {bootstrap_servers}: {type(exc).__name__}: {exc}") from exc

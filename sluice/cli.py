@@ -1,0 +1,281 @@
+"""The `sluice` command: the local stack, the worker, producing and reading.
+
+Settings come from SLUICE_* environment variables (see the README's table);
+a few common ones also have flags here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Any
+
+import orjson
+
+from schemas.errors import SluiceError
+from sluice.settings import Settings, load_settings
+
+log = logging.getLogger("sluice")
+
+
+def _print_json(doc: Any) -> None:
+    sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY).decode() + "\n")
+    sys.stdout.flush()
+
+
+# -- stack ---------------------------------------------------------------------
+def cmd_up(s: Settings, args: argparse.Namespace) -> int:
+    from sluice.stack import LocalStack
+    stack = LocalStack(s.stack())
+    outcome = stack.up(s.topic_partitions())
+    print(f"stack {outcome}: kafka {stack.bootstrap_servers}, redis {stack.redis_url}, "
+          f"state {s.state_dir}")
+    return 0
+
+
+def cmd_down(s: Settings, args: argparse.Namespace) -> int:
+    from sluice.stack import LocalStack
+    LocalStack(s.stack()).down()
+    print("stack stopped")
+    return 0
+
+
+def cmd_status(s: Settings, args: argparse.Namespace) -> int:
+    from sluice.stack import LocalStack
+    status = LocalStack(s.stack()).status()
+    for name, st in status.items():
+        print(f"{name:6} {'running' if st.get('alive') else 'stopped':8} "
+              + " ".join(f"{k}={v}" for k, v in st.items() if k != "alive"))
+    return 0 if all(st.get("alive") for st in status.values()) else 3
+
+
+# -- worker --------------------------------------------------------------------
+def cmd_worker(s: Settings, args: argparse.Namespace) -> int:
+    from processors.worker import serve
+    overrides = {}
+    if args.metrics_port is not None:
+        overrides["metrics_port"] = args.metrics_port
+    asyncio.run(serve(s.worker(**overrides)))
+    return 0
+
+
+# -- producing and reading -----------------------------------------------------
+def _requests_from(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from producers.client import make_request
+    labels = args.labels.split(",") if args.labels else None
+    common = dict(task=args.task, model=args.model, tenant=args.tenant, labels=labels, cache=args.cache)
+    if args.text:
+        return [make_request(t, **common) for t in args.text]
+    out = []
+    for n, line in enumerate(sys.stdin, 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SluiceError(f"stdin line {n}: not JSON ({exc})") from None
+        if isinstance(doc, str):
+            out.append(make_request(doc, **common))
+        elif isinstance(doc, dict) and isinstance(doc.get("input"), str):
+            req = make_request(doc["input"], **common)
+            req.update(doc)
+            out.append(req)
+        else:
+            raise SluiceError(f"stdin line {n}: expected a JSON string or an object with 'input'")
+    return out
+
+
+async def _produce(s: Settings, args: argparse.Namespace) -> int:
+    from producers.client import SluiceClient
+    reqs = _requests_from(args)
+    async with SluiceClient(s.kafka(), timeout_s=args.timeout) as client:
+        futs = [await client.send(r) for r in reqs]
+        await client.flush()
+        if not args.wait:
+            for r in reqs:
+                _print_json({"id": r["id"], "produced": True})
+            return 0
+        failed = 0
+        for fut in futs:
+            try:
+                doc = await asyncio.wait_for(fut, args.timeout)
+            except TimeoutError:
+                failed += 1
+                continue
+            doc.pop("_received_at_ms", None)
+            if args.brief and isinstance(doc.get("output"), dict) and "embedding" in doc["output"]:
+                emb = doc["output"]["embedding"]
+                doc["output"] = {"embedding": emb[:4] + ["..."], "dimensions": len(emb)}
+            _print_json(doc)
+        if failed:
+            print(f"{failed} results did not arrive within {args.timeout} s", file=sys.stderr)
+        return 1 if failed else 0
+
+
+def cmd_produce(s: Settings, args: argparse.Namespace) -> int:
+    return asyncio.run(_produce(s, args))
+
+
+async def _subscribe(s: Settings, args: argparse.Namespace) -> int:
+    from producers.client import SluiceClient
+    async with SluiceClient(s.kafka(), results_topic=args.topic) as client:
+        n = 0
+        async for doc in client.results():
+            doc.pop("_received_at_ms", None)
+            _print_json(doc)
+            n += 1
+            if args.count and n >= args.count:
+                return 0
+    return 0
+
+
+def cmd_subscribe(s: Settings, args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_subscribe(s, args))
+    except KeyboardInterrupt:
+        return 0
+
+
+# -- load ----------------------------------------------------------------------
+def _workload(args: argparse.Namespace):
+    from producers.corpus import Workload
+    return Workload(args.distribution, args.distinct, args.exponent, args.seed)
+
+
+def cmd_loadtest(s: Settings, args: argparse.Namespace) -> int:
+    from producers.loadgen import run_load
+    labels = args.labels.split(",") if args.labels else None
+    report = asyncio.run(run_load(s.kafka(), rate=args.rate, duration_s=args.duration,
+                                  workload=_workload(args), task=args.task, labels=labels,
+                                  cache=args.cache, progress=None if args.json else print))
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        print(report.summary())
+    return 0 if report.unanswered == 0 else 1
+
+
+def _wait_ready(port: int, proc: subprocess.Popen, timeout_s: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if proc.poll() is not None:
+            raise SluiceError(f"worker exited with code {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return time.monotonic() - t0
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SluiceError(f"worker not ready after {timeout_s} s")
+
+
+def cmd_demo(s: Settings, args: argparse.Namespace) -> int:
+    """Stack up (if needed), one worker, an open-loop run with repeats, summary, clean up."""
+    from producers.loadgen import run_load
+    from sluice.stack import LocalStack
+    stack = LocalStack(s.stack())
+    started_stack = stack.up(s.topic_partitions()) == "started"
+    env = {**os.environ, "SLUICE_BOOTSTRAP_SERVERS": s.bootstrap_servers}
+    worker = subprocess.Popen([sys.executable, "-m", "sluice", "worker", "--metrics-port",
+                               str(args.metrics_port)], env=env)
+    try:
+        ready_s = _wait_ready(args.metrics_port, worker, 120)
+        print(f"worker ready in {ready_s:.1f} s; sending {int(args.rate * args.duration)} requests "
+              f"at {args.rate:g}/s ({args.distribution} over {args.distinct} inputs)")
+        report = asyncio.run(run_load(s.kafka(), rate=args.rate, duration_s=args.duration,
+                                      workload=_workload(args)))
+        print("\n== demo summary ==")
+        print(report.summary())
+        return 0 if report.unanswered == 0 and report.errors == 0 else 1
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        if started_stack and not args.keep_stack:
+            stack.down()
+
+
+# -- parser --------------------------------------------------------------------
+def _add_request_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default="embed", choices=["embed", "classify"])
+    p.add_argument("--labels", help="comma-separated labels for classify, e.g. sports,finance")
+    p.add_argument("--model", help="model name (default: the worker's SLUICE_DEFAULT_MODEL)")
+    p.add_argument("--tenant", default="default")
+    p.add_argument("--cache", default="use", choices=["use", "bypass", "refresh"])
+
+
+def _add_load_flags(p: argparse.ArgumentParser, rate: float, duration: float) -> None:
+    p.add_argument("--rate", type=float, default=rate, help="requests per second (open loop)")
+    p.add_argument("--duration", type=float, default=duration, help="seconds of sending")
+    p.add_argument("--distribution", default="zipf", choices=["unique", "uniform", "zipf"])
+    p.add_argument("--distinct", type=int, default=1000, help="distinct inputs (uniform, zipf)")
+    p.add_argument("--exponent", type=float, default=1.1, help="Zipf exponent")
+    p.add_argument("--seed", type=int, default=7)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sluice", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="start the local stack (Kafka KRaft + Redis) and create topics")
+    sub.add_parser("down", help="stop the local stack")
+    sub.add_parser("status", help="show the local stack's processes")
+    w = sub.add_parser("worker", help="run an inference worker until SIGTERM")
+    w.add_argument("--metrics-port", type=int, help="port of /metrics, /healthz, /readyz (0: any)")
+    p = sub.add_parser("produce", help="produce requests: texts as arguments, or JSON lines on stdin",
+                       epilog='examples:\n  sluice produce --wait "hello world"\n'
+                              '  echo \'{"input": "great film", "task": "classify", '
+                              '"labels": ["cinema", "sports"]}\' | sluice produce --wait',
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("text", nargs="*")
+    _add_request_flags(p)
+    p.add_argument("--wait", action="store_true", help="await and print each result")
+    p.add_argument("--brief", action="store_true", help="with --wait: shorten embeddings")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each result")
+    s = sub.add_parser("subscribe", help="print results as JSON lines (from now on)")
+    s.add_argument("--topic", help="results topic (default PREFIX.results)")
+    s.add_argument("--count", type=int, default=0, help="stop after N results")
+    lt = sub.add_parser("loadtest", help="open-loop load at a fixed rate; latency percentiles")
+    _add_load_flags(lt, rate=200, duration=10)
+    lt.add_argument("--task", default="embed", choices=["embed", "classify"])
+    lt.add_argument("--labels")
+    lt.add_argument("--cache", default="use", choices=["use", "bypass", "refresh"])
+    lt.add_argument("--json", action="store_true", help="print the report as JSON")
+    d = sub.add_parser("demo", help="stack + worker + a load run with repeats; prints a summary")
+    _add_load_flags(d, rate=200, duration=15)
+    d.add_argument("--metrics-port", type=int, default=9400)
+    d.add_argument("--keep-stack", action="store_true", help="leave the stack running afterwards")
+    return ap
+
+
+COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "worker": cmd_worker,
+            "produce": cmd_produce, "subscribe": cmd_subscribe, "loadtest": cmd_loadtest,
+            "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    try:
+        settings = load_settings()
+        return COMMANDS[args.command](settings, args)
+    except SluiceError as exc:
+        print(f"sluice {args.command}: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,68 @@
+"""Settings: every knob of every part, from SLUICE_* environment variables.
+
+One flat, frozen object so an operator sees every name in one table (the
+README's); each part receives only its own slice (WorkerConfig, StackConfig,
+KafkaConfig), so nothing downstream imports the control plane. A bad value
+fails at start with one line naming the setting.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from processors.config import WorkerConfig
+from schemas.errors import ConfigError
+from schemas.topics import KafkaConfig
+from sluice.stack import StackConfig
+
+ENV_PREFIX = "SLUICE_"
+
+
+class Settings(BaseSettings, WorkerConfig, StackConfig):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    request_partitions: int = 12
+    results_partitions: int = 12
+
+    @model_validator(mode="before")
+    @classmethod
+    def _endpoints_follow_ports(cls, data: Any) -> Any:
+        # the local stack's ports decide the endpoints unless these are given
+        if isinstance(data, dict):
+            if not data.get("bootstrap_servers"):
+                data["bootstrap_servers"] = f"127.0.0.1:{data.get('kafka_port', 9092)}"
+        return data
+
+    def kafka(self) -> KafkaConfig:
+        return KafkaConfig.model_validate(self.model_dump(include=set(KafkaConfig.model_fields)))
+
+    def worker(self, **overrides: Any) -> WorkerConfig:
+        fields = self.model_dump(include=set(WorkerConfig.model_fields))
+        return WorkerConfig.model_validate({**fields, **overrides})
+
+    def stack(self) -> StackConfig:
+        return StackConfig.model_validate(self.model_dump(include=set(StackConfig.model_fields)))
+
+    def topic_partitions(self) -> dict[str, int]:
+        return self.topics.partitions(requests=self.request_partitions,
+                                      results=self.results_partitions)
+
+
+def describe_error(exc: ValidationError) -> str:
+    """The first problem as one line: SLUICE_NAME=value: what is wrong."""
+    err = exc.errors()[0]
+    name = str(err["loc"][0]) if err["loc"] else ""
+    value = err.get("input")
+    setting = f"{ENV_PREFIX}{name.upper()}" if name else "settings"
+    shown = "" if isinstance(value, dict) or value is None else f"={value!r}"
+    return f"{setting}{shown}: {err['msg']}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(describe_error(exc)) from None
