@@ -239,8 +239,12 @@ class Worker:
                 if tp.partition in self._assigned:
                     self._intake(tp.partition, recs)
             self._move_ready(time.monotonic())
-        # stopping: everything read so far goes out, due or not
-        self._move_ready(float("inf"))
+        # Stopping: what is with the model or the publisher finishes and is
+        # committed; what only waits in batches is dropped uncommitted, so the
+        # partition's next owner reads it again. Shutdown then takes one
+        # batch's time, not the backlog's.
+        dropped = self._drop_waiting(set(self._assigned) | {b.partition for b in self._pending})
+        log.info("stopping: %d waiting records left for the next owner", dropped)
         self._fetch_done = True
         self._has_pending.set()
 
@@ -559,10 +563,7 @@ class Worker:
         parts = {tp.partition for tp in revoked if tp.topic == self.topics.requests}
         self._assigned -= parts
         self.metrics.rebalances.inc()
-        dropped = self._batcher.drop(parts)
-        keep = [b for b in self._pending if b.partition not in parts]
-        dropped += self._pending_items - sum(len(b) for b in keep)
-        self._pending, self._pending_items = keep, sum(len(b) for b in keep)
+        dropped = self._drop_waiting(parts)
         # what is already with the model or the publisher finishes and commits
         # while we still own the partitions
         try:
@@ -570,6 +571,15 @@ class Worker:
         except TimeoutError:
             log.warning("revoke: batches still in flight after %.0f s", self.config.drain_timeout_s)
         log.info("revoked %s (dropped %d uncommitted records for the next owner)", sorted(parts), dropped)
+
+    def _drop_waiting(self, parts: set[int]) -> int:
+        """Forget batches of these partitions that the model has not taken."""
+        dropped = self._batcher.drop(parts)
+        keep = [b for b in self._pending if b.partition not in parts]
+        dropped += self._pending_items - sum(len(b) for b in keep)
+        self._pending, self._pending_items = keep, sum(len(b) for b in keep)
+        self.metrics.pending.set(self._pending_items)
+        return dropped
 
     def _on_assigned(self, assigned: list[TopicPartition]) -> None:
         self._assigned = {tp.partition for tp in (self._consumer.assignment() if self._consumer else ())

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.errors import (
@@ -91,7 +92,7 @@ async def wait_for_broker(bootstrap_servers: str, timeout_s: float) -> None:
     raise StackError(f"Kafka at {bootstrap_servers} did not answer within {timeout_s:g} s{detail}")
 
 
-def _partition_counts(described: list[dict]) -> dict[str, int]:
+def _partition_counts(described: list[dict[str, Any]]) -> dict[str, int]:
     return {t["topic"]: len(t["partitions"]) for t in described if t["error_code"] == 0}
 
 

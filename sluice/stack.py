@@ -43,7 +43,7 @@ _KAFKA_JAR_GLOB = "kafka_2.13-*.jar"
 _STOP_GRACE_S = 20.0  # Kafka's controlled shutdown needs a few seconds; redis far less.
 _KILL_GRACE_S = 5.0
 _PROGRESS_EVERY_S = 5.0
-_MAVEN_TIMEOUT_S = 900.0  # first resolution downloads ~100 MB on a cold ~/.m2
+_MAVEN_TIMEOUT_S = 900.0  # a cold ~/.m2 downloads ~60 MB (about 45 s measured)
 _LOG_TAIL_LINES = 20
 
 T = TypeVar("T")
@@ -122,7 +122,12 @@ def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
 def _pid_alive(pid: int, marker: str) -> bool:
     """True when `pid` is a live (non-zombie) process whose command line has `marker`."""
     child = _CHILDREN.get(pid)
-    if child is not None and child.poll() is not None:
+    if child is not None:
+        # Our own child: poll() is exact (its pid cannot be reused before we
+        # reap it), and going on to /proc could see it die in between and
+        # leave it unreaped.
+        if child.poll() is None:
+            return True
         del _CHILDREN[pid]
         return False
     try:
@@ -234,10 +239,10 @@ class LocalStack:
                     if not _port_free(port):
                         raise StackError(
                             f"port {port} ({setting}) is in use by another process")
-            redis_bin = self._which("redis-server", "apt-get install redis-server") \
-                if self._redis in to_start else ""
-            java_bin = self._which("java", "apt-get install openjdk-17-jre-headless") \
-                if self._kafka in to_start else ""
+            redis_bin = (self._which("redis-server", "apt-get install redis-server")
+                         if self._redis in to_start else "")
+            java_bin = (self._which("java", "apt-get install openjdk-17-jre-headless")
+                        if self._kafka in to_start else "")
 
             started: list[tuple[_Service, int]] = []
             try:
@@ -359,7 +364,7 @@ class LocalStack:
 
     def _stop(self, targets: dict[_Service, int]) -> None:
         """SIGTERM all targets at once (so their shutdowns overlap), then SIGKILL stragglers."""
-        for svc, pid in targets.items():
+        for pid in targets.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         left = self._wait_gone(targets, _STOP_GRACE_S)

@@ -1,0 +1,201 @@
+"""Shared fixtures.
+
+The stack (Kafka + Redis) comes from, in order: endpoints in the environment
+(SLUICE_TEST_BOOTSTRAP_SERVERS and SLUICE_TEST_REDIS_URL), or the local stack
+that `sluice up` runs, started here on its own ports and state folder so a
+developer's running stack is left alone. Docker is not assumed anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class StackEndpoints:
+    bootstrap_servers: str
+    redis_url: str
+    local: "object | None" = None  # LocalStack when this session started it
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[StackEndpoints]:
+    given = os.environ.get("SLUICE_TEST_BOOTSTRAP_SERVERS")
+    if given:
+        yield StackEndpoints(given, os.environ.get("SLUICE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
+        return
+    from sluice.stack import LocalStack, StackConfig
+    cfg = StackConfig(state_dir=ROOT / ".sluice" / "test-stack",
+                      kafka_port=int(os.environ.get("SLUICE_TEST_KAFKA_PORT", 29092)),
+                      kafka_controller_port=int(os.environ.get("SLUICE_TEST_CONTROLLER_PORT", 29093)),
+                      redis_port=int(os.environ.get("SLUICE_TEST_REDIS_PORT", 26379)))
+    local = LocalStack(cfg)
+    outcome = local.up()
+    try:
+        yield StackEndpoints(local.bootstrap_servers, local.redis_url, local)
+    finally:
+        if outcome == "started" and not os.environ.get("SLUICE_TEST_KEEP_STACK"):
+            local.down()
+
+
+@dataclass
+class Env:
+    """One test's slice of the stack: its own topic prefix and group."""
+
+    stack: StackEndpoints
+    prefix: str
+    partitions: int
+
+    @property
+    def kafka(self):
+        from schemas.topics import KafkaConfig
+        return KafkaConfig(bootstrap_servers=self.stack.bootstrap_servers, topic_prefix=self.prefix)
+
+    @property
+    def topics(self):
+        return self.kafka.topics
+
+    def worker_env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+        env.update(SLUICE_BOOTSTRAP_SERVERS=self.stack.bootstrap_servers,
+                   SLUICE_REDIS_URL=self.stack.redis_url, SLUICE_TOPIC_PREFIX=self.prefix,
+                   SLUICE_GROUP_ID=f"{self.prefix}-workers", SLUICE_ORT_INTRA_OP_THREADS="1")
+        env.update(extra)
+        return env
+
+
+@pytest.fixture
+async def env(stack: StackEndpoints) -> Env:
+    from sluice.admin import ensure_topics
+    e = Env(stack, f"t{uuid.uuid4().hex[:10]}", partitions=6)
+    await ensure_topics(stack.bootstrap_servers,
+                        e.topics.partitions(requests=e.partitions, results=3, telemetry=2))
+    return e
+
+
+class WorkerProcess:
+    """`sluice worker` as a real subprocess, as operators run it."""
+
+    def __init__(self, env: Env, **settings: str) -> None:
+        self.port = free_port()
+        self.env = env.worker_env(SLUICE_METRICS_PORT=str(self.port), **settings)
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"sluice-worker-{env.prefix}-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, ready_timeout_s: float = 90.0) -> "WorkerProcess":
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "sluice", "worker"], env=self.env,
+                                     cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"worker not ready in {ready_timeout_s} s:\n{self.log()}")
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout_s: float = 60.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout_s)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if hasattr(self, "_log"):
+            self._log.close()
+
+
+@pytest.fixture
+def worker_factory(env: Env) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def make(**settings: str) -> WorkerProcess:
+        w = WorkerProcess(env, **settings)
+        started.append(w)
+        return w.start()
+
+    yield make
+    for w in started:
+        w.stop()
+
+
+@pytest.fixture
+async def client(env: Env):
+    from producers.client import SluiceClient
+    async with SluiceClient(env.kafka, timeout_s=120) as c:
+        yield c
+
+
+async def read_topic(bootstrap: str, topic: str, *, expect: int | None = None,
+                     timeout_s: float = 30.0, idle_s: float = 2.0) -> list:
+    """Every record of a topic from the beginning (until `expect` records or
+    `idle_s` without new ones)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        if not parts:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in parts]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: list = []
+        deadline = time.monotonic() + timeout_s
+        last_new = time.monotonic()
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for recs in batch.values():
+                out.extend(recs)
+                last_new = time.monotonic()
+            if expect is not None and len(out) >= expect and time.monotonic() - last_new > 0.5:
+                break
+            if expect is None and time.monotonic() - last_new > idle_s:
+                break
+        return out
+    finally:
+        await consumer.stop()

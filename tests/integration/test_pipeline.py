@@ -1,0 +1,187 @@
+"""The pipeline end to end on the real stack: Kafka broker, worker process, model."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections import Counter
+
+import numpy as np
+import onnxruntime as ort
+import orjson
+import pytest
+from tokenizers import Tokenizer
+
+from producers.client import make_request
+from producers.corpus import text
+from processors.runtime import BUILTIN_MODELS, _resolve, load_card
+from schemas.records import Result, Telemetry, now_ms
+from tests.conftest import read_topic
+
+pytestmark = pytest.mark.integration
+
+
+class DirectModel:
+    """The reference: ONNX Runtime on one text at a time, no batching, no
+    padding, written here independently of processors.runtime."""
+
+    def __init__(self) -> None:
+        folder = BUILTIN_MODELS / "all-minilm-l6-v2"
+        card = load_card(folder)
+        self.tok = Tokenizer.from_file(str(_resolve(card.tokenizer, folder)))
+        self.tok.no_padding()
+        self.tok.enable_truncation(max_length=card.max_tokens)
+        self.sess = ort.InferenceSession(str(_resolve(card.onnx, folder)),
+                                         providers=["CPUExecutionProvider"])
+
+    def embed(self, s: str) -> np.ndarray:
+        ids = np.array([self.tok.encode(s).ids], dtype=np.int64)
+        mask = np.ones_like(ids)
+        hidden = self.sess.run(None, {"input_ids": ids, "attention_mask": mask,
+                                      "token_type_ids": np.zeros_like(ids)})[0]
+        v = hidden[0].mean(axis=0)
+        return v / np.linalg.norm(v)
+
+
+@pytest.fixture(scope="module")
+def direct() -> DirectModel:
+    return DirectModel()
+
+
+async def test_2000_requests_come_back_once_each_and_match_direct_onnx(env, worker_factory, client, direct):
+    worker_factory()
+    texts = [text(i, seed=11) for i in range(2000)]
+    results = await client.submit_many(texts, timeout_s=180)
+
+    assert [r.status for r in results] == ["ok"] * 2000
+    # exactly once on the results topic: read it back and count by id
+    records = await read_topic(env.stack.bootstrap_servers, env.topics.results, expect=2000)
+    counts = Counter(orjson.loads(r.value)["id"] for r in records)
+    assert len(counts) == 2000 and set(counts.values()) == {1}
+
+    cosines = []
+    for t, r in zip(texts, results):
+        emb = np.asarray(r.output["embedding"], dtype=np.float32)
+        assert emb.shape == (384,)
+        assert abs(float(np.linalg.norm(emb)) - 1.0) < 1e-3
+        cosines.append(float(emb @ direct.embed(t)))
+    assert min(cosines) >= 0.999, f"worst cosine {min(cosines):.5f}"
+    # they really were batched
+    assert max(r.batch_size for r in results) > 1
+
+
+async def test_telemetry_one_record_per_request(env, worker_factory, client):
+    worker_factory()
+    results = await client.submit_many([text(i, seed=12) for i in range(50)])
+    records = await read_topic(env.stack.bootstrap_servers, env.topics.telemetry, expect=50)
+    rows = [Telemetry.model_validate(orjson.loads(r.value)) for r in records]
+    assert sorted(t.id for t in rows) == sorted(r.id for r in results)
+    for t in rows:
+        assert t.status == "ok" and t.tokens > 0 and t.cost_usd > 0
+        assert t.sent_at_ms <= t.received_at_ms <= t.inference_start_ms <= t.inference_end_ms <= t.published_at_ms
+
+
+async def test_classify_picks_the_obvious_label(worker_factory, client):
+    worker_factory()
+    labels = ["sports", "cooking", "finance", "weather", "music"]
+    cases = {
+        "The striker scored twice and the team won the championship final": "sports",
+        "Whisk the eggs with flour and bake the cake for thirty minutes": "cooking",
+        "The central bank raised interest rates and stocks fell sharply": "finance",
+        "Heavy rain and strong winds are expected with a storm tomorrow": "weather",
+        "The band played their new album with guitars and drums all night": "music",
+    }
+    results = await client.submit_many(list(cases), task="classify", labels=labels)
+    for (sentence, want), r in zip(cases.items(), results):
+        assert r.status == "ok", r
+        assert r.output["label"] == want, (sentence, r.output)
+        assert set(r.output["scores"]) == set(labels)
+        assert abs(sum(r.output["scores"].values()) - 1.0) < 1e-3
+
+
+BAD_CASES = [
+    # (raw bytes, expected error code, has usable id)
+    (b"this is not json", "invalid_json", False),
+    (b'["a", "list"]', "invalid_json", False),
+    (b'{"input": "no id here"}', "invalid_id", False),
+    (b'{"id": 42, "input": "numeric id"}', "invalid_id", False),
+    (b'{"id": "bad-input-type", "input": 12}', "invalid_input", True),
+    (b'{"id": "bad-missing-input"}', "invalid_input", True),
+    (b'{"id": "bad-empty", "input": "   "}', "empty_input", True),
+    (b'{"id": "bad-big", "input": "' + b"x" * 9000 + b'"}', "input_too_large", True),
+    (b'{"id": "bad-task", "input": "hello", "task": "translate"}', "unknown_task", True),
+    (b'{"id": "bad-model", "input": "hello", "model": "gpt-17"}', "unknown_model", True),
+    (b'{"id": "bad-nolabels", "input": "hello", "task": "classify"}', "missing_labels", True),
+    (b'{"id": "bad-manylabels", "input": "hello", "task": "classify", "labels": ['
+     + b",".join(b'"l%d"' % i for i in range(65)) + b"]}", "too_many_labels", True),
+    (b'{"id": "bad-utf8", "input": "caf\xe9 \xff"}', "invalid_utf8", True),
+    (b'{"id": "bad-cache", "input": "hello", "cache": "sometimes"}', "invalid_field", True),
+]
+
+
+async def test_every_bad_input_gets_its_error_and_spares_its_batch(env, worker_factory, client):
+    worker_factory(SLUICE_BATCH_MAX_WAIT_MS="200")  # one batch holds good and bad records
+    key = b"one-partition"  # all on one partition, so good and bad share batches
+
+    async def send_good(rid: str) -> asyncio.Future:
+        fut = client.expect(rid)
+        await client.send_raw(orjson.dumps(make_request(f"a fine request {rid}", id=rid)), key=key)
+        return fut
+
+    good_before = await send_good("good-1")
+    waiting = {}
+    for raw, code, has_id in BAD_CASES:
+        if has_id:
+            rid = orjson.loads(raw.decode("utf-8", "replace"))["id"]
+            waiting[rid] = (client.expect(rid), code)
+        await client.send_raw(raw, key=key)
+    good_after = await send_good("good-2")
+    await client.flush()
+
+    for rid, (fut, code) in waiting.items():
+        doc = await asyncio.wait_for(fut, 60)
+        r = Result.model_validate(doc)
+        assert r.status == "error", doc
+        assert r.error is not None and r.error.code == code, (rid, doc)
+        assert r.error.message  # names the problem
+    for fut in (good_before, good_after):
+        doc = await asyncio.wait_for(fut, 60)
+        assert doc["status"] == "ok" and len(doc["output"]["embedding"]) == 384
+
+    no_id = [(raw, code) for raw, code, has_id in BAD_CASES if not has_id]
+    dlq = await read_topic(env.stack.bootstrap_servers, env.topics.dlq, expect=len(no_id))
+    docs = [orjson.loads(r.value) for r in dlq]
+    import base64
+    assert sorted((base64.b64decode(d["value_b64"]), d["code"]) for d in docs) == sorted(no_id)
+    for d in docs:
+        assert d["reason"] and d["topic"] == env.topics.requests and d["offset"] >= 0
+
+
+async def test_expired_deadline_is_answered_without_inference(worker_factory, client):
+    worker_factory()
+    r = await client.submit("too late", deadline_ms=now_ms() - 1000)
+    assert r.status == "expired" and r.error.code == "deadline_exceeded"
+    assert r.output is None and r.timings_ms.inference == 0
+    ok = await client.submit("in time", deadline_ms=now_ms() + 60_000)
+    assert ok.status == "ok"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+async def test_worker_stopped_halfway_loses_nothing(env, worker_factory, client, sig):
+    n = 3000
+    w1 = worker_factory(SLUICE_SESSION_TIMEOUT_MS="6000")
+    futs = [await client.send(make_request(text(i, seed=20 + sig), id=f"r{sig}-{i}")) for i in range(n)]
+    await client.flush()
+    while sum(f.done() for f in futs) < n // 3:
+        await asyncio.sleep(0.05)
+    w1.signal(sig)
+    code = await asyncio.to_thread(w1.wait, 60)
+    if sig == signal.SIGTERM:
+        assert code == 0, w1.log()  # a clean, drained stop
+    answered_before = sum(f.done() for f in futs)
+    assert answered_before < n, "the worker finished before it was stopped; the test proves nothing"
+
+    worker_factory(SLUICE_SESSION_TIMEOUT_MS="6000")
+    docs = await asyncio.wait_for(asyncio.gather(*futs), 240)
+    assert all(d["status"] == "ok" for d in docs)
+    assert {d["id"] for d in docs} == {f"r{sig}-{i}" for i in range(n)}
