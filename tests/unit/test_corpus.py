@@ -1,0 +1,23 @@
+from collections import Counter
+
+from producers.corpus import Workload, text
+
+
+def test_corpus_is_deterministic_and_varied():
+    assert text(3) == text(3) and text(3) != text(4)
+    lengths = sorted(len(text(i).split()) for i in range(500))
+    assert lengths[0] >= 2 and lengths[-1] <= 80 and 8 <= lengths[250] <= 16
+
+
+def test_zipf_workload_is_reproducible_and_skewed():
+    w = Workload("zipf", distinct=1000, exponent=1.1, seed=1)
+    a, b = w.indices(20_000), w.indices(20_000)
+    assert (a == b).all()
+    top = Counter(a.tolist()).most_common(1)[0]
+    assert top[0] == 0 and top[1] > 20_000 * 0.1  # rank 1 carries ~13% of traffic at s=1.1
+    assert (Workload("zipf", 1000, 1.1, seed=2).indices(100) != a[:100]).any()
+
+
+def test_unique_workload_never_repeats():
+    texts = Workload("unique", distinct=10).texts(300)
+    assert len(set(texts)) == 300

@@ -1,0 +1,38 @@
+import pytest
+
+from schemas.errors import ConfigError
+from sluice.settings import load_settings
+
+
+def test_defaults_load_and_slices_agree():
+    s = load_settings()
+    assert s.worker().batch_max_items == s.batch_max_items
+    assert s.kafka().topics.requests == "sluice.requests"
+
+
+def test_bad_value_fails_with_one_line_naming_the_setting(monkeypatch):
+    monkeypatch.setenv("SLUICE_BATCH_MAX_WAIT_MS", "-5")
+    with pytest.raises(ConfigError) as exc:
+        load_settings()
+    msg = exc.value.message
+    assert msg.startswith("SLUICE_BATCH_MAX_WAIT_MS='-5'") and "\n" not in msg
+
+
+def test_bad_topic_prefix_is_refused(monkeypatch):
+    monkeypatch.setenv("SLUICE_TOPIC_PREFIX", "no spaces allowed")
+    with pytest.raises(ConfigError, match="SLUICE_TOPIC_PREFIX"):
+        load_settings()
+
+
+def test_bootstrap_follows_the_local_stack_port(monkeypatch):
+    monkeypatch.setenv("SLUICE_KAFKA_PORT", "19092")
+    monkeypatch.setenv("SLUICE_KAFKA_CONTROLLER_PORT", "19093")
+    assert load_settings().bootstrap_servers == "127.0.0.1:19092"
+
+
+def test_cli_reports_config_errors_in_one_line(monkeypatch, capsys):
+    from sluice.cli import main
+    monkeypatch.setenv("SLUICE_ORT_PROVIDER", "tpu")
+    assert main(["status"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sluice status: SLUICE_ORT_PROVIDER='tpu'") and "\n" not in err
