@@ -37,6 +37,7 @@ class WorkerConfig(KafkaConfig, Limits):
     ort_intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 = one per core.")
     ort_provider: str = Field("auto", pattern="^(auto|cpu|cuda)$",
                               description="auto (CUDA when onnxruntime-gpu sees a GPU, else CPU), cpu or cuda.")
+    ort_allow_spinning: bool = Field(False, description="Let ONNX Runtime threads spin between calls (faster on idle dedicated cores, slower when cores are shared).")
     fetch_max_records: int = Field(1000, ge=1, description="Most records one consumer fetch returns.")
     fetch_timeout_ms: int = Field(100, ge=1, description="Longest one fetch waits when no batch is due.")
     session_timeout_ms: int = Field(10_000, ge=1000, description="Kafka consumer group session timeout.")

@@ -135,13 +135,14 @@ class ModelRuntime:
 
     def __init__(self, folder: Path, *, intra_op_threads: int = 0, provider: str = "auto",
                  token_budget: int = 2048, max_items: int = 64,
-                 label_cache_entries: int = 4096) -> None:
+                 label_cache_entries: int = 4096, allow_spinning: bool = False) -> None:
         self.folder = folder
         self.card = load_card(folder)
         self.intra_op_threads = intra_op_threads
         self.provider = provider
         self.token_budget = token_budget
         self.max_items = max_items
+        self.allow_spinning = allow_spinning
         self._labels: LRUCache[str, np.ndarray] = LRUCache(maxsize=label_cache_entries)
         self._session = None
         self._tokenizer = None
@@ -185,6 +186,10 @@ class ModelRuntime:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = self.intra_op_threads or (os.cpu_count() or 1)
         opts.inter_op_num_threads = 1
+        if not self.allow_spinning:
+            # Spinning threads burn the cores that the event loop, the broker
+            # and the client share with the model on a small machine.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(str(onnx_path), sess_options=opts,
                                                  providers=[*wanted, "CPUExecutionProvider"])

@@ -145,7 +145,8 @@ class Worker:
         for name, folder in folders.items():
             rt = ModelRuntime(folder, intra_op_threads=cfg.ort_intra_op_threads,
                               provider=cfg.ort_provider, token_budget=cfg.inference_token_budget,
-                              max_items=cfg.inference_max_items)
+                              max_items=cfg.inference_max_items,
+                              allow_spinning=cfg.ort_allow_spinning)
             self._models[name] = await loop.run_in_executor(self._model_thread, rt.load)
             price = cfg.price_per_compute_hour_usd
             self._price_per_hour[name] = rt.card.price_per_compute_hour_usd if price is None else price
@@ -401,8 +402,8 @@ class Worker:
             end = now_ms()
             for it in its:
                 it.inference_start_ms, it.inference_end_ms = start, end
-            for size in stats.sizes:
-                self.metrics.batch_tokens.observe(size)
+            if stats.sub_batches:
+                self.metrics.batch_tokens.observe(stats.padded_tokens / stats.sub_batches)
         return all_stats
 
     def _assign_cost(self, todo: list[Item], stats: dict[str, RunStats]) -> None:
@@ -457,6 +458,8 @@ class Worker:
             "cost_usd": it.cost_usd,
             "worker": self.config.worker_id,
         }
+        if it.encoded is not None and it.encoded.truncated:
+            doc["truncated"] = True  # the input ran past the model's max tokens
         if it.status == "ok":
             doc["output"] = it.output
         elif it.error is not None:
@@ -592,7 +595,15 @@ async def serve(config: WorkerConfig) -> None:
     """Run one worker until SIGTERM or SIGINT, then drain and exit."""
     worker = Worker(config)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
     await worker.start()
-    await worker.run()
+    running = asyncio.create_task(worker.run(), name="worker")
+
+    def on_signal() -> None:
+        worker.stop()
+        # a drain that outlives its budget is cut short: what it did not
+        # commit is replayed by the next owner
+        loop.call_later(config.drain_timeout_s, running.cancel)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    await running

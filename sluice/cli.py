@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -55,6 +56,12 @@ def cmd_status(s: Settings, args: argparse.Namespace) -> int:
         print(f"{name:6} {'running' if st.get('alive') else 'stopped':8} "
               + " ".join(f"{k}={v}" for k, v in st.items() if k != "alive"))
     return 0 if all(st.get("alive") for st in status.values()) else 3
+
+
+def cmd_settings(s: Settings, args: argparse.Namespace) -> int:
+    from sluice.settings import settings_table
+    print(settings_table())
+    return 0
 
 
 # -- worker --------------------------------------------------------------------
@@ -164,6 +171,12 @@ def cmd_loadtest(s: Settings, args: argparse.Namespace) -> int:
     return 0 if report.unanswered == 0 else 1
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _wait_ready(port: int, proc: subprocess.Popen, timeout_s: float) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
@@ -171,7 +184,7 @@ def _wait_ready(port: int, proc: subprocess.Popen, timeout_s: float) -> float:
             raise SluiceError(f"worker exited with code {proc.returncode} before it was ready")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                if r.status == 200:
+                if r.status == 200 and proc.poll() is None:
                     return time.monotonic() - t0
         except OSError:
             pass
@@ -186,10 +199,11 @@ def cmd_demo(s: Settings, args: argparse.Namespace) -> int:
     stack = LocalStack(s.stack())
     started_stack = stack.up(s.topic_partitions()) == "started"
     env = {**os.environ, "SLUICE_BOOTSTRAP_SERVERS": s.bootstrap_servers}
+    port = args.metrics_port or _free_port()
     worker = subprocess.Popen([sys.executable, "-m", "sluice", "worker", "--metrics-port",
-                               str(args.metrics_port)], env=env)
+                               str(port)], env=env)
     try:
-        ready_s = _wait_ready(args.metrics_port, worker, 120)
+        ready_s = _wait_ready(port, worker, 120)
         print(f"worker ready in {ready_s:.1f} s; sending {int(args.rate * args.duration)} requests "
               f"at {args.rate:g}/s ({args.distribution} over {args.distinct} inputs)")
         report = asyncio.run(run_load(s.kafka(), rate=args.rate, duration_s=args.duration,
@@ -233,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("up", help="start the local stack (Kafka KRaft + Redis) and create topics")
     sub.add_parser("down", help="stop the local stack")
     sub.add_parser("status", help="show the local stack's processes")
+    sub.add_parser("settings", help="print every setting (SLUICE_*), its default and meaning")
     w = sub.add_parser("worker", help="run an inference worker until SIGTERM")
     w.add_argument("--metrics-port", type=int, help="port of /metrics, /healthz, /readyz (0: any)")
     p = sub.add_parser("produce", help="produce requests: texts as arguments, or JSON lines on stdin",
@@ -256,12 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--json", action="store_true", help="print the report as JSON")
     d = sub.add_parser("demo", help="stack + worker + a load run with repeats; prints a summary")
     _add_load_flags(d, rate=200, duration=15)
-    d.add_argument("--metrics-port", type=int, default=9400)
+    d.add_argument("--metrics-port", type=int, default=0, help="worker metrics port (0: a free one)")
     d.add_argument("--keep-stack", action="store_true", help="leave the stack running afterwards")
     return ap
 
 
-COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "worker": cmd_worker,
+COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "settings": cmd_settings, "worker": cmd_worker,
             "produce": cmd_produce, "subscribe": cmd_subscribe, "loadtest": cmd_loadtest,
             "demo": cmd_demo}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from processors.config import WorkerConfig
@@ -24,8 +24,8 @@ ENV_PREFIX = "SLUICE_"
 class Settings(BaseSettings, WorkerConfig, StackConfig):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
-    request_partitions: int = 12
-    results_partitions: int = 12
+    request_partitions: int = Field(12, ge=1, description="Partitions of PREFIX.requests that `sluice up` creates (the most workers that can share the load).")
+    results_partitions: int = Field(12, ge=1, description="Partitions of PREFIX.results that `sluice up` creates.")
 
     @model_validator(mode="before")
     @classmethod
@@ -49,6 +49,15 @@ class Settings(BaseSettings, WorkerConfig, StackConfig):
     def topic_partitions(self) -> dict[str, int]:
         return self.topics.partitions(requests=self.request_partitions,
                                       results=self.results_partitions)
+
+
+def settings_table() -> str:
+    """The README's settings table, made from the code so the two agree."""
+    rows = ["| setting | default | meaning |", "|---|---|---|"]
+    for name, f in Settings.model_fields.items():
+        default = "hostname-pid" if f.default_factory is not None else f.default
+        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | `{default}` | {f.description or ''} |")
+    return "\n".join(rows)
 
 
 def describe_error(exc: ValidationError) -> str:

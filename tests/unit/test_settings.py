@@ -36,3 +36,12 @@ def test_cli_reports_config_errors_in_one_line(monkeypatch, capsys):
     assert main(["status"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sluice status: SLUICE_ORT_PROVIDER='tpu'") and "\n" not in err
+
+
+def test_readme_settings_table_matches_the_code():
+    from pathlib import Path
+
+    from sluice.settings import settings_table
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("<!-- settings:begin -->\n")[1].split("\n<!-- settings:end -->")[0]
+    assert block == settings_table(), "README settings table is stale: regenerate it from `sluice settings`"
