@@ -30,11 +30,13 @@ class WorkerConfig(KafkaConfig, Limits):
     group_max_items: int = Field(512, ge=1,
                                  description="Most records handed to the model thread at once (batches of several partitions).")
     max_pending_items: int = Field(4096, ge=1,
-                                   description="Records read but not yet handed to the model; past this the worker stops fetching (backpressure).")
+                                   description="Records read and not yet answered (waiting for a batch or the model); past this the worker stops fetching and the backlog waits in Kafka.")
+    max_uncommitted_items: int = Field(50_000, ge=1,
+                                       description="Records read and not yet committed (cache hits answered while older misses still run count here); bounds the worker's memory.")
     inference_token_budget: int = Field(2048, ge=8,
                                         description="Padded tokens (rows x longest) of one ONNX Runtime call.")
     inference_max_items: int = Field(64, ge=1, description="Most rows of one ONNX Runtime call.")
-    ort_intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 = one per core.")
+    ort_intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 = one per core, less one for the event loop when there are few cores.")
     ort_provider: str = Field("auto", pattern="^(auto|cpu|cuda)$",
                               description="auto (CUDA when onnxruntime-gpu sees a GPU, else CPU), cpu or cuda.")
     ort_allow_spinning: bool = Field(False, description="Let ONNX Runtime threads spin between calls (faster on idle dedicated cores, slower when cores are shared).")

@@ -27,6 +27,15 @@ log = logging.getLogger(__name__)
 BUILTIN_MODELS = Path(__file__).parent / "models"
 
 
+def default_threads() -> int:
+    """One ONNX Runtime thread per core, but on a small machine leave one core
+    to the event loop, which fetches, answers cache hits and publishes while
+    the model runs (measured on 2 cores: 1 thread served 184 misses/s through
+    the pipeline, 2 threads 119/s)."""
+    cores = os.cpu_count() or 1
+    return cores - 1 if 1 < cores <= 4 else cores
+
+
 class ModelCard(BaseModel):
     """`card.json` beside (or pointing to) a model's files."""
 
@@ -184,7 +193,7 @@ class ModelRuntime:
             wanted = []
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = self.intra_op_threads or (os.cpu_count() or 1)
+        opts.intra_op_num_threads = self.intra_op_threads or default_threads()
         opts.inter_op_num_threads = 1
         if not self.allow_spinning:
             # Spinning threads burn the cores that the event loop, the broker

@@ -89,6 +89,7 @@ class Group:
     batches: list[PartitionBatch[Item]]
     items: list[Item] = field(default_factory=list)
     computed: list[Item] = field(default_factory=list)  # items the model ran (cache write-back)
+    misses: int = 0  # items waiting for the model
 
     def __post_init__(self) -> None:
         self.items = [it for b in self.batches for it in b.items]
@@ -131,7 +132,8 @@ class Worker:
         self._has_model_work = asyncio.Event()
         self._lookup_done = False
         self._to_publish: asyncio.Queue[Group | None] = asyncio.Queue()
-        self._inflight_items = 0
+        self._inflight_items = 0  # taken from pending, not yet committed
+        self._awaiting_model = 0  # cache misses queued for or inside the model
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = asyncio.Event()
@@ -240,7 +242,8 @@ class Worker:
         cfg = self.config
         while not self._stopping.is_set():
             self._last_fetch = time.monotonic()
-            if self._pending_items + self._inflight_items >= cfg.max_pending_items:
+            if (self._pending_items + self._awaiting_model >= cfg.max_pending_items
+                    or self._pending_items + self._inflight_items >= cfg.max_uncommitted_items):
                 self._has_room.clear()
                 try:
                     await asyncio.wait_for(self._has_room.wait(), timeout=1.0)
@@ -345,6 +348,8 @@ class Worker:
                 continue
             group = self._take_group()
             await self._lookup(group)
+            group.misses = sum(1 for it in group.items if it.cache == "miss")
+            self._awaiting_model += group.misses
             self._model_queue.append(group)
             self._has_model_work.set()
 
@@ -427,7 +432,9 @@ class Worker:
                 misses += sum(1 for it in g.items if it.cache == "miss")
             await self._infer_groups(groups)
             for g in groups:
+                self._awaiting_model -= g.misses
                 await self._to_publish.put(g)
+            self._has_room.set()
 
     async def _infer_groups(self, groups: list[Group]) -> None:
         now = now_ms()
@@ -536,6 +543,7 @@ class Worker:
                 self.metrics.inflight.set(self._inflight_items)
                 if self._inflight_items == 0:
                     self._idle.set()
+                self._has_room.set()
 
     def _result(self, it: Item) -> dict[str, Any]:
         req = it.request
@@ -698,8 +706,12 @@ class Worker:
             gone = len(g.items) - sum(len(b) for b in kept)
             dropped += gone
             self._inflight_items -= gone
+            self._awaiting_model -= g.misses
             if kept:
-                queued.append(Group(kept, computed=[]))
+                q = Group(kept, computed=[])
+                q.misses = sum(1 for it in q.items if it.cache == "miss")
+                self._awaiting_model += q.misses
+                queued.append(q)
         self._model_queue = queued
         if self._inflight_items == 0:
             self._idle.set()

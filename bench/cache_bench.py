@@ -1,0 +1,92 @@
+"""Cache benchmark: a Zipf workload through the real pipeline, with the cache
+and with `cache: bypass`, side by side in one run.
+
+    .venv/bin/python bench/cache_bench.py [--rate 1000] [--requests 20000]
+
+Writes bench/out/cache.json and prints the markdown table for RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+import redis
+
+from bench.harness import OUT, create_topics, machine, new_prefix, scrape, stack, worker
+from producers.corpus import Workload
+from producers.loadgen import run_load
+from schemas.topics import KafkaConfig
+
+
+def run(bootstrap: str, redis_url: str, mode: str, args: argparse.Namespace) -> dict:
+    prefix = new_prefix(f"cache-{mode}")
+    create_topics(bootstrap, prefix)
+    redis.Redis.from_url(redis_url).flushdb()  # every run starts cold
+    workload = Workload("zipf", args.distinct, args.exponent, args.seed)
+    print(f"== {mode}: {args.requests} requests at {args.rate}/s, zipf s={args.exponent} "
+          f"over {args.distinct} inputs", flush=True)
+    with worker(bootstrap, prefix, SLUICE_REDIS_URL=redis_url) as port:
+        report = asyncio.run(run_load(KafkaConfig(bootstrap_servers=bootstrap, topic_prefix=prefix),
+                                      rate=args.rate, duration_s=args.requests / args.rate,
+                                      workload=workload, cache=mode, drain_timeout_s=300))
+        metrics = scrape(port)
+    print(report.summary(), flush=True)
+    return {"mode": mode, "report": report.as_dict(),
+            "compute_seconds": metrics.get("sluice_compute_seconds_total", 0.0)}
+
+
+def table(use: dict, bypass: dict, args: argparse.Namespace) -> str:
+    r, b = use["report"], bypass["report"]
+    total = sum(r["cache"].values()) or 1
+    level = {k: r["cache"].get(k, 0) / total for k in ("l1", "l2", "coalesced", "miss")}
+    hits = level["l1"] + level["l2"] + level["coalesced"]
+    lat = r["latency_by_cache_ms"]
+    hit_lat = {k: max(lat[lv][k] for lv in ("l1", "l2") if lv in lat) for k in ("p50", "p95", "p99")} \
+        if any(lv in lat for lv in ("l1", "l2")) else {}
+    miss = lat.get("miss", {})
+    saved = 1 - r["cost_usd"] / b["cost_usd"] if b["cost_usd"] else 0.0
+    rows = [
+        f"Workload: {args.requests} requests at {args.rate:g}/s (open loop), Zipf exponent "
+        f"{args.exponent} over {args.distinct} distinct inputs, seed {args.seed}; one worker.",
+        "",
+        "| figure | with cache | `cache: bypass` | target |",
+        "|---|---|---|---|",
+        f"| hit rate (l1 / l2 / coalesced) | {hits:.1%} ({level['l1']:.1%} / {level['l2']:.1%} / "
+        f"{level['coalesced']:.1%}) | 0% | >= 80%: {'pass' if hits >= 0.8 else 'FAIL'} |",
+        f"| answered / sent | {r['answered']} / {r['sent']} | {b['answered']} / {b['sent']} | all |",
+        f"| throughput, results/s | {r['throughput_rps']:.0f} | {b['throughput_rps']:.0f} | |",
+        f"| hit latency p50 / p95 / p99, ms | {hit_lat.get('p50', 0):.1f} / {hit_lat.get('p95', 0):.1f} / "
+        f"{hit_lat.get('p99', 0):.1f} | - | p99 < 25: {'pass' if hit_lat.get('p99', 1e9) < 25 else 'FAIL'} |",
+        f"| miss latency p50 / p95 / p99, ms | {miss.get('p50', 0):.1f} / {miss.get('p95', 0):.1f} / "
+        f"{miss.get('p99', 0):.1f} | {b['latency_ms'].get('p50', 0):.1f} / {b['latency_ms'].get('p95', 0):.1f}"
+        f" / {b['latency_ms'].get('p99', 0):.1f} | |",
+        f"| all requests p99, ms | {r['latency_ms'].get('p99', 0):.1f} | {b['latency_ms'].get('p99', 0):.1f} | |",
+        f"| model compute, s | {use['compute_seconds']:.1f} | {bypass['compute_seconds']:.1f} | |",
+        f"| cost, USD (sum of cost_usd) | {r['cost_usd']:.6f} | {b['cost_usd']:.6f} | saved {saved:.1%} |",
+    ]
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rate", type=float, default=1000)
+    ap.add_argument("--requests", type=int, default=20000)
+    ap.add_argument("--distinct", type=int, default=1000)
+    ap.add_argument("--exponent", type=float, default=1.1)
+    ap.add_argument("--seed", type=int, default=7)
+    args = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    with stack() as (bootstrap, redis_url):
+        redis_url = redis_url.rsplit("/", 1)[0] + "/1"  # db 1: the bench may flush it
+        use = run(bootstrap, redis_url, "use", args)
+        bypass = run(bootstrap, redis_url, "bypass", args)
+    md = f"Machine: {machine()}\n\n" + table(use, bypass, args)
+    (OUT / "cache.json").write_text(json.dumps({"use": use, "bypass": bypass}, indent=1))
+    (OUT / "cache.md").write_text(md + "\n")
+    print("\n" + md)
+
+
+if __name__ == "__main__":
+    main()
