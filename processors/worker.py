@@ -66,6 +66,7 @@ class Item:
     cache: str = "none"
     leader: "Item | None" = None
     followers: int = 0
+    dropped: bool = False  # left uncommitted for the partition's next owner
     cost_usd: float = 0.0
     started_ms: int = 0
     cache_ms: float = 0.0
@@ -134,6 +135,7 @@ class Worker:
         self._to_publish: asyncio.Queue[Group | None] = asyncio.Queue()
         self._inflight_items = 0  # taken from pending, not yet committed
         self._awaiting_model = 0  # cache misses queued for or inside the model
+        self._computing: dict[str, Item] = {}  # key -> the miss that will compute it
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = asyncio.Event()
@@ -386,6 +388,17 @@ class Worker:
         for its in wanted.values():
             for it in its:
                 it.cache = "miss"
+        for it in group.items:
+            # an identical request already waiting for (or inside) the model
+            # answers this one too: computed once, however many ask meanwhile
+            if it.cache == "miss" and it.request is not None and it.request.cache != "bypass":
+                lead = self._computing.get(it.key_hash)  # type: ignore[arg-type]
+                if lead is None:
+                    self._computing[it.key_hash] = it  # type: ignore[index]
+                else:
+                    it.leader, it.cache = lead, "coalesced"
+                    lead.followers += 1
+                    self._cache_metrics.coalesced.inc()
         lookup_ms = (time.perf_counter() - t0) * 1000
         cm = self._cache_metrics
         for it in group.items:
@@ -395,7 +408,7 @@ class Worker:
                 it.cost_usd = self._lookup_cost(it, lookup_ms, len(group.items))
             elif it.cache == "miss" and it.request is not None and it.request.cache == "use":
                 cm.misses.inc()
-            if it.cache != "miss":
+            if it.cache not in ("miss", "coalesced"):  # answered now; the rest wait for the model
                 it.done_ms = now_ms()
                 it.sent = await self._send_answer(it)
         self.metrics.observe_stage("cache", lookup_ms / 1000)
@@ -438,22 +451,19 @@ class Worker:
 
     async def _infer_groups(self, groups: list[Group]) -> None:
         now = now_ms()
-        leaders: dict[str, Item] = {}
         todo: list[Item] = []
         for g in groups:
             for it in g.items:
-                if it.cache != "miss" or it.status != "ok" or self._expired(it, now):
+                lead = it.leader
+                if lead is not None and (lead.dropped or lead.status == "expired"):
+                    # its leader will never compute: this one computes itself
+                    it.leader, it.cache = None, "miss"
+                    self._computing.setdefault(it.key_hash, it)  # type: ignore[arg-type]
+                if it.cache != "miss" or it.status != "ok":
                     continue
-                req = it.request
-                assert req is not None and it.key_hash is not None
-                if req.cache != "bypass":
-                    leader = leaders.get(it.key_hash)
-                    if leader is not None:
-                        it.leader, it.cache = leader, "coalesced"
-                        leader.followers += 1
-                        self._cache_metrics.coalesced.inc()
-                        continue
-                    leaders[it.key_hash] = it
+                if self._expired(it, now):
+                    self._release(it)
+                    continue
                 todo.append(it)
                 g.computed.append(it)
         if todo:
@@ -468,16 +478,20 @@ class Worker:
                     it.out = encode(it.output)
                     if it.request.cache != "bypass":  # type: ignore[union-attr]
                         self._l1.put(it.key_hash, it.out)  # type: ignore[arg-type]
+                self._release(it)
             self._l1.update_gauges()
         for g in groups:
             for it in g.items:
                 lead = it.leader
-                if lead is not None:
+                if lead is not None:  # computed by an identical request: costs nothing more
                     it.status, it.out, it.error = lead.status, lead.out, lead.error
                     it.inference_start_ms, it.inference_end_ms = lead.inference_start_ms, lead.inference_end_ms
-                    it.cost_usd = lead.cost_usd
                 if it.sent is None:
                     it.done_ms = now_ms()
+
+    def _release(self, it: Item) -> None:
+        if it.key_hash is not None and self._computing.get(it.key_hash) is it:
+            del self._computing[it.key_hash]
 
     def _infer(self, todo: list[Item]) -> dict[str, RunStats]:
         """On the model thread: one embed call per model over all its misses,
@@ -516,7 +530,8 @@ class Worker:
 
     def _assign_cost(self, todo: list[Item], stats: dict[str, RunStats]) -> None:
         """Each computed request pays its share, by tokens, of its model's
-        compute seconds at the instance price; in-batch repeats split it."""
+        compute seconds at the instance price; identical requests it answers
+        (coalesced) pay nothing."""
         by_model: dict[str, list[Item]] = defaultdict(list)
         for it in todo:
             assert it.model is not None
@@ -528,7 +543,7 @@ class Worker:
             self.metrics.compute_seconds.inc(st.seconds)
             self.metrics.cost.labels(name).inc(total_cost)
             for it in its:
-                it.cost_usd = total_cost * it.tokens / total_tokens / (1 + it.followers)
+                it.cost_usd = total_cost * it.tokens / total_tokens
 
     # -- stage 4: publish and commit ----------------------------------------
     async def _publish_loop(self) -> None:
@@ -702,6 +717,11 @@ class Worker:
         self._pending, self._pending_items = keep, sum(len(b) for b in keep)
         queued: list[Group] = []
         for g in self._model_queue:
+            for b in g.batches:
+                if b.partition in parts:
+                    for it in b.items:
+                        it.dropped = True
+                        self._release(it)
             kept = [b for b in g.batches if b.partition not in parts]
             gone = len(g.items) - sum(len(b) for b in kept)
             dropped += gone
