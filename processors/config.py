@@ -40,6 +40,10 @@ class WorkerConfig(KafkaConfig, Limits):
     ort_provider: str = Field("auto", pattern="^(auto|cpu|cuda)$",
                               description="auto (CUDA when onnxruntime-gpu sees a GPU, else CPU), cpu or cuda.")
     ort_allow_spinning: bool = Field(False, description="Let ONNX Runtime threads spin between calls (faster on idle dedicated cores, slower when cores are shared).")
+    publish_linger_ms: int = Field(2, ge=0, le=1000,
+                                   description="How long the result producer waits to fill a batch (fewer, larger produce requests).")
+    publish_compression: str = Field("none", pattern="^(none|gzip|snappy|lz4|zstd)$",
+                                     description="Compression of results and telemetry (lz4, zstd, snappy need the cramjam package).")
     fetch_max_records: int = Field(1000, ge=1, description="Most records one consumer fetch returns.")
     fetch_timeout_ms: int = Field(100, ge=1, description="Longest one fetch waits when no batch is due.")
     session_timeout_ms: int = Field(10_000, ge=1000, description="Kafka consumer group session timeout.")

@@ -59,6 +59,7 @@ class Item:
     error: RequestError | None = None
     model: ModelRuntime | None = None
     encoded: Encoded | None = None
+    est_tokens: int = 0
     key_hash: str | None = None
     # outcome
     status: str = "ok"
@@ -177,7 +178,9 @@ class Worker:
         await self._l2.start()
         self._producer = AIOKafkaProducer(
             bootstrap_servers=cfg.bootstrap_servers, client_id=f"sluice-worker-{cfg.worker_id}",
-            acks="all", enable_idempotence=True, linger_ms=2, max_batch_size=1 << 20,
+            acks="all", enable_idempotence=True, linger_ms=cfg.publish_linger_ms,
+            compression_type=None if cfg.publish_compression == "none" else cfg.publish_compression,
+            max_batch_size=1 << 20,
             max_request_size=4 << 20)
         await self._producer.start()
         self._consumer = AIOKafkaConsumer(
@@ -302,18 +305,22 @@ class Worker:
             else:
                 item.model = model
                 by_model[name].append(item)
+        shared = cfg.shared_cache_models
         for name, its in by_model.items():
-            model = self._models[name]
-            uncased = model.card.uncased
-            shared = cfg.shared_cache_models
-            for it, enc in zip(its, model.encode([it.request.input for it in its])):  # type: ignore[union-attr]
-                it.encoded = enc
+            card = self._models[name].card
+            scope_all = name in shared
+            for it in its:
                 req = it.request
                 assert req is not None
-                it.key_hash = cache_key(scope="*" if name in shared else req.tenant, model=model.card.ref, task=req.task,
-                                        labels=req.labels, text=normalise(req.input, uncased=uncased))
+                it.key_hash = cache_key(scope="*" if scope_all else req.tenant, model=card.ref,
+                                        task=req.task, labels=req.labels,
+                                        text=normalise(req.input, uncased=card.uncased))
+                # Tokenising waits for the model thread, and only for misses
+                # (most requests are cache hits); the batch budget uses an
+                # estimate of ~4 characters per token, capped at the model's max.
+                it.est_tokens = min(card.max_tokens, len(req.input) // 4 + 2)
         for it in items:
-            self._batcher.add(partition, it, tokens=max(1, it.tokens), offset=it.offset, now=now)
+            self._batcher.add(partition, it, tokens=max(1, it.est_tokens), offset=it.offset, now=now)
 
     def _move_ready(self, now: float) -> None:
         ready = self._batcher.take_ready(now)
@@ -506,6 +513,8 @@ class Worker:
             stats = all_stats[name] = RunStats()
             start = now_ms()
             try:
+                for it, enc in zip(its, model.encode([it.request.input for it in its])):  # type: ignore[union-attr]
+                    it.encoded = enc
                 vectors = model.embed_encoded([it.encoded for it in its], stats)  # type: ignore[misc]
                 for it, vec in zip(its, vectors):
                     req = it.request
