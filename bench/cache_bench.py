@@ -14,7 +14,7 @@ import json
 
 import redis
 
-from bench.harness import OUT, create_topics, machine, new_prefix, scrape, stack, worker
+from bench.harness import OUT, create_topics, machine, new_prefix, stack, worker
 from producers.corpus import Workload
 from producers.loadgen import run_load
 from schemas.topics import KafkaConfig
@@ -27,11 +27,11 @@ def run(bootstrap: str, redis_url: str, mode: str, args: argparse.Namespace) -> 
     workload = Workload("zipf", args.distinct, args.exponent, args.seed)
     print(f"== {mode}: {args.requests} requests at {args.rate}/s, zipf s={args.exponent} "
           f"over {args.distinct} inputs", flush=True)
-    with worker(bootstrap, prefix, SLUICE_REDIS_URL=redis_url) as port:
+    with worker(bootstrap, prefix, SLUICE_REDIS_URL=redis_url) as w:
         report = asyncio.run(run_load(KafkaConfig(bootstrap_servers=bootstrap, topic_prefix=prefix),
                                       rate=args.rate, duration_s=args.requests / args.rate,
                                       workload=workload, cache=mode, drain_timeout_s=300))
-        metrics = scrape(port)
+        metrics = w.scrape()
     print(report.summary(), flush=True)
     return {"mode": mode, "report": report.as_dict(),
             "compute_seconds": metrics.get("sluice_compute_seconds_total", 0.0)}

@@ -7,16 +7,12 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from sluice.supervisor import WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
@@ -36,12 +32,6 @@ def machine() -> str:
     return (f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, {platform.system()} "
             f"{platform.release()}, Python {platform.python_version()}, "
             f"onnxruntime {onnxruntime.__version__}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -70,44 +60,13 @@ def create_topics(bootstrap: str, prefix: str, partitions: int = 12) -> None:
 
 
 @contextmanager
-def worker(bootstrap: str, prefix: str, **settings: str) -> Iterator[int]:
-    """`sluice worker` on its own topics; yields its metrics port."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
-    env.update(SLUICE_BOOTSTRAP_SERVERS=bootstrap, SLUICE_TOPIC_PREFIX=prefix,
-               SLUICE_GROUP_ID=f"{prefix}-workers", SLUICE_METRICS_PORT=str(port), **settings)
-    log = open(OUT / f"worker-{prefix}.log", "wb")
-    t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "sluice", "worker"], env=env, cwd=ROOT,
-                            stdout=log, stderr=subprocess.STDOUT)
+def worker(bootstrap: str, prefix: str, **settings: str) -> Iterator[WorkerProcess]:
+    """`sluice worker` on its own topics, ready; stopped afterwards."""
+    w = WorkerProcess({"SLUICE_BOOTSTRAP_SERVERS": bootstrap, "SLUICE_TOPIC_PREFIX": prefix,
+                       "SLUICE_GROUP_ID": f"{prefix}-workers", **settings},
+                      log_path=OUT / f"worker-{prefix}.log", cwd=ROOT)
+    w.ready_s = w.start()  # type: ignore[attr-defined]
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"worker exited {proc.returncode}; see {log.name}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() - t0 > 120:
-                raise RuntimeError("worker not ready in 120 s")
-            time.sleep(0.1)
-        yield port
+        yield w
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-def scrape(port: int) -> dict[str, float]:
-    out: dict[str, float] = {}
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-    return out
+        w.stop()

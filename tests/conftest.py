@@ -8,20 +8,16 @@ developer's running stack is left alone. Docker is not assumed anywhere.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+
+from sluice import supervisor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,10 +29,7 @@ class StackEndpoints:
     local: "object | None" = None  # LocalStack when this session started it
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = supervisor.free_port
 
 
 @pytest.fixture(scope="session")
@@ -94,57 +87,23 @@ async def env(stack: StackEndpoints) -> Env:
     return e
 
 
-class WorkerProcess:
-    """`sluice worker` as a real subprocess, as operators run it."""
+class WorkerProcess(supervisor.WorkerProcess):
+    """`sluice worker` as a real subprocess, as operators run it, on the test's topics."""
 
     def __init__(self, env: Env, **settings: str) -> None:
-        self.port = free_port()
-        self.env = env.worker_env(SLUICE_METRICS_PORT=str(self.port), **settings)
-        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"sluice-worker-{env.prefix}-{self.port}.log"
-        self.proc: subprocess.Popen | None = None
+        log = Path(os.environ.get("TMPDIR", "/tmp")) / f"sluice-worker-{env.prefix}-{uuid.uuid4().hex[:6]}.log"
+        super().__init__(env.worker_env(**settings), log_path=log, cwd=ROOT, inherit_env=False)
 
-    def start(self, ready_timeout_s: float = 90.0) -> "WorkerProcess":
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "sluice", "worker"], env=self.env,
-                                     cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited {self.proc.returncode}:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"worker not ready in {ready_timeout_s} s:\n{self.log()}")
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
-            return r.read().decode()
+    def start(self, ready_timeout_s: float = 90.0) -> "WorkerProcess":  # type: ignore[override]
+        try:
+            super().start(ready_timeout_s)
+        except Exception as exc:
+            raise AssertionError(f"{exc}\n{self.log()}") from None
+        return self
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout_s: float = 60.0) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout_s)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if hasattr(self, "_log"):
-            self._log.close()
+        p = self.log_path
+        return p.read_text(errors="replace")[-5000:] if p is not None and p.exists() else ""
 
 
 @pytest.fixture
