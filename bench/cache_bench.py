@@ -14,9 +14,9 @@ import json
 
 import redis
 
-from bench.harness import OUT, create_topics, machine, new_prefix, stack, worker
+from bench.harness import OUT, PLOTS, create_topics, machine, new_prefix, stack, worker
 from producers.corpus import Workload
-from producers.loadgen import run_load
+from producers.loadgen import percentiles, run_load
 from schemas.topics import KafkaConfig
 
 
@@ -30,10 +30,14 @@ def run(bootstrap: str, redis_url: str, mode: str, args: argparse.Namespace) -> 
     with worker(bootstrap, prefix, SLUICE_REDIS_URL=redis_url) as w:
         report = asyncio.run(run_load(KafkaConfig(bootstrap_servers=bootstrap, topic_prefix=prefix),
                                       rate=args.rate, duration_s=args.requests / args.rate,
-                                      workload=workload, cache=mode, drain_timeout_s=300))
+                                      workload=workload, cache=mode, drain_timeout_s=300,
+                                      keep_samples=True))
         metrics = w.scrape()
     print(report.summary(), flush=True)
-    return {"mode": mode, "report": report.as_dict(),
+    half = args.requests / args.rate / 2
+    late_hits = [lat for t, lat, lv in report.samples if t >= half and lv in ("l1", "l2")]
+    return {"mode": mode, "report": report.as_dict(), "samples": report.samples,
+            "late_hit_latency_ms": percentiles(late_hits),
             "compute_seconds": metrics.get("sluice_compute_seconds_total", 0.0)}
 
 
@@ -46,6 +50,7 @@ def table(use: dict, bypass: dict, args: argparse.Namespace) -> str:
     hit_lat = {k: max(lat[lv][k] for lv in ("l1", "l2") if lv in lat) for k in ("p50", "p95", "p99")} \
         if any(lv in lat for lv in ("l1", "l2")) else {}
     miss = lat.get("miss", {})
+    late = use["late_hit_latency_ms"]
     saved = 1 - r["cost_usd"] / b["cost_usd"] if b["cost_usd"] else 0.0
     rows = [
         f"Workload: {args.requests} requests at {args.rate:g}/s (open loop), Zipf exponent "
@@ -59,6 +64,8 @@ def table(use: dict, bypass: dict, args: argparse.Namespace) -> str:
         f"| throughput, results/s | {r['throughput_rps']:.0f} | {b['throughput_rps']:.0f} | |",
         f"| hit latency p50 / p95 / p99, ms | {hit_lat.get('p50', 0):.1f} / {hit_lat.get('p95', 0):.1f} / "
         f"{hit_lat.get('p99', 0):.1f} | - | p99 < 25: {'pass' if hit_lat.get('p99', 1e9) < 25 else 'FAIL'} |",
+        f"| hit latency, second half of the run (model backlog gone) p50 / p95 / p99, ms | "
+        f"{late.get('p50', 0):.1f} / {late.get('p95', 0):.1f} / {late.get('p99', 0):.1f} | - | |",
         f"| miss latency p50 / p95 / p99, ms | {miss.get('p50', 0):.1f} / {miss.get('p95', 0):.1f} / "
         f"{miss.get('p99', 0):.1f} | {b['latency_ms'].get('p50', 0):.1f} / {b['latency_ms'].get('p95', 0):.1f}"
         f" / {b['latency_ms'].get('p99', 0):.1f} | |",
@@ -67,6 +74,29 @@ def table(use: dict, bypass: dict, args: argparse.Namespace) -> str:
         f"| cost, USD (sum of cost_usd) | {r['cost_usd']:.6f} | {b['cost_usd']:.6f} | saved {saved:.1%} |",
     ]
     return "\n".join(rows)
+
+
+def plot(use: dict, bypass: dict, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    colours = {"l1": "tab:green", "l2": "tab:olive", "coalesced": "tab:blue", "miss": "tab:red"}
+    for ax, run, title in ((axes[0], use, "with cache"), (axes[1], bypass, "cache: bypass")):
+        for level, colour in colours.items():
+            pts = [(t, lat) for t, lat, lv in run["samples"] if lv == level]
+            if pts:
+                ax.scatter(*zip(*pts), s=2, c=colour, label=f"{level} ({len(pts)})", alpha=0.5)
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("scheduled send time, s")
+        ax.axhline(25, color="grey", lw=0.8, ls="--")
+        ax.axhline(500, color="grey", lw=0.8, ls=":")
+        ax.legend(markerscale=4, fontsize=8)
+    axes[0].set_ylabel("latency, ms (scheduled send -> result)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
@@ -83,6 +113,8 @@ def main() -> None:
         use = run(bootstrap, redis_url, "use", args)
         bypass = run(bootstrap, redis_url, "bypass", args)
     md = f"Machine: {machine()}\n\n" + table(use, bypass, args)
+    plot(use, bypass, PLOTS / "cache_latency.png")
+    md += "\n\n![latency over the run, by cache level](plots/cache_latency.png)"
     (OUT / "cache.json").write_text(json.dumps({"use": use, "bypass": bypass}, indent=1))
     (OUT / "cache.md").write_text(md + "\n")
     print("\n" + md)

@@ -15,7 +15,8 @@ from typing import Iterator
 from sluice.supervisor import WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "out"
+OUT = ROOT / "bench" / "out"  # raw outputs, git-ignored
+PLOTS = ROOT / "bench" / "plots"  # committed with RESULTS.md
 
 
 def machine() -> str:

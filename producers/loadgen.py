@@ -36,6 +36,8 @@ class LoadReport:
     latency_ms: dict[str, float] = field(default_factory=dict)
     latency_by_cache_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     cost_usd: float = 0.0
+    # (scheduled send, seconds since start; latency ms; cache level), when asked for
+    samples: list[tuple[float, float, str]] = field(default_factory=list, repr=False)
 
     @property
     def errors(self) -> int:
@@ -43,6 +45,7 @@ class LoadReport:
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("samples", None)
         d["errors"] = self.errors
         return d
 
@@ -81,7 +84,7 @@ async def run_load(config: KafkaConfig, *, rate: float, duration_s: float,
                    labels: list[str] | None = None, tenant: str = "loadtest", cache: str = "use",
                    drain_timeout_s: float = 30.0,
                    progress: Callable[[str], None] | None = print,
-                   client: SluiceClient | None = None) -> LoadReport:
+                   client: SluiceClient | None = None, keep_samples: bool = False) -> LoadReport:
     if rate <= 0 or duration_s <= 0:
         raise ValueError(f"rate={rate}, duration_s={duration_s}: both must be > 0")
     n = max(1, int(rate * duration_s))
@@ -110,6 +113,8 @@ async def run_load(config: KafkaConfig, *, rate: float, duration_s: float,
         levels[level] += 1
         by_level.setdefault(level, []).append(lat)
         cost[0] += float(doc.get("cost_usd") or 0.0)
+        if keep_samples:
+            report.samples.append(((scheduled[doc["id"]] - t0_wall) / 1000, lat, level))
         last_arrival[0] = doc["_received_at_ms"]
 
     futures: list[asyncio.Future] = []
