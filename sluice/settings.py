@@ -43,6 +43,9 @@ class Settings(BaseSettings, WorkerConfig, StackConfig):
 
     def worker(self, **overrides: Any) -> WorkerConfig:
         fields = self.model_dump(include=set(WorkerConfig.model_fields))
+        built = self.state_dir / "models"  # `sluice model build`; SLUICE_MODELS_DIR entries override by name
+        if built.is_dir():
+            fields["models_dir"] = (built, *fields["models_dir"])
         return WorkerConfig.model_validate({**fields, **overrides})
 
     def stack(self) -> StackConfig:
