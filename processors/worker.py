@@ -44,6 +44,10 @@ from schemas.records import Request, dlq_record, encode, now_ms, parse_request
 
 log = logging.getLogger(__name__)
 
+# Sending is CPU work on the event loop; a long run of sends yields now and
+# then so that the lookup stage keeps answering cache hits meanwhile.
+_YIELD_EVERY = 64
+
 
 @dataclass(slots=True, eq=False)
 class Item:
@@ -98,6 +102,18 @@ class Group:
         for it in self.items:
             it.batch_size = len(self.items)
 
+    @classmethod
+    def merged(cls, groups: list["Group"]) -> "Group":
+        """Several groups as one, for publishing; items keep their batch sizes."""
+        if len(groups) == 1:
+            return groups[0]
+        g = cls.__new__(cls)
+        g.batches = [b for x in groups for b in x.batches]
+        g.items = [it for x in groups for it in x.items]
+        g.computed = [it for x in groups for it in x.computed]
+        g.misses = sum(x.misses for x in groups)
+        return g
+
     def offsets(self) -> dict[int, int]:
         """Partition -> next offset to commit."""
         out: dict[int, int] = {}
@@ -144,7 +160,8 @@ class Worker:
         self._models: dict[str, ModelRuntime] = {}
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-model")
         self._consumer: AIOKafkaConsumer | None = None
-        self._producer: AIOKafkaProducer | None = None
+        self._producer: AIOKafkaProducer | None = None  # results: latency matters
+        self._bulk: AIOKafkaProducer | None = None  # telemetry and DLQ: volume matters
         self._health: HealthServer | None = None
         self._last_fetch = time.monotonic()
         self._assigned: set[int] = set()
@@ -183,6 +200,14 @@ class Worker:
             max_batch_size=1 << 20,
             max_request_size=4 << 20)
         await self._producer.start()
+        # A producer has one request in flight per broker: telemetry bursts on
+        # the results producer would queue answers behind them.
+        self._bulk = AIOKafkaProducer(
+            bootstrap_servers=cfg.bootstrap_servers, client_id=f"sluice-worker-{cfg.worker_id}-bulk",
+            acks="all", enable_idempotence=True, linger_ms=max(20, cfg.publish_linger_ms),
+            compression_type=None if cfg.publish_compression == "none" else cfg.publish_compression,
+            max_batch_size=1 << 20)
+        await self._bulk.start()
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=cfg.bootstrap_servers, group_id=cfg.group_id,
             client_id=f"sluice-worker-{cfg.worker_id}", enable_auto_commit=False,
@@ -232,7 +257,7 @@ class Worker:
             await self._close()
 
     async def _close(self) -> None:
-        for closer in (self._consumer, self._producer, self._health, self._l2):
+        for closer in (self._consumer, self._producer, self._bulk, self._health, self._l2):
             if closer is not None:
                 try:
                     await closer.stop()
@@ -556,10 +581,22 @@ class Worker:
 
     # -- stage 4: publish and commit ----------------------------------------
     async def _publish_loop(self) -> None:
-        while True:
-            group = await self._to_publish.get()
-            if group is None:
+        done = False
+        while not done:
+            first = await self._to_publish.get()
+            if first is None:
                 return
+            # every group ready now goes out together: one wait for acks, one
+            # telemetry flush, one Redis write-back and one commit for all of
+            # them, instead of a round trip each
+            groups = [first]
+            while not self._to_publish.empty():
+                nxt = self._to_publish.get_nowait()
+                if nxt is None:
+                    done = True
+                    break
+                groups.append(nxt)
+            group = Group.merged(groups)
             try:
                 await self._publish(group)
             finally:
@@ -640,7 +677,8 @@ class Worker:
                              partition=it.partition, offset=it.offset, worker=self.config.worker_id)
             it.topic = topics.dlq
             self.metrics.dlq.inc()
-            return await self._producer.send(topics.dlq, encode(doc), key=it.key)
+            assert self._bulk is not None
+            return await self._bulk.send(topics.dlq, encode(doc), key=it.key)
         it.topic = (it.request.reply_to if it.request else None) or \
             (it.error.reply_to if it.error else None) or topics.results
         return await self._producer.send(it.topic, encode(self._result(it)), key=rid.encode())
@@ -652,9 +690,11 @@ class Worker:
         assert self._producer is not None
         producer, topics = self._producer, self.topics
         t0 = time.perf_counter()
-        for it in group.items:
+        for n, it in enumerate(group.items, 1):
             if it.sent is None:
                 it.sent = await self._send_answer(it)
+            if n % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # let cache hits through between large sends
         outcomes = await asyncio.gather(*(it.sent for it in group.items), return_exceptions=True)
         retry: list[asyncio.Future] = []
         for it, out in zip(group.items, outcomes):
@@ -672,8 +712,12 @@ class Worker:
             await asyncio.gather(*retry)
         published = now_ms()
         answered = [it for it in group.items if it.topic != topics.dlq]
-        telemetry = [await producer.send(topics.telemetry, encode(self._telemetry(it, published)))
-                     for it in answered]
+        telemetry = []
+        for n, it in enumerate(answered, 1):
+            telemetry.append(await self._bulk.send(topics.telemetry,  # type: ignore[union-attr]
+                                                   encode(self._telemetry(it, published))))
+            if n % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
         await asyncio.gather(*telemetry)
         publish_s = time.perf_counter() - t0
         for it in group.items:
