@@ -27,7 +27,7 @@ class WorkerConfig(KafkaConfig, Limits):
     batch_max_tokens: int = Field(8192, ge=8, description="Token budget of one partition batch.")
     batch_max_wait_ms: float = Field(5.0, ge=0, le=60_000,
                                      description="Longest a partition batch waits for more records, from its first.")
-    group_max_items: int = Field(128, ge=1,
+    group_max_items: int = Field(512, ge=1,
                                  description="Most records handed to the model thread at once (batches of several partitions).")
     max_pending_items: int = Field(4096, ge=1,
                                    description="Records read and not yet answered (waiting for a batch or the model); past this the worker stops fetching and the backlog waits in Kafka.")
