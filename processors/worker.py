@@ -73,6 +73,7 @@ class Item:
     followers: int = 0
     dropped: bool = False  # left uncommitted for the partition's next owner
     cost_usd: float = 0.0
+    compute_ms: float = 0.0  # its share (by tokens) of the model's busy time
     started_ms: int = 0
     cache_ms: float = 0.0
     inference_start_ms: int = 0
@@ -577,7 +578,9 @@ class Worker:
             self.metrics.compute_seconds.inc(st.seconds)
             self.metrics.cost.labels(name).inc(total_cost)
             for it in its:
-                it.cost_usd = total_cost * it.tokens / total_tokens
+                share = it.tokens / total_tokens
+                it.cost_usd = total_cost * share
+                it.compute_ms = st.seconds * 1000 * share
 
     # -- stage 4: publish and commit ----------------------------------------
     async def _publish_loop(self) -> None:
@@ -662,6 +665,7 @@ class Worker:
             "cache_ms": it.cache_ms,
             "inference_ms": max(0, it.inference_end_ms - it.inference_start_ms),
             "total_ms": max(0, published_ms - it.sent_ms),
+            "compute_ms": round(it.compute_ms, 3),
             "cost_usd": it.cost_usd,
         }
 

@@ -113,6 +113,7 @@ class Telemetry(BaseModel):
     cache_ms: float
     inference_ms: float
     total_ms: float
+    compute_ms: float = 0.0  # share of model busy time (by tokens): sums to the compute seconds
     cost_usd: float
 
 
