@@ -94,6 +94,59 @@ def cmd_model(s: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+# -- analytics -----------------------------------------------------------------
+def cmd_sink(s: Settings, args: argparse.Namespace) -> int:
+    from sinks.sink import serve
+    asyncio.run(serve(s.sink()))
+    return 0
+
+
+def _query_runner(s: Settings):
+    """Ask the running sink (it owns the embedded database); with none
+    running, open the store here (a ClickHouse server, or the chDB folder)."""
+    import urllib.error
+
+    from sinks.store import open_store
+
+    def via_sink(sql: str):
+        req = urllib.request.Request(f"http://{s.sink_host}:{s.sink_port}/query",
+                                     data=orjson.dumps({"sql": sql}),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                doc = orjson.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            raise SluiceError(f"sink refused the query: {exc.read().decode(errors='replace')}") from None
+        return doc["columns"], doc["rows"]
+
+    if not s.clickhouse_url:
+        try:
+            with socket.create_connection((s.sink_host, s.sink_port), timeout=0.5):
+                return via_sink, None
+        except OSError:
+            pass
+    store = open_store(s.sink())
+    store.start()
+    return store.query, store
+
+
+def cmd_analytics(s: Settings, args: argparse.Namespace) -> int:
+    from sinks.analytics import format_result, load_queries, parse_since, run
+    if args.list or not args.name:
+        for name, q in load_queries().items():
+            print(f"{name:26} {q.answers}")
+        return 0
+    runner, store = _query_runner(s)
+    try:
+        cols, rows = run(args.name, runner, db=s.clickhouse_database, since_s=parse_since(args.since),
+                         slo_ms=args.slo_ms)
+    finally:
+        if store is not None:
+            store.close()
+    print(format_result(cols, rows, args.format))
+    return 0
+
+
 # -- producing and reading -----------------------------------------------------
 def _requests_from(args: argparse.Namespace) -> list[dict[str, Any]]:
     from producers.client import make_request
@@ -289,6 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("subscribe", help="print results as JSON lines (from now on)")
     s.add_argument("--topic", help="results topic (default PREFIX.results)")
     s.add_argument("--count", type=int, default=0, help="stop after N results")
+    sub.add_parser("sink", help="store telemetry in ClickHouse (embedded chDB unless SLUICE_CLICKHOUSE_URL)")
+    an = sub.add_parser("analytics", help="run a named SQL query over the telemetry",
+                        epilog="examples:\n  sluice analytics --list\n  sluice analytics latency_by_model_minute --since 30m\n"
+                               "  sluice analytics cost_by_tenant_day --since 7d --format csv",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    an.add_argument("name", nargs="?", help="query name (see --list)")
+    an.add_argument("--since", default="1h", help="how far back: 90s, 30m, 2h, 7d (default 1h)")
+    an.add_argument("--slo-ms", type=float, default=500.0, help="latency SLO for slo_violations")
+    an.add_argument("--format", default="table", choices=["table", "json", "csv"])
+    an.add_argument("--list", action="store_true", help="list the queries and what each answers")
     lt = sub.add_parser("loadtest", help="open-loop load at a fixed rate; latency percentiles")
     _add_load_flags(lt, rate=200, duration=10)
     lt.add_argument("--task", default="embed", choices=["embed", "classify"])
@@ -303,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "settings": cmd_settings, "worker": cmd_worker,
-            "produce": cmd_produce, "subscribe": cmd_subscribe, "loadtest": cmd_loadtest,
+            "produce": cmd_produce, "sink": cmd_sink, "analytics": cmd_analytics, "subscribe": cmd_subscribe, "loadtest": cmd_loadtest,
             "demo": cmd_demo, "model": cmd_model}
 
 

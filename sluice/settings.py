@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from processors.config import WorkerConfig
+from sinks.config import SinkConfig
 from schemas.errors import ConfigError
 from schemas.topics import KafkaConfig
 from sluice.stack import StackConfig
@@ -21,7 +22,7 @@ from sluice.stack import StackConfig
 ENV_PREFIX = "SLUICE_"
 
 
-class Settings(BaseSettings, WorkerConfig, StackConfig):
+class Settings(BaseSettings, WorkerConfig, SinkConfig, StackConfig):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
     request_partitions: int = Field(12, ge=1, description="Partitions of PREFIX.requests that `sluice up` creates (the most workers that can share the load).")
@@ -34,6 +35,8 @@ class Settings(BaseSettings, WorkerConfig, StackConfig):
         if isinstance(data, dict):
             if not data.get("bootstrap_servers"):
                 data["bootstrap_servers"] = f"127.0.0.1:{data.get('kafka_port', 9092)}"
+            if not data.get("chdb_path"):
+                data["chdb_path"] = f"{data.get('state_dir', '.sluice')}/chdb"
             if data.get("redis_url") is None:
                 data["redis_url"] = f"redis://127.0.0.1:{data.get('redis_port', 6379)}/0"
         return data
@@ -47,6 +50,9 @@ class Settings(BaseSettings, WorkerConfig, StackConfig):
         if built.is_dir():
             fields["models_dir"] = (built, *fields["models_dir"])
         return WorkerConfig.model_validate({**fields, **overrides})
+
+    def sink(self) -> SinkConfig:
+        return SinkConfig.model_validate(self.model_dump(include=set(SinkConfig.model_fields)))
 
     def stack(self) -> StackConfig:
         return StackConfig.model_validate(self.model_dump(include=set(StackConfig.model_fields)))

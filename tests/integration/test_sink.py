@@ -1,0 +1,300 @@
+"""The ClickHouse sink on the real stack: a Kafka broker and real chDB.
+
+The sink runs as operators run it (`python -m sinks`, a subprocess), and
+the tests ask it through its POST /query endpoint, the way other processes
+read the database the sink owns."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from schemas.records import Telemetry, now_ms
+from tests.conftest import ROOT, free_port
+
+pytestmark = pytest.mark.integration
+
+N = 3000
+
+
+def telemetry(i: int, base_ms: int) -> dict:
+    rnd = random.Random(i)
+    status = rnd.choice(["ok"] * 8 + ["error", "expired"])
+    cache = rnd.choice(["l1", "l2", "coalesced", "miss", "none"])
+    sent = base_ms + i
+    doc = {
+        "v": 1, "id": f"req-{uuid.uuid4().hex}", "tenant": rnd.choice(["acme", "beta", "corp", "default"]),
+        "model": rnd.choice(["all-minilm-l6-v2", "all-minilm-l6-v2-sq8"]), "model_version": "1",
+        "task": rnd.choice(["embed", "classify"]), "status": status,
+        "error_code": "model_error" if status == "error" else "", "cache": cache,
+        "tokens": rnd.randint(1, 200), "batch_size": rnd.randint(1, 64), "worker": f"w{rnd.randint(1, 3)}",
+        "partition": rnd.randint(0, 11), "offset": i, "sent_at_ms": sent, "received_at_ms": sent + 1,
+        "inference_start_ms": sent + 2, "inference_end_ms": sent + 9, "published_at_ms": sent + 10,
+        "queue_ms": 2.0, "cache_ms": 0.3, "inference_ms": 7.0, "total_ms": 10.0 + rnd.random() * 50,
+        "compute_ms": 1.5, "cost_usd": rnd.random() * 1e-5,
+    }
+    Telemetry.model_validate(doc)
+    return doc
+
+
+async def produce(bootstrap: str, topic: str, docs: list[dict], extra: list[bytes] = ()) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        futs = [await producer.send(topic, orjson.dumps(d)) for d in docs]
+        futs += [await producer.send(topic, raw) for raw in extra]
+        await asyncio.gather(*futs)
+    finally:
+        await producer.stop()
+
+
+class SinkProcess:
+    """`python -m sinks` on the test's topics and its own chDB folder."""
+
+    def __init__(self, env, chdb_path: Path, group: str, **settings: str) -> None:
+        self.port = free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+        self.env.update(SLUICE_BOOTSTRAP_SERVERS=env.stack.bootstrap_servers, SLUICE_TOPIC_PREFIX=env.prefix,
+                        SLUICE_SINK_GROUP_ID=group, SLUICE_CHDB_PATH=str(chdb_path),
+                        SLUICE_SINK_PORT=str(self.port), **settings)
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"sluice-sink-{env.prefix}-{uuid.uuid4().hex[:6]}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 30.0) -> "SinkProcess":
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "sinks"], env=self.env, cwd=ROOT,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"sink exited with {self.proc.returncode}\n{self.log()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"sink not ready after {timeout_s} s\n{self.log()}")
+
+    def query(self, sql: str) -> tuple[list[str], list[list]]:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/query", data=orjson.dumps({"sql": sql}),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            doc = orjson.loads(r.read())
+        return doc["columns"], doc["rows"]
+
+    def counts(self) -> tuple[int, int]:
+        _, rows = self.query("SELECT count(), uniqExact(id) FROM sluice.telemetry")
+        return rows[0][0], rows[0][1]
+
+    def wait_rows(self, n: int, timeout_s: float = 30.0) -> tuple[int, int]:
+        deadline = time.monotonic() + timeout_s
+        got = (-1, -1)
+        while time.monotonic() < deadline:
+            got = self.counts()
+            if got[0] >= n:
+                time.sleep(1.5)  # anything more (a duplicate) would arrive within a flush or two
+                return self.counts()
+            time.sleep(0.1)
+        raise AssertionError(f"{got[0]} rows after {timeout_s} s, expected {n}\n{self.log()}")
+
+    def metric(self, name: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(name + " ") or line.startswith(name + "{"):
+                    return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
+
+
+@pytest.fixture
+def sinks():
+    started: list[SinkProcess] = []
+
+    def make(*args, **kw) -> SinkProcess:
+        s = SinkProcess(*args, **kw)
+        started.append(s)
+        return s.start()
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+@pytest.mark.timeout(60)
+async def test_n_records_become_exactly_n_rows(env, sinks, tmp_path):
+    base = now_ms() - 60_000
+    docs = [telemetry(i, base) for i in range(N)]
+    bad = [b"not json", orjson.dumps({"v": 1, "id": "half a record"})]
+    await produce(env.stack.bootstrap_servers, env.topics.telemetry, docs, bad)
+
+    sink = sinks(env, tmp_path / "chdb", f"{env.prefix}-sink")
+    rows, ids = await asyncio.to_thread(sink.wait_rows, N)
+    assert (rows, ids) == (N, N)
+    # the same figures as the records say
+    cols, got = sink.query("SELECT tenant, count(), round(sum(cost_usd), 9), sum(tokens) FROM sluice.telemetry "
+                           "GROUP BY tenant ORDER BY tenant")
+    assert len(cols) == 4
+    want = {}
+    for d in docs:
+        w = want.setdefault(d["tenant"], [0, 0.0, 0])
+        w[0] += 1
+        w[1] += d["cost_usd"]
+        w[2] += d["tokens"]
+    assert [r[0] for r in got] == sorted(want)
+    for tenant, n, cost, tokens in got:
+        assert n == want[tenant][0] and tokens == want[tenant][2]
+        assert cost == pytest.approx(want[tenant][1], abs=1e-8)
+    _, minute = sink.query("SELECT sum(requests) FROM sluice.telemetry_minute")
+    assert minute[0][0] == N
+    assert sink.metric("sluice_sink_errors_total") == 2  # the bad records: counted and skipped
+    assert sink.stop() == 0
+    # the bad records were committed with the rest: a restart reads nothing new
+    again = sinks(env, tmp_path / "chdb", f"{env.prefix}-sink")
+    await asyncio.sleep(2)
+    assert again.counts() == (N, N)
+    assert again.metric("sluice_sink_errors_total") == 0
+
+
+async def test_read_only_query_endpoint(env, sinks, tmp_path):
+    sink = sinks(env, tmp_path / "chdb", f"{env.prefix}-sink")
+    for sql in ["DROP TABLE sluice.telemetry", "SELECT 1; DROP TABLE sluice.telemetry", "INSERT INTO x VALUES (1)"]:
+        req = urllib.request.Request(f"http://127.0.0.1:{sink.port}/query", data=orjson.dumps({"sql": sql}),
+                                     method="POST")
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(req, timeout=5)
+        assert exc.value.code == 400
+    assert sink.query("SELECT 1 AS one") == (["one"], [[1]])
+
+
+@pytest.mark.timeout(60)
+async def test_sigkill_mid_stream_and_restart_leaves_exactly_n_rows(env, sinks, tmp_path):
+    base = now_ms() - 60_000
+    docs = [telemetry(i, base) for i in range(N)]
+    await produce(env.stack.bootstrap_servers, env.topics.telemetry, docs)
+    group = f"{env.prefix}-sink"
+    # small, frequent blocks: the kill lands between inserts and commits
+    first = sinks(env, tmp_path / "chdb", group, SLUICE_SINK_BATCH_MAX_ROWS="100",
+                  SLUICE_SINK_BATCH_MAX_S="0.05")
+    deadline = time.monotonic() + 30
+    stored = 0
+    while time.monotonic() < deadline:
+        stored = first.counts()[0]
+        if stored > 0:
+            break
+        await asyncio.sleep(0.01)
+    first.kill()
+    assert 0 < stored < N, f"{stored} rows at the kill"
+    # the restart cuts its blocks differently (large ones), yet stores each row once
+    second = sinks(env, tmp_path / "chdb", group, SLUICE_SINK_BATCH_MAX_ROWS="5000")
+    rows, ids = await asyncio.to_thread(second.wait_rows, N)
+    assert (rows, ids) == (N, N), second.log()
+    _, minute = second.query("SELECT sum(requests) FROM sluice.telemetry_minute")
+    assert minute[0][0] == N
+
+
+class CrashAfterInsert:
+    """A real chDB store whose process 'dies' right after its first insert
+    succeeded: the insert is stored, the commit that should follow never runs."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.database = inner.database
+
+    def start(self) -> None:
+        self.inner.start()
+
+    def insert(self, rows, dedup_token: str) -> None:
+        self.inner.insert(rows, dedup_token)
+        raise KeyboardInterrupt(f"crash after storing {dedup_token}")
+
+    def query(self, sql: str):
+        return self.inner.query(sql)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_crash_between_insert_and_commit_is_replayed_as_the_same_block(env, tmp_path):
+    """The crash window itself, made certain: the first run stores a block of
+    100 and dies before committing; the second run reads bigger batches, yet
+    its first block is cut where the planned cut says, and ClickHouse drops it."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from sinks.config import SinkConfig
+    from sinks.sink import CUT_PREFIX, TelemetrySink
+    from sinks.store import ChdbStore
+
+    base = now_ms() - 60_000
+    await produce(env.stack.bootstrap_servers, env.topics.telemetry, [telemetry(i, base) for i in range(N)])
+    group = f"{env.prefix}-sink"
+    cfg = SinkConfig(bootstrap_servers=env.stack.bootstrap_servers, topic_prefix=env.prefix,
+                     sink_group_id=group, chdb_path=tmp_path / "chdb", sink_port=0,
+                     sink_batch_max_rows=100, sink_batch_max_s=0.05)
+    first = TelemetrySink(cfg, store=CrashAfterInsert(ChdbStore(cfg.chdb_path, "sluice")))
+    await first.start()
+    with pytest.raises(KeyboardInterrupt):
+        await first.run()
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=env.stack.bootstrap_servers)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    cuts = {tp.partition: om for tp, om in committed.items() if om.metadata.startswith(CUT_PREFIX)}
+    assert cuts, f"no planned cut was committed: {committed}"
+
+    second = TelemetrySink(cfg.model_copy(update={"sink_batch_max_rows": 5000, "sink_batch_max_s": 0.5}))
+    await second.start()
+    running = asyncio.create_task(second.run())
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            _, rows = await asyncio.to_thread(second.store.query, "SELECT count() FROM sluice.telemetry")
+            if rows[0][0] >= N:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)
+        _, rows = await asyncio.to_thread(
+            second.store.query, "SELECT count(), uniqExact(id) FROM sluice.telemetry")
+        _, minute = await asyncio.to_thread(second.store.query, "SELECT sum(requests) FROM sluice.telemetry_minute")
+        assert rows[0] == (N, N)
+        assert minute[0][0] == N
+    finally:
+        second.stop()
+        await asyncio.wait_for(running, 30)

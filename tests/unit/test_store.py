@@ -1,0 +1,187 @@
+"""The store on real chDB (a tmp folder) and, when SLUICE_TEST_CLICKHOUSE_URL
+names one, on a real ClickHouse server through clickhouse-connect: the same
+tests, the same DDL, the same SQL."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import orjson
+import pytest
+
+from schemas.records import Telemetry
+from sinks.sink import BadRecord, to_row
+from sinks.store import ChdbStore, QueryError, ServerStore, check_read_only
+
+SERVER_URL = os.environ.get("SLUICE_TEST_CLICKHOUSE_URL", "")
+# recent, so the table's TTL keeps them (expired rows are dropped at insert)
+BASE_MS = (int(time.time()) - 3600) * 1000 + 4
+
+
+def telemetry(i: int, *, ms: int = BASE_MS, check: bool = True, **over) -> dict:
+    doc = {
+        "v": 1, "id": f"req-{i}", "tenant": f"tenant-{i % 3}", "model": ["mini", "base"][i % 2],
+        "model_version": "1", "task": "embed", "status": ["ok", "ok", "error", "expired"][i % 4],
+        "error_code": "", "cache": ["l1", "l2", "miss", "coalesced", "none"][i % 5],
+        "tokens": 10 + i % 7, "batch_size": 4, "worker": f"w{i % 2}", "partition": i % 6, "offset": i,
+        "sent_at_ms": ms + i, "received_at_ms": ms + i + 1, "inference_start_ms": ms + i + 2,
+        "inference_end_ms": ms + i + 3, "published_at_ms": ms + i + 5,
+        "queue_ms": 1.0, "cache_ms": 0.25, "inference_ms": 1.0, "total_ms": float(5 + i % 50),
+        "cost_usd": 1e-6 * (i % 10),
+    }
+    doc.update(over)
+    if check:
+        Telemetry.model_validate(doc)  # the fixtures are valid records
+    return doc
+
+
+def rows(n: int, start: int = 0) -> list[bytes]:
+    return [to_row(orjson.dumps(telemetry(i))) for i in range(start, start + n)]
+
+
+@pytest.fixture(params=["chdb", "server"])
+def store(request, tmp_path):
+    if request.param == "chdb":
+        s = ChdbStore(tmp_path / "chdb", database="sluice_test", ttl_days=30)
+    else:
+        if not SERVER_URL:
+            pytest.skip("clickhouse-connect back end: no ClickHouse server here; set "
+                        "SLUICE_TEST_CLICKHOUSE_URL=http://user:pass@host:8123/ to run these tests on one")
+        s = ServerStore(SERVER_URL, database=f"sluice_test_{uuid.uuid4().hex[:8]}", ttl_days=30)
+    s.start()
+    yield s
+    if request.param == "server":
+        try:
+            s._client.command(f"DROP DATABASE IF EXISTS {s.database}")  # type: ignore[attr-defined]
+        except Exception:
+            pass
+    s.close()
+
+
+def count(store, table: str = "telemetry") -> int:
+    return store.query(f"SELECT count() FROM {store.database}.{table}")[1][0][0]
+
+
+def rollup_requests(store) -> int:
+    return store.query(f"SELECT sum(requests) FROM {store.database}.telemetry_minute")[1][0][0]
+
+
+def test_ddl_is_idempotent(store):
+    store.start()
+    store.start()
+    _, tables = store.query(f"SELECT name FROM system.tables WHERE database = '{store.database}' "
+                            "ORDER BY name")
+    assert [t[0] for t in tables] == ["telemetry", "telemetry_minute", "telemetry_minute_mv"]
+
+
+def test_same_token_twice_is_stored_once_in_table_and_rollup(store):
+    block = rows(100)
+    store.insert(block, "t:0:0-99")
+    store.insert(block, "t:0:0-99")  # a replay
+    assert count(store) == 100
+    assert rollup_requests(store) == 100
+    store.insert(rows(50, 100), "t:0:100-149")  # a new block is stored
+    assert count(store) == 150
+    assert rollup_requests(store) == 150
+    _, r = store.query(f"SELECT uniqExact(id) FROM {store.database}.telemetry")
+    assert r == [(150,)]
+
+
+def test_dict_rows_are_accepted(store):
+    doc = orjson.loads(to_row(orjson.dumps(telemetry(7))))
+    store.insert([doc], "dicts")
+    assert count(store) == 1
+
+
+def test_timestamps_round_trip_to_the_millisecond(store):
+    # ms values that are not exact in binary floating point, and zero
+    docs = [telemetry(0, ms=BASE_MS), telemetry(1, ms=BASE_MS - 4 + 999),
+            telemetry(2, ms=0, published_at_ms=BASE_MS - 3)]
+    store.insert([to_row(orjson.dumps(d)) for d in docs], "ts")
+    cols, got = store.query(
+        "SELECT id, toUnixTimestamp64Milli(sent_at), toUnixTimestamp64Milli(received_at), "
+        "toUnixTimestamp64Milli(inference_start), toUnixTimestamp64Milli(inference_end), "
+        f"toUnixTimestamp64Milli(published_at) FROM {store.database}.telemetry ORDER BY id")
+    assert len(cols) == 6
+    want = [(d["id"], d["sent_at_ms"], d["received_at_ms"], d["inference_start_ms"],
+             d["inference_end_ms"], d["published_at_ms"]) for d in docs]
+    assert got == want
+
+
+def test_query_returns_names_and_typed_rows(store):
+    store.insert(rows(20), "q")
+    cols, got = store.query(
+        f"SELECT tenant, count() AS n, sum(tokens) AS tokens, round(sum(cost_usd), 9) AS cost "
+        f"FROM {store.database}.telemetry GROUP BY tenant ORDER BY tenant")
+    assert cols == ["tenant", "n", "tokens", "cost"]
+    docs = [telemetry(i) for i in range(20)]
+    want = []
+    for t in sorted({d["tenant"] for d in docs}):
+        mine = [d for d in docs if d["tenant"] == t]
+        want.append((t, len(mine), sum(d["tokens"] for d in mine), round(sum(d["cost_usd"] for d in mine), 9)))
+    assert got == want
+    assert all(isinstance(r[1], int) for r in got)  # UInt64 as numbers, not strings
+
+
+def test_rollup_quantiles_match_the_raw_rows(store):
+    store.insert(rows(200), "quant")
+    _, raw = store.query(f"SELECT quantilesExact(0.5)(total_ms)[1], count() FROM {store.database}.telemetry")
+    _, roll = store.query(f"SELECT sum(requests) FROM {store.database}.telemetry_minute")
+    assert roll[0][0] == raw[0][1] == 200
+
+
+def test_query_errors_are_query_errors(store):
+    with pytest.raises(QueryError):
+        store.query("SELECT no_such_column FROM system.one")
+
+
+def test_read_only_check():
+    assert check_read_only(" select 1; ") == "select 1"
+    assert check_read_only("-- a comment\nWITH x AS (SELECT 1) SELECT * FROM x")
+    assert check_read_only("SELECT ';' AS semicolon")
+    for bad in ["INSERT INTO t VALUES (1)", "DROP TABLE sluice.telemetry", "", "  ;",
+                "SELECT 1; DROP TABLE sluice.telemetry", "/* x */ ALTER TABLE t DELETE WHERE 1",
+                "SYSTEM FLUSH LOGS"]:
+        with pytest.raises(QueryError):
+            check_read_only(bad)
+
+
+def test_bad_records_are_refused():
+    for raw in [None, b"not json", b"{}", orjson.dumps(telemetry(1, tokens=-1)),
+                orjson.dumps(telemetry(1, status="weird", check=False)), orjson.dumps(telemetry(1, sent_at_ms=-5))]:
+        with pytest.raises(BadRecord):
+            to_row(raw)
+
+
+def test_a_second_process_cannot_open_the_folder(tmp_path):
+    import subprocess
+    import sys
+    s = ChdbStore(tmp_path / "locked", database="sluice_test")
+    s.start()
+    try:
+        code = ("import sys; from sinks.store import ChdbStore, SinkError\n"
+                f"s = ChdbStore({str(tmp_path / 'locked')!r})\n"
+                "try:\n    s.start()\nexcept SinkError as e:\n    print(e); sys.exit(3)\n")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 3, out.stdout + out.stderr
+        assert "another sink" in out.stdout
+    finally:
+        s.close()
+
+
+def test_insert_of_50k_rows_is_fast(tmp_path):
+    """A figure for the report, and a floor: 50,000 rows in one block."""
+    s = ChdbStore(tmp_path / "big", database="sluice_test")
+    s.start()
+    try:
+        block = rows(50_000)
+        t0 = time.perf_counter()
+        s.insert(block, "big")
+        dt = time.perf_counter() - t0
+        print(f"\nchDB insert: 50000 rows in {dt:.3f} s = {50_000 / dt:,.0f} rows/s")
+        assert count(s) == 50_000
+        assert dt < 10
+    finally:
+        s.close()
