@@ -11,11 +11,10 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import socket
-import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -101,16 +100,10 @@ def cmd_sink(s: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _query_runner(s: Settings):
-    """Ask the running sink (it owns the embedded database); with none
-    running, open the store here (a ClickHouse server, or the chDB folder)."""
-    import urllib.error
-
-    from sinks.store import open_store
-
+def _sink_runner(host: str, port: int):
+    """Run SQL through a sink's POST /query."""
     def via_sink(sql: str):
-        req = urllib.request.Request(f"http://{s.sink_host}:{s.sink_port}/query",
-                                     data=orjson.dumps({"sql": sql}),
+        req = urllib.request.Request(f"http://{host}:{port}/query", data=orjson.dumps({"sql": sql}),
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
@@ -118,11 +111,18 @@ def _query_runner(s: Settings):
         except urllib.error.HTTPError as exc:
             raise SluiceError(f"sink refused the query: {exc.read().decode(errors='replace')}") from None
         return doc["columns"], doc["rows"]
+    return via_sink
+
+
+def _query_runner(s: Settings):
+    """Ask the running sink (it owns the embedded database); with none
+    running, open the store here (a ClickHouse server, or the chDB folder)."""
+    from sinks.store import open_store
 
     if not s.clickhouse_url:
         try:
             with socket.create_connection((s.sink_host, s.sink_port), timeout=0.5):
-                return via_sink, None
+                return _sink_runner(s.sink_host, s.sink_port), None
         except OSError:
             pass
     store = open_store(s.sink())
@@ -244,52 +244,42 @@ def cmd_loadtest(s: Settings, args: argparse.Namespace) -> int:
     return 0 if report.unanswered == 0 else 1
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_ready(port: int, proc: subprocess.Popen, timeout_s: float) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        if proc.poll() is not None:
-            raise SluiceError(f"worker exited with code {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                if r.status == 200 and proc.poll() is None:
-                    return time.monotonic() - t0
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SluiceError(f"worker not ready after {timeout_s} s")
-
-
 def cmd_demo(s: Settings, args: argparse.Namespace) -> int:
-    """Stack up (if needed), one worker, an open-loop run with repeats, summary, clean up."""
+    """Stack up (if needed), a worker and the sink, an open-loop run with
+    repeats, the summary and the analytics; then stop what it started."""
     from producers.loadgen import run_load
+    from sinks.analytics import format_result, run
     from sluice.stack import LocalStack
+    from sluice.supervisor import WorkerProcess
     stack = LocalStack(s.stack())
     started_stack = stack.up(s.topic_partitions()) == "started"
-    env = {**os.environ, "SLUICE_BOOTSTRAP_SERVERS": s.bootstrap_servers}
-    port = args.metrics_port or _free_port()
-    worker = subprocess.Popen([sys.executable, "-m", "sluice", "worker", "--metrics-port",
-                               str(port)], env=env)
+    common = {k: v for k, v in os.environ.items() if k.startswith("SLUICE_")}
+    common["SLUICE_BOOTSTRAP_SERVERS"] = s.bootstrap_servers
+    worker = WorkerProcess({**common, "SLUICE_METRICS_PORT": str(args.metrics_port or 0)})
+    sink = WorkerProcess({**common, "SLUICE_SINK_PORT": "0"}, command="sink")
     try:
-        ready_s = _wait_ready(port, worker, 120)
+        ready_s = worker.start()
+        sink.start()
+        count_sql = f"SELECT count() FROM {s.clickhouse_database}.telemetry"
+        runner = _sink_runner(s.sink_host, sink.port)
+        before = runner(count_sql)[1][0][0]
         print(f"worker ready in {ready_s:.1f} s; sending {int(args.rate * args.duration)} requests "
               f"at {args.rate:g}/s ({args.distribution} over {args.distinct} inputs)")
         report = asyncio.run(run_load(s.kafka(), rate=args.rate, duration_s=args.duration,
                                       workload=_workload(args)))
         print("\n== demo summary ==")
         print(report.summary())
+        deadline = time.monotonic() + 30
+        while runner(count_sql)[1][0][0] < before + report.answered and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for name in ("latency_by_model_minute", "cache_hit_rate", "worker_throughput"):
+            cols, rows = run(name, runner, db=s.clickhouse_database, since_s=600)
+            print(f"\n== sluice analytics {name} --since 10m ==")
+            print(format_result(cols, rows))
         return 0 if report.unanswered == 0 and report.errors == 0 else 1
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        worker.stop()
+        sink.stop()
         if started_stack and not args.keep_stack:
             stack.down()
 

@@ -27,11 +27,15 @@ def free_port() -> int:
 
 
 class WorkerProcess:
+    """A `sluice worker` (or, with command="sink", a `sluice sink`) process."""
+
     def __init__(self, settings: dict[str, str], *, log_path: Path | None = None,
-                 cwd: Path | None = None, inherit_env: bool = True) -> None:
-        self.port = int(settings.get("SLUICE_METRICS_PORT") or 0) or free_port()
+                 cwd: Path | None = None, inherit_env: bool = True, command: str = "worker") -> None:
+        self.command = command
+        port_setting = "SLUICE_SINK_PORT" if command == "sink" else "SLUICE_METRICS_PORT"
+        self.port = int(settings.get(port_setting) or 0) or free_port()
         base = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")} if inherit_env else {}
-        self.env = {**base, **settings, "SLUICE_METRICS_PORT": str(self.port)}
+        self.env = {**base, **settings, port_setting: str(self.port)}
         self.log_path = log_path
         self.cwd = cwd
         self.proc: subprocess.Popen | None = None
@@ -44,17 +48,17 @@ class WorkerProcess:
             self._log = open(self.log_path, "wb")
             out = self._log
         t0 = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "sluice", "worker"], env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "sluice", self.command], env=self.env,
                                      cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT if out else None)
         while time.monotonic() - t0 < ready_timeout_s:
             if self.proc.poll() is not None:
-                raise SluiceError(f"worker exited with code {self.proc.returncode} before it was ready"
+                raise SluiceError(f"{self.command} exited with code {self.proc.returncode} before it was ready"
                                   + (f"; see {self.log_path}" if self.log_path else ""))
             if self.ready():
                 return time.monotonic() - t0
             time.sleep(0.1)
         self.stop()
-        raise SluiceError(f"worker not ready after {ready_timeout_s:.0f} s")
+        raise SluiceError(f"{self.command} not ready after {ready_timeout_s:.0f} s")
 
     def ready(self) -> bool:
         try:

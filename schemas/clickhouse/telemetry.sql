@@ -92,3 +92,27 @@ SELECT
     quantilesState(0.5, 0.95, 0.99)(total_ms) AS total_ms_q
 FROM {db}.telemetry
 GROUP BY minute, model, tenant, worker;
+
+-- Latency per model and minute, small enough for a day of dashboard in well
+-- under a second (the rollup above keeps one row per tenant and worker too).
+CREATE TABLE IF NOT EXISTS {db}.latency_minute
+(
+    minute          DateTime('UTC'),
+    model           LowCardinality(String),
+    requests        SimpleAggregateFunction(sum, UInt64),
+    total_ms_q      AggregateFunction(quantiles(0.5, 0.95, 0.99), Float32)
+)
+ENGINE = AggregatingMergeTree
+PARTITION BY toDate(minute)
+ORDER BY (model, minute)
+TTL minute + INTERVAL {ttl_days} DAY
+SETTINGS non_replicated_deduplication_window = 10000;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.latency_minute_mv TO {db}.latency_minute AS
+SELECT
+    toStartOfMinute(published_at) AS minute,
+    model,
+    count() AS requests,
+    quantilesState(0.5, 0.95, 0.99)(total_ms) AS total_ms_q
+FROM {db}.telemetry
+GROUP BY minute, model;
