@@ -78,11 +78,16 @@ def format_result(columns: list[str], rows: list[Sequence[Any]], fmt: str = "tab
         w.writerow(columns)
         w.writerows([[_plain(v) for v in r] for r in rows])
         return buf.getvalue().rstrip("\n")
-    cells = [[str(_plain(v)) for v in r] for r in rows]
+    cells = [[_cell(v) for v in r] for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
     body = ["  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(r, widths)) for r in cells]
     return "\n".join([line, "  ".join("-" * w for w in widths), *body] if rows else [line, "(no rows)"])
+
+
+def _cell(v: Any) -> str:
+    """Table text: floats to 6 significant digits (costs are tiny, rates are not)."""
+    return f"{v:.6g}" if isinstance(v, float) else str(_plain(v))
 
 
 def _plain(v: Any) -> Any:

@@ -147,6 +147,22 @@ def cmd_analytics(s: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(s: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sinks.analytics import parse_since
+    from sinks.report import write_report
+    runner, store = _query_runner(s)
+    try:
+        path = write_report(Path(args.out), runner, db=s.clickhouse_database,
+                            since_s=parse_since(args.since), slo_ms=args.slo_ms)
+    finally:
+        if store is not None:
+            store.close()
+    print(f"report written: {path}")
+    return 0
+
+
 # -- producing and reading -----------------------------------------------------
 def _requests_from(args: argparse.Namespace) -> list[dict[str, Any]]:
     from producers.client import make_request
@@ -260,9 +276,9 @@ def cmd_demo(s: Settings, args: argparse.Namespace) -> int:
     try:
         ready_s = worker.start()
         sink.start()
-        count_sql = f"SELECT count() FROM {s.clickhouse_database}.telemetry"
         runner = _sink_runner(s.sink_host, sink.port)
-        before = runner(count_sql)[1][0][0]
+        count_sql = (f"SELECT count() FROM {s.clickhouse_database}.telemetry "
+                     f"WHERE published_at >= toDateTime64({time.time():.3f}, 3)")
         print(f"worker ready in {ready_s:.1f} s; sending {int(args.rate * args.duration)} requests "
               f"at {args.rate:g}/s ({args.distribution} over {args.distinct} inputs)")
         report = asyncio.run(run_load(s.kafka(), rate=args.rate, duration_s=args.duration,
@@ -270,12 +286,18 @@ def cmd_demo(s: Settings, args: argparse.Namespace) -> int:
         print("\n== demo summary ==")
         print(report.summary())
         deadline = time.monotonic() + 30
-        while runner(count_sql)[1][0][0] < before + report.answered and time.monotonic() < deadline:
+        while runner(count_sql)[1][0][0] < report.answered and time.monotonic() < deadline:
             time.sleep(0.5)
         for name in ("latency_by_model_minute", "cache_hit_rate", "worker_throughput"):
             cols, rows = run(name, runner, db=s.clickhouse_database, since_s=600)
             print(f"\n== sluice analytics {name} --since 10m ==")
             print(format_result(cols, rows))
+        from pathlib import Path
+
+        from sinks.report import write_report
+        path = write_report(Path(s.state_dir) / "report.html", runner, db=s.clickhouse_database,
+                            since_s=600)
+        print(f"\nreport written: {path} (open it in a browser)")
         return 0 if report.unanswered == 0 and report.errors == 0 else 1
     finally:
         worker.stop()
@@ -342,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--slo-ms", type=float, default=500.0, help="latency SLO for slo_violations")
     an.add_argument("--format", default="table", choices=["table", "json", "csv"])
     an.add_argument("--list", action="store_true", help="list the queries and what each answers")
+    rp = sub.add_parser("report", help="write an HTML page of plots and tables from the named queries")
+    rp.add_argument("--since", default="1h")
+    rp.add_argument("--slo-ms", type=float, default=500.0)
+    rp.add_argument("--out", default=".sluice/report.html")
     lt = sub.add_parser("loadtest", help="open-loop load at a fixed rate; latency percentiles")
     _add_load_flags(lt, rate=200, duration=10)
     lt.add_argument("--task", default="embed", choices=["embed", "classify"])
@@ -356,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "settings": cmd_settings, "worker": cmd_worker,
-            "produce": cmd_produce, "sink": cmd_sink, "analytics": cmd_analytics, "subscribe": cmd_subscribe, "loadtest": cmd_loadtest,
+            "produce": cmd_produce, "sink": cmd_sink, "analytics": cmd_analytics, "report": cmd_report, "subscribe": cmd_subscribe, "loadtest": cmd_loadtest,
             "demo": cmd_demo, "model": cmd_model}
 
 

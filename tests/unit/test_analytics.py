@@ -75,7 +75,8 @@ def minute_key(value) -> int:
 def test_every_query_file_says_what_it_answers():
     queries = load_queries()
     assert set(queries) == {"latency_by_model_minute", "cost_by_tenant_day", "cache_hit_rate",
-                            "worker_throughput", "slo_violations", "autoscale_signal"}
+                            "worker_throughput", "slo_violations", "autoscale_signal",
+                            "traffic_by_minute"}
     assert all(qq.answers for qq in queries.values())
 
 
@@ -150,6 +151,31 @@ def test_autoscale_signal(store_and_rows):
     assert g["arrival_rps"] == pytest.approx(N / 3600, abs=1e-3)
     assert g["workers"] == 2
     assert g["service_rate_per_worker_rps"] == pytest.approx(N / compute_s, rel=1e-3)
+
+
+def test_traffic_by_minute(store_and_rows):
+    store, rows = store_and_rows
+    got = q(store, "traffic_by_minute")
+    per_minute = defaultdict(list)
+    for r in rows:
+        per_minute[minute_of(r)].append(r)
+    assert [minute_key(g["minute"]) for g in got] == sorted(per_minute)
+    for g in got:
+        mine = per_minute[minute_key(g["minute"])]
+        hits = sum(r["cache"] != "miss" for r in mine)
+        assert g["requests"] == len(mine)
+        assert g["requests_per_s"] == pytest.approx(len(mine) / 60, abs=1e-3)
+        assert g["hit_rate"] == pytest.approx(hits / len(mine), abs=1e-4)
+        assert g["cost_usd"] == pytest.approx(sum(r["cost_usd"] for r in mine), rel=1e-6)
+
+
+def test_report_is_one_page_with_plots_and_every_table(store_and_rows):
+    from sinks.report import build_report
+    store, _ = store_and_rows
+    page = build_report(store.query, since_s=3600)
+    assert page.count("data:image/png;base64,") == 4
+    for name in ("cost_by_tenant_day", "cache_hit_rate", "worker_throughput", "slo_violations"):
+        assert f"<code>{name}</code>" in page
 
 
 def test_since_window_excludes_older_rows(store_and_rows):
