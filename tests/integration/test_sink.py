@@ -298,3 +298,49 @@ async def test_a_crash_between_insert_and_commit_is_replayed_as_the_same_block(e
     finally:
         second.stop()
         await asyncio.wait_for(running, 30)
+
+
+@pytest.mark.timeout(180)
+async def test_requests_through_the_pipeline_land_once_and_queries_match_python(
+        env, worker_factory, client, sinks, tmp_path):
+    """End to end: client -> worker -> telemetry -> sink -> SQL, checked
+    against the same figures computed from the telemetry records."""
+    from collections import Counter
+
+    from producers.corpus import text
+    from sinks.analytics import run
+    from tests.conftest import read_topic
+
+    worker_factory()
+    sink = sinks(env, tmp_path / "chdb", f"{env.prefix}-sink")
+    texts = [text(i % 120, seed=50) for i in range(400)]  # repeats: hits and misses
+    tenants = ["acme", "beta"]
+    results = []
+    for tenant in tenants:
+        results += await client.submit_many(texts[:200] if tenant == "acme" else texts[200:], tenant=tenant)
+    assert all(r.status == "ok" for r in results)
+    n = len(results)
+    assert sink.wait_rows(n, timeout_s=60) == (n, n)
+    _, ids = sink.query("SELECT id FROM sluice.telemetry")
+    assert sorted(i for [i] in ids) == sorted(r.id for r in results)
+
+    records = [Telemetry.model_validate(orjson.loads(r.value))
+               for r in await read_topic(env.stack.bootstrap_servers, env.topics.telemetry, expect=n)]
+
+    def rows(name):
+        cols, out = run(name, sink.query, since_s=3600)
+        return [dict(zip(cols, r)) for r in out]
+
+    per_tenant = {g["tenant"]: g for g in rows("cost_by_tenant_day")}
+    for tenant in tenants:
+        mine = [t for t in records if t.tenant == tenant]
+        assert per_tenant[tenant]["requests"] == len(mine)
+        assert per_tenant[tenant]["cost_usd"] == pytest.approx(sum(t.cost_usd for t in mine), rel=1e-6)
+    [hit] = rows("cache_hit_rate")
+    levels = Counter(t.cache for t in records)
+    assert (hit["l1"], hit["l2"], hit["coalesced"], hit["misses"]) == \
+        (levels["l1"], levels["l2"], levels["coalesced"], levels["miss"])
+    assert levels["l1"] + levels["coalesced"] > 0 and levels["miss"] > 0
+    [w] = rows("worker_throughput")
+    assert w["requests"] == n and w["computed"] == levels["miss"]
+    assert w["compute_s"] == pytest.approx(sum(t.compute_ms for t in records) / 1000, abs=2e-3)
