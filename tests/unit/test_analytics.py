@@ -3,7 +3,9 @@ answer checked against the same figure computed in Python from the rows."""
 
 from __future__ import annotations
 
+import os
 import time
+import uuid
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -44,19 +46,31 @@ def make_rows(now_s: float) -> list[dict]:
     return rows
 
 
-@pytest.fixture(scope="module")
-def store_and_rows(tmp_path_factory):
-    cfg = SinkConfig(chdb_path=tmp_path_factory.mktemp("chdb"))
+SERVER_URL = os.environ.get("SLUICE_TEST_CLICKHOUSE_URL", "")
+
+
+@pytest.fixture(scope="module", params=["chdb", "server"])
+def store_and_rows(request, tmp_path_factory):
+    """The same queries on both back ends: embedded chDB, and a ClickHouse
+    server when SLUICE_TEST_CLICKHOUSE_URL names one."""
+    if request.param == "chdb":
+        cfg = SinkConfig(chdb_path=tmp_path_factory.mktemp("chdb"))
+    else:
+        if not SERVER_URL:
+            pytest.skip("clickhouse-connect back end: no ClickHouse server here; set "
+                        "SLUICE_TEST_CLICKHOUSE_URL=http://user:pass@host:8123/ to run these tests on one")
+        cfg = SinkConfig(clickhouse_url=SERVER_URL, clickhouse_database=f"sluice_q_{uuid.uuid4().hex[:8]}")
     store = open_store(cfg)
     store.start()
     rows = make_rows(time.time())
     store.insert([to_row(orjson.dumps(r)) for r in rows], dedup_token="test:0:0-2999")
+    store.db = cfg.clickhouse_database
     yield store, rows
     store.close()
 
 
 def q(store, name, **kw):
-    cols, rows = run(name, store.query, since_s=kw.pop("since_s", 3600), **kw)
+    cols, rows = run(name, store.query, db=store.db, since_s=kw.pop("since_s", 3600), **kw)
     return [dict(zip(cols, r)) for r in rows]
 
 
@@ -172,7 +186,7 @@ def test_traffic_by_minute(store_and_rows):
 def test_report_is_one_page_with_plots_and_every_table(store_and_rows):
     from sinks.report import build_report
     store, _ = store_and_rows
-    page = build_report(store.query, since_s=3600)
+    page = build_report(store.query, db=store.db, since_s=3600)
     assert page.count("data:image/png;base64,") == 4
     for name in ("cost_by_tenant_day", "cache_hit_rate", "worker_throughput", "slo_violations"):
         assert f"<code>{name}</code>" in page
