@@ -10,8 +10,6 @@ import asyncio
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +21,8 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from schemas.records import Telemetry, now_ms
-from tests.conftest import ROOT, free_port
+from sluice import supervisor
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -61,34 +60,22 @@ async def produce(bootstrap: str, topic: str, docs: list[dict], extra: list[byte
         await producer.stop()
 
 
-class SinkProcess:
-    """`python -m sinks` on the test's topics and its own chDB folder."""
+class SinkProcess(supervisor.WorkerProcess):
+    """`sluice sink` on the test's topics and its own chDB folder."""
 
     def __init__(self, env, chdb_path: Path, group: str, **settings: str) -> None:
-        self.port = free_port()
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
-        self.env.update(SLUICE_BOOTSTRAP_SERVERS=env.stack.bootstrap_servers, SLUICE_TOPIC_PREFIX=env.prefix,
-                        SLUICE_SINK_GROUP_ID=group, SLUICE_CHDB_PATH=str(chdb_path),
-                        SLUICE_SINK_PORT=str(self.port), **settings)
-        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"sluice-sink-{env.prefix}-{uuid.uuid4().hex[:6]}.log"
-        self.proc: subprocess.Popen | None = None
+        log = Path(os.environ.get("TMPDIR", "/tmp")) / f"sluice-sink-{env.prefix}-{uuid.uuid4().hex[:6]}.log"
+        super().__init__({"SLUICE_BOOTSTRAP_SERVERS": env.stack.bootstrap_servers,
+                          "SLUICE_TOPIC_PREFIX": env.prefix, "SLUICE_SINK_GROUP_ID": group,
+                          "SLUICE_CHDB_PATH": str(chdb_path), **settings},
+                         log_path=log, cwd=ROOT, command="sink")
 
-    def start(self, timeout_s: float = 30.0) -> "SinkProcess":
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "sinks"], env=self.env, cwd=ROOT,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"sink exited with {self.proc.returncode}\n{self.log()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"sink not ready after {timeout_s} s\n{self.log()}")
+    def start(self, timeout_s: float = 30.0) -> "SinkProcess":  # type: ignore[override]
+        try:
+            super().start(timeout_s)
+        except Exception as exc:
+            raise AssertionError(f"{exc}\n{self.log()}") from None
+        return self
 
     def query(self, sql: str) -> tuple[list[str], list[list]]:
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/query", data=orjson.dumps({"sql": sql}),
@@ -120,25 +107,12 @@ class SinkProcess:
         return 0.0
 
     def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+        self.signal(signal.SIGKILL)
+        self.wait(10)
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
+        p = self.log_path
+        return p.read_text(errors="replace")[-5000:] if p is not None and p.exists() else ""
 
 
 @pytest.fixture
