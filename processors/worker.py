@@ -1,18 +1,25 @@
-"""The inference worker: fetch -> batch -> model -> publish -> commit.
+"""The inference worker: fetch -> batch -> look up -> model -> publish -> commit.
 
-Three stages joined by bounded hand-offs, so the event loop keeps fetching
-and publishing while the model runs in its own thread:
+Four stages on one event loop (the model on its own thread), joined by
+bounded hand-offs, so fetching, cache hits and publishing go on while the
+model runs:
 
-1. fetch: `getmany()` records per partition, parse and tokenise them, and
-   add them to that partition's batch; batches that are full or due move to
-   the pending list (bounded: past `max_pending_items` fetching pauses).
-2. process: take every pending batch (up to `group_max_items` records, from
-   any partitions), answer what needs no model (errors, expired deadlines,
-   in-batch repeats), and run the unique rest through ONNX Runtime in one
-   hand-off to the model thread.
-3. publish: send results (and DLQ records), wait for the broker's acks,
-   send telemetry, wait for acks, then commit each partition's offsets.
-   Nothing is committed before its results are acknowledged.
+1. fetch: `getmany()` records per partition; each is parsed, validated and
+   keyed, and added to its partition's batch (tokens estimated for the
+   budget). Full or due batches move to the pending list. Past
+   `max_pending_items` unanswered (or `max_uncommitted_items` uncommitted)
+   records, fetching pauses and the backlog waits in Kafka.
+2. look up: take pending batches (several partitions, up to
+   `group_max_items` records), answer what needs no model at once (errors,
+   expired deadlines, L1 and L2 hits: one MGET), and attach misses whose key
+   is already queued or computing to that computation (coalesced).
+3. model: every group queued meanwhile goes to the model thread in one
+   hand-off: tokenise the misses, sort by length, split by a padded-token
+   budget, one ONNX Runtime call per sub-batch.
+4. publish: send the remaining results (and DLQ records), wait for the
+   broker's acks, send telemetry (its own producer), wait, write new answers
+   back to Redis, then commit each partition's offsets. Nothing is committed
+   before its results are acknowledged.
 
 Delivery is at-least-once: a crash between publish and commit replays the
 batch, and its requests are answered again.
@@ -70,7 +77,6 @@ class Item:
     output: dict[str, Any] | None = None
     cache: str = "none"
     leader: "Item | None" = None
-    followers: int = 0
     dropped: bool = False  # left uncommitted for the partition's next owner
     cost_usd: float = 0.0
     compute_ms: float = 0.0  # its share (by tokens) of the model's busy time
@@ -430,7 +436,6 @@ class Worker:
                     self._computing[it.key_hash] = it  # type: ignore[index]
                 else:
                     it.leader, it.cache = lead, "coalesced"
-                    lead.followers += 1
                     self._cache_metrics.coalesced.inc()
         lookup_ms = (time.perf_counter() - t0) * 1000
         cm = self._cache_metrics
