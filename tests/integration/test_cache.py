@@ -194,4 +194,4 @@ async def test_redis_down_or_hung_mid_run_fails_no_request(worker_factory, clien
     res = await client.submit_many(later)
     assert all(r.status == "ok" for r in res)
     assert metric(w, "sluice_cache_l2_up") == 1
-    assert own_redis.dbsize() > 0
+    assert await eventually(lambda: own_redis.dbsize() > 0)
