@@ -172,8 +172,8 @@ def test_a_second_process_cannot_open_the_folder(tmp_path):
         s.close()
 
 
-def test_insert_of_50k_rows_is_fast(tmp_path):
-    """A figure for the report, and a floor: 50,000 rows in one block."""
+def test_a_50k_row_block_is_stored_whole(tmp_path):
+    """The sink's default batch in one block (its speed is measured by bench/analytics_bench.py)."""
     s = ChdbStore(tmp_path / "big", database="sluice_test")
     s.start()
     try:
@@ -183,6 +183,5 @@ def test_insert_of_50k_rows_is_fast(tmp_path):
         dt = time.perf_counter() - t0
         print(f"\nchDB insert: 50000 rows in {dt:.3f} s = {50_000 / dt:,.0f} rows/s")
         assert count(s) == 50_000
-        assert dt < 10
     finally:
         s.close()
