@@ -39,6 +39,7 @@ import logging
 import random
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -175,12 +176,18 @@ class TelemetrySink:
         self._last_fetch = time.monotonic()
         self._committed: dict[int, int] = {}
         self.port: int | None = None
+        # One thread owns the store: a chDB session is not to be used from
+        # two threads at once (an insert and a POST /query would otherwise).
+        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-sink-db")
+
+    async def _in_db(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
 
     # -- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
         cfg = self.config
         t0 = time.perf_counter()
-        await asyncio.to_thread(self.store.start)
+        await self._in_db(self.store.start)
         self._store_ready = True
         await self._start_http()
         self._admin = AIOKafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers,
@@ -215,7 +222,8 @@ class TelemetrySink:
                     log.exception("error while closing the %s", name)
         if self._http is not None:
             await self._http.cleanup()
-        await asyncio.to_thread(self.store.close)
+        await self._in_db(self.store.close)
+        self._db.shutdown(wait=False)
         log.info("sink stopped")
 
     # -- the loop ------------------------------------------------------------
@@ -331,7 +339,7 @@ class TelemetrySink:
                         continue
                     rows = [r for _, r in blocks[p] if r is not None]
                     token = f"{self.topic}:{p}:{starts[p]}-{end}"
-                    await asyncio.to_thread(self.store.insert, rows, token)
+                    await self._in_db(self.store.insert, rows, token)
                     done.add(p)
                     self.metrics.inserts.inc()
                     self.metrics.rows.inc(len(rows))
@@ -454,7 +462,7 @@ class TelemetrySink:
             sql = check_read_only(sql)
             if not self._store_ready:
                 return _json({"error": "store not started"}, 503)
-            columns, rows = await asyncio.to_thread(self.store.query, sql)
+            columns, rows = await self._in_db(self.store.query, sql)
         except (QueryError, ValueError) as exc:
             return _json({"error": str(exc)}, 400)
         except SinkError as exc:
