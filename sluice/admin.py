@@ -30,16 +30,16 @@ _RETRY_PAUSE_S = 0.5
 
 
 @contextlib.contextmanager
-def _quiet_aiokafka() -> Iterator[None]:
-    """Silence aiokafka's connection errors while we poll on purpose.
+def quiet_logger(name: str | None, level: int = logging.CRITICAL) -> Iterator[None]:
+    """Raise one logger's threshold for a while.
 
-    A broker that is still starting refuses connections; aiokafka logs each
-    refusal at ERROR, which (without logging configured) Python prints to
-    stderr and would bury the progress lines of `sluice up`.
+    A broker that is still starting refuses connections and aiokafka logs
+    each refusal at ERROR, burying the progress lines of `sluice up`; ONNX
+    Runtime's quantiser logs advice on the root logger during a model build.
     """
-    logger = logging.getLogger("aiokafka")
+    logger = logging.getLogger(name)
     previous = logger.level
-    logger.setLevel(logging.CRITICAL)
+    logger.setLevel(level)
     try:
         yield
     finally:
@@ -75,7 +75,7 @@ async def wait_for_broker(bootstrap_servers: str, timeout_s: float) -> None:
     """Return once the broker answers a metadata request; StackError after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     last_error: BaseException | None = None
-    with _quiet_aiokafka():
+    with quiet_logger("aiokafka"):
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:

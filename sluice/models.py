@@ -25,7 +25,6 @@ here, never by the worker.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import importlib.util
@@ -36,13 +35,14 @@ import subprocess
 import time
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import orjson
 
 from processors.runtime import ModelRuntime, load_card, split_by_budget
 from schemas.errors import ConfigError, SluiceError
+from sluice.admin import quiet_logger
 
 Log = Callable[[str], None]
 
@@ -86,19 +86,6 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """ONNX Runtime's quantiser logs advice (pre-processing, ...) on the root
-    logger; the model runtime logs each load. Neither helps here."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 # -- files -----------------------------------------------------------------------
@@ -198,7 +185,7 @@ def quantize(src: Path, dst: Path, **kw) -> float:
     # outputs it cannot type are float32
     kw.setdefault("extra_options", {"DefaultTensorType": onnx.TensorProto.FLOAT})
     t0 = time.perf_counter()
-    with _quiet():
+    with quiet_logger(None, logging.ERROR):
         quantize_dynamic(str(src), str(dst), **kw)
     return time.perf_counter() - t0
 
@@ -330,7 +317,7 @@ def compare_embeddings(reference: Path, candidate: Path, texts: Sequence[str], *
         folder.mkdir(parents=True, exist_ok=True)
         write_card(folder, {**base, "name": f"gate-{tag}", "onnx": str(Path(path).absolute())})
         try:
-            with _quiet():
+            with quiet_logger(None, logging.ERROR):
                 rt = ModelRuntime(folder, intra_op_threads=0, provider="cpu").load()
                 vecs.append(rt.embed(list(texts)))
         finally:
