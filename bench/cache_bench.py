@@ -27,7 +27,7 @@ def run(bootstrap: str, redis_url: str, mode: str, args: argparse.Namespace) -> 
     workload = Workload("zipf", args.distinct, args.exponent, args.seed)
     print(f"== {mode}: {args.requests} requests at {args.rate}/s, zipf s={args.exponent} "
           f"over {args.distinct} inputs", flush=True)
-    with worker(bootstrap, prefix, SLUICE_REDIS_URL=redis_url) as w:
+    with worker(bootstrap, prefix, SLUICE_REDIS_URL=redis_url, SLUICE_DEFAULT_MODEL=args.model) as w:
         report = asyncio.run(run_load(KafkaConfig(bootstrap_servers=bootstrap, topic_prefix=prefix),
                                       rate=args.rate, duration_s=args.requests / args.rate,
                                       workload=workload, cache=mode, drain_timeout_s=300,
@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--distinct", type=int, default=1000)
     ap.add_argument("--exponent", type=float, default=1.1)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--model", default="all-minilm-l6-v2-sq8")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     with stack() as (bootstrap, redis_url):

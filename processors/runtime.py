@@ -57,6 +57,14 @@ class ModelCard(BaseModel):
     classify_scale: float = Field(20.0, gt=0)
     label_template: str = "{label}"
     price_per_compute_hour_usd: float = Field(0.10, ge=0)
+    # Dynamic int8 quantises activations per ONNX Runtime call, so a row's
+    # output moves a little with its batch-mates. 1 makes every embedding
+    # depend on its own text only (what a cache needs), at a small cost on
+    # few threads.
+    max_rows_per_call: int | None = Field(None, ge=1)
+    # Exports often carry several outputs (token states, pooled vector):
+    # name the one to use; default: the first.
+    output: str | None = None
 
     @property
     def ref(self) -> str:
@@ -150,7 +158,7 @@ class ModelRuntime:
         self.intra_op_threads = intra_op_threads
         self.provider = provider
         self.token_budget = token_budget
-        self.max_items = max_items
+        self.max_items = min(max_items, self.card.max_rows_per_call or max_items)
         self.allow_spinning = allow_spinning
         self._labels: LRUCache[str, np.ndarray] = LRUCache(maxsize=label_cache_entries)
         self._session = None
@@ -206,7 +214,11 @@ class ModelRuntime:
             raise ConfigError(f"model {card.name}: ONNX Runtime cannot load {onnx_path}: {exc}") from None
         self.providers = self._session.get_providers()
         self._input_names = {i.name for i in self._session.get_inputs()}
-        self._output_name = self._session.get_outputs()[0].name
+        outputs = [o.name for o in self._session.get_outputs()]
+        if card.output is not None and card.output not in outputs:
+            raise ConfigError(f"model {card.name}: the card's output {card.output!r} is not among "
+                              f"the file's outputs ({', '.join(outputs)})")
+        self._output_name = card.output or outputs[0]
         self.embed_encoded([self.encode(["warm up the session"])[0]] * 2)
         log.info("model %s loaded: %s, providers %s", card.ref, onnx_path, self.providers)
         return self

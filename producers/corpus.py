@@ -37,7 +37,11 @@ recipe cooking dinner restaurant coffee health doctor medicine sleep exercise ru
 bank loan credit budget report meeting email calendar schedule project deadline manager design
 """.split()
 
-Distribution = Literal["unique", "uniform", "zipf"]
+Distribution = Literal["unique", "uniform", "zipf", "mixed"]
+
+# `unique` and the fresh part of `mixed` start here, far from the hot inputs
+# of `uniform`, `zipf` and `mixed`, so a fresh text never repeats a hot one.
+FRESH_BASE = 10_000_000
 
 
 def text(index: int, seed: int = 7) -> str:
@@ -62,8 +66,14 @@ class Workload:
     distinct: int = 1000
     exponent: float = 1.1
     seed: int = 7
+    hot_fraction: float = 0.0
+    offset: int = 0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.hot_fraction <= 1.0:
+            raise ValueError(f"hot_fraction={self.hot_fraction}: must be in [0, 1]")
+        if self.offset < 0:
+            raise ValueError(f"offset={self.offset}: must be >= 0")
         if self.distinct < 1:
             raise ValueError(f"distinct={self.distinct}: must be >= 1")
         if self.distribution == "zipf" and self.exponent <= 0:
@@ -71,8 +81,12 @@ class Workload:
 
     def indices(self, n: int) -> np.ndarray:
         rng = np.random.default_rng(self.seed)
+        fresh = FRESH_BASE + self.offset + np.arange(n)
         if self.distribution == "unique":
-            return np.arange(n)
+            return fresh
+        if self.distribution == "mixed":
+            hot = rng.random(n) < self.hot_fraction
+            return np.where(hot, rng.integers(0, self.distinct, size=n), fresh)
         if self.distribution == "uniform":
             return rng.integers(0, self.distinct, size=n)
         ranks = np.arange(1, self.distinct + 1, dtype=np.float64)

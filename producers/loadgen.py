@@ -1,9 +1,13 @@
-"""Open-loop load generator.
+"""Open-loop load generator, and the search for the highest rate under an SLO.
 
 Requests go out on a fixed schedule (request i at t0 + i/rate) whatever the
 answers do, and each latency runs from the request's *scheduled* send time
 to its result's arrival: a slow pipeline cannot slow the generator down and
 hide its own queueing (no coordinated omission).
+
+The transport is anything with `send(doc) -> future of the result` and
+`flush()`: the Kafka client here, or the HTTP one the benchmarks point at a
+request/response peer, so both face the same schedule and the same clock.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import asyncio
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
 import numpy as np
 
@@ -20,6 +24,11 @@ from producers.client import SluiceClient, make_request
 from producers.corpus import Workload
 from schemas.records import now_ms
 from schemas.topics import KafkaConfig
+
+
+class Transport(Protocol):
+    async def send(self, doc: dict[str, Any]) -> asyncio.Future[dict[str, Any]]: ...
+    async def flush(self) -> None: ...
 
 
 @dataclass
@@ -79,20 +88,23 @@ def percentiles(values: list[float] | np.ndarray) -> dict[str, float]:
             "mean": float(a.mean())}
 
 
-async def run_load(config: KafkaConfig, *, rate: float, duration_s: float,
+async def run_load(config: KafkaConfig | None, *, rate: float, duration_s: float,
                    workload: Workload = Workload(), task: str = "embed",
                    labels: list[str] | None = None, tenant: str = "loadtest", cache: str = "use",
                    drain_timeout_s: float = 30.0,
                    progress: Callable[[str], None] | None = print,
-                   client: SluiceClient | None = None, keep_samples: bool = False) -> LoadReport:
+                   client: Transport | None = None, keep_samples: bool = False) -> LoadReport:
     if rate <= 0 or duration_s <= 0:
         raise ValueError(f"rate={rate}, duration_s={duration_s}: both must be > 0")
     n = max(1, int(rate * duration_s))
     texts = workload.texts(n)
     own = client is None
-    client = client or SluiceClient(config)
     if own:
+        if config is None:
+            raise ValueError("run_load needs a KafkaConfig or a client")
+        client = SluiceClient(config)
         await client.start()
+    assert client is not None
     report = LoadReport(rate=rate, duration_s=duration_s)
     scheduled: dict[str, int] = {}
     latencies: list[float] = []
@@ -153,7 +165,7 @@ async def run_load(config: KafkaConfig, *, rate: float, duration_s: float,
             if not f.done():
                 f.cancel()
         if own:
-            await client.stop()
+            await client.stop()  # type: ignore[union-attr]
     report.answered = len(latencies)
     report.unanswered = report.sent - report.answered
     report.statuses = dict(statuses)
@@ -164,3 +176,77 @@ async def run_load(config: KafkaConfig, *, rate: float, duration_s: float,
     report.latency_by_cache_ms = {k: percentiles(v) for k, v in by_level.items()}
     report.cost_usd = cost[0]
     return report
+
+
+@dataclass
+class RateSearch:
+    """Steps of a search for the highest rate whose p99 stays under the SLO."""
+
+    slo_ms: float
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def max_rate(self) -> float:
+        """Highest offered rate that passed (0 when none did)."""
+        return max((s["rate"] for s in self.steps if s["pass"]), default=0.0)
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        passed = [s for s in self.steps if s["pass"]]
+        return max(passed, key=lambda s: s["rate"]) if passed else None
+
+    def table(self) -> str:
+        rows = ["| offered/s | answered/s | p50 ms | p99 ms | unanswered | p99 < SLO |", "|---|---|---|---|---|---|"]
+        for s in self.steps:
+            rows.append(f"| {s['rate']:.0f} | {s['throughput_rps']:.0f} | {s['p50_ms']:.0f} | "
+                        f"{s['p99_ms']:.0f} | {s['unanswered']} | {'pass' if s['pass'] else 'FAIL'} |")
+        return "\n".join(rows)
+
+
+def step_passes(report: LoadReport, slo_ms: float) -> bool:
+    """Every request answered, none failed, and p99 (from scheduled send) under the SLO."""
+    return (report.unanswered == 0 and report.errors == 0
+            and report.latency_ms.get("p99", float("inf")) < slo_ms)
+
+
+async def find_max_rate(run_step: Callable[[float, int], Awaitable[LoadReport]], *, slo_ms: float = 500.0,
+                        start_rate: float = 50.0, factor: float = 1.5, max_rate: float = 10_000.0,
+                        refine: int = 1,
+                        progress: Callable[[str], None] | None = print) -> RateSearch:
+    """Raise the offered rate by `factor` from `start_rate` until a step fails
+    (or `max_rate`), then bisect `refine` times between the last pass and the
+    first failure. `run_step(rate, step_number)` runs one open-loop step; the
+    step number lets it send texts no earlier step sent."""
+    if start_rate <= 0 or factor <= 1 or slo_ms <= 0:
+        raise ValueError(f"start_rate={start_rate}, factor={factor}, slo_ms={slo_ms}: "
+                         "need start_rate > 0, factor > 1, slo_ms > 0")
+    search = RateSearch(slo_ms=slo_ms)
+
+    async def step(rate: float) -> bool:
+        report = await run_step(rate, len(search.steps))
+        ok = step_passes(report, slo_ms)
+        search.steps.append({"rate": rate, "pass": ok, "throughput_rps": report.throughput_rps,
+                             "p50_ms": report.latency_ms.get("p50", float("nan")),
+                             "p99_ms": report.latency_ms.get("p99", float("nan")),
+                             "sent": report.sent, "unanswered": report.unanswered,
+                             "errors": report.errors, "cache": report.cache})
+        if progress:
+            progress(f"  step {rate:7.0f}/s: answered {report.throughput_rps:6.0f}/s, p99 "
+                     f"{report.latency_ms.get('p99', float('nan')):7.0f} ms, unanswered {report.unanswered}"
+                     f" -> {'pass' if ok else 'FAIL'} (SLO p99 < {slo_ms:g} ms)")
+        return ok
+
+    rate, failed = start_rate, None
+    while rate <= max_rate:
+        if not await step(rate):
+            failed = rate
+            break
+        rate *= factor
+    low = search.max_rate
+    for _ in range(refine if failed is not None and low > 0 else 0):
+        mid = (low + failed) / 2
+        if await step(mid):
+            low = mid
+        else:
+            failed = mid
+    return search

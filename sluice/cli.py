@@ -244,12 +244,39 @@ def cmd_subscribe(s: Settings, args: argparse.Namespace) -> int:
 # -- load ----------------------------------------------------------------------
 def _workload(args: argparse.Namespace):
     from producers.corpus import Workload
-    return Workload(args.distribution, args.distinct, args.exponent, args.seed)
+    return Workload(args.distribution, args.distinct, args.exponent, args.seed,
+                    hot_fraction=getattr(args, "hot_fraction", 0.0))
+
+
+async def _find_max(s: Settings, args: argparse.Namespace, labels: list[str] | None):
+    import dataclasses
+
+    from producers.client import SluiceClient
+    from producers.loadgen import find_max_rate, run_load
+    workload = _workload(args)
+    async with SluiceClient(s.kafka()) as client:
+        async def step(rate: float, n: int):
+            # every step sends texts no earlier step sent (for unique and mixed)
+            w = dataclasses.replace(workload, offset=n * 1_000_000)
+            return await run_load(None, rate=rate, duration_s=args.duration, workload=w, task=args.task,
+                                  labels=labels, cache=args.cache, client=client, progress=None,
+                                  drain_timeout_s=max(30.0, 3 * args.duration))
+        return await find_max_rate(step, slo_ms=args.slo_ms, start_rate=args.rate, factor=args.step_factor,
+                                   max_rate=args.max_rate, refine=args.refine,
+                                   progress=None if args.json else print)
 
 
 def cmd_loadtest(s: Settings, args: argparse.Namespace) -> int:
     from producers.loadgen import run_load
     labels = args.labels.split(",") if args.labels else None
+    if args.find_max:
+        search = asyncio.run(_find_max(s, args, labels))
+        if args.json:
+            _print_json({"slo_ms": search.slo_ms, "max_rate": search.max_rate, "steps": search.steps})
+        else:
+            print(search.table())
+            print(f"highest rate with p99 < {search.slo_ms:g} ms: {search.max_rate:.0f} requests/s")
+        return 0 if search.max_rate > 0 else 1
     report = asyncio.run(run_load(s.kafka(), rate=args.rate, duration_s=args.duration,
                                   workload=_workload(args), task=args.task, labels=labels,
                                   cache=args.cache, progress=None if args.json else print))
@@ -318,8 +345,10 @@ def _add_request_flags(p: argparse.ArgumentParser) -> None:
 def _add_load_flags(p: argparse.ArgumentParser, rate: float, duration: float) -> None:
     p.add_argument("--rate", type=float, default=rate, help="requests per second (open loop)")
     p.add_argument("--duration", type=float, default=duration, help="seconds of sending")
-    p.add_argument("--distribution", default="zipf", choices=["unique", "uniform", "zipf"])
-    p.add_argument("--distinct", type=int, default=1000, help="distinct inputs (uniform, zipf)")
+    p.add_argument("--distribution", default="zipf", choices=["unique", "uniform", "zipf", "mixed"])
+    p.add_argument("--distinct", type=int, default=1000, help="distinct inputs (uniform, zipf; hot ones of mixed)")
+    p.add_argument("--hot-fraction", type=float, default=0.0,
+                   help="mixed: share of requests drawn from the hot inputs (the rest are new)")
     p.add_argument("--exponent", type=float, default=1.1, help="Zipf exponent")
     p.add_argument("--seed", type=int, default=7)
 
@@ -373,6 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--task", default="embed", choices=["embed", "classify"])
     lt.add_argument("--labels")
     lt.add_argument("--cache", default="use", choices=["use", "bypass", "refresh"])
+    lt.add_argument("--find-max", action="store_true",
+                    help="step the rate up from --rate (each step --duration s) and report the highest "
+                         "rate whose p99 stays under --slo-ms")
+    lt.add_argument("--slo-ms", type=float, default=500.0, help="p99 latency SLO of --find-max")
+    lt.add_argument("--step-factor", type=float, default=1.5, help="--find-max: rate multiplier per step")
+    lt.add_argument("--max-rate", type=float, default=10_000.0, help="--find-max: highest rate tried")
+    lt.add_argument("--refine", type=int, default=1, help="--find-max: bisections after the first failure")
     lt.add_argument("--json", action="store_true", help="print the report as JSON")
     d = sub.add_parser("demo", help="stack + worker + a load run with repeats; prints a summary")
     _add_load_flags(d, rate=200, duration=15)

@@ -47,7 +47,7 @@ from sluice.admin import quiet_logger
 Log = Callable[[str], None]
 
 FAST_MODEL = "all-minilm-l6-v2-sq8"
-FAST_VERSION = "sq8-1"  # bump when the recipe changes: cache keys are name@version
+FAST_VERSION = "sq8-2"  # bump when the recipe changes: cache keys are name@version
 # what onnxruntime 1.32 / onnx 1.23 write (byte-identical run to run); another
 # version may write other bytes, which the quality gate then judges
 EXPECTED_SHA256 = "01b8628b2fd7bde931819212bf788f5faeaf244d94411f6aeb7f37a2cb14fc2b"
@@ -281,6 +281,7 @@ def fast_card(onnx_sha256: str) -> dict:
         "classify_scale": 20.0,
         "label_template": "{label}",
         "price_per_compute_hour_usd": 0.10,
+        "max_rows_per_call": 1,
     }
 
 

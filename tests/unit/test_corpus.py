@@ -21,3 +21,19 @@ def test_zipf_workload_is_reproducible_and_skewed():
 def test_unique_workload_never_repeats():
     texts = Workload("unique", distinct=10).texts(300)
     assert len(set(texts)) == 300
+
+
+def test_mixed_workload_has_the_asked_share_of_hot_inputs():
+    w = Workload("mixed", distinct=50, hot_fraction=0.8, seed=3)
+    idx = w.indices(10_000)
+    hot = idx < 50
+    assert abs(hot.mean() - 0.8) < 0.02
+    assert len(set(idx[~hot].tolist())) == (~hot).sum()  # the rest never repeats
+    assert len(set(idx[hot].tolist())) == 50
+
+
+def test_offset_runs_share_hot_inputs_but_no_fresh_ones():
+    a = Workload("mixed", distinct=20, hot_fraction=0.5, seed=3, offset=0).indices(1000)
+    b = Workload("mixed", distinct=20, hot_fraction=0.5, seed=3, offset=1000).indices(1000)
+    assert not set(a[a >= 20].tolist()) & set(b[b >= 20].tolist())
+    assert set(a[a < 20].tolist()) == set(b[b < 20].tolist())
