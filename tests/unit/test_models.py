@@ -37,8 +37,11 @@ def test_card_is_valid_and_like_the_builtin_one(tmp_path):
     assert card.onnx_sha256 == sha256(folder / "model.onnx")
     assert "langchain4j" in card.description and "sluice model build" in card.description
     builtin = load_card(BUILTIN_MODELS / "all-minilm-l6-v2")
-    same = set(ModelCard.model_fields) - {"name", "version", "description", "onnx", "onnx_sha256"}
+    same = set(ModelCard.model_fields) - {"name", "version", "description", "onnx", "onnx_sha256",
+                                          "max_rows_per_call"}
     assert {k: getattr(card, k) for k in same} == {k: getattr(builtin, k) for k in same}
+    # dynamic int8: one row per call, so an embedding never depends on its batch-mates
+    assert card.max_rows_per_call == 1 and builtin.max_rows_per_call is None
     assert discover_models([tmp_path])[FAST_MODEL] == folder  # .build/ and the like are not models
 
 

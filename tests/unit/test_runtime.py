@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -64,3 +66,25 @@ def test_classify_scores_are_a_distribution(runtime):
                            runtime.label_embeddings(labels))
     assert out["label"] == "sports"
     assert sum(out["scores"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_card_output_and_rows_per_call_are_honoured(tmp_path):
+    from processors.runtime import _resolve
+    src = BUILTIN_MODELS / "all-minilm-l6-v2"
+    card = load_card(src).model_dump()
+    folder = tmp_path / "m"
+    folder.mkdir()
+    card.update(onnx=str(_resolve(card["onnx"], src)), tokenizer=str(_resolve(card["tokenizer"], src)),
+                max_rows_per_call=1, output="no-such-output", onnx_sha256=None)
+    (folder / "card.json").write_text(json.dumps(card))
+    with pytest.raises(ConfigError, match="no-such-output"):
+        ModelRuntime(folder, intra_op_threads=1).load()
+    card["output"] = None
+    (folder / "card.json").write_text(json.dumps(card))
+    rt = ModelRuntime(folder, intra_op_threads=1, max_items=64).load()
+    assert rt.max_items == 1
+    texts = [f"text number {i} with some words" for i in range(5)]
+    from processors.runtime import RunStats
+    stats = RunStats()
+    rt.embed_encoded(rt.encode(texts), stats)
+    assert stats.sub_batches == 5 and set(stats.sizes) == {1}
