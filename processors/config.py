@@ -20,7 +20,8 @@ class WorkerConfig(KafkaConfig, Limits):
     group_id: str = Field("sluice-workers", description="Consumer group of the inference workers.")
     worker_id: str = Field(default_factory=_default_worker_id,
                            description="Name this worker puts in results and telemetry.")
-    default_model: str = Field("all-minilm-l6-v2", description="Model used when a request names none.")
+    default_model: str = Field("all-minilm-l6-v2-sq8",
+                               description="Model used when a request names none (all-minilm-l6-v2-sq8 is made by `sluice model build`).")
     models_dir: tuple[Path, ...] = Field(
         (), description="Extra folders of models (subfolders with card.json, model.onnx, tokenizer.json).")
     batch_max_items: int = Field(64, ge=1, le=100_000, description="Most records in one partition batch.")

@@ -185,8 +185,9 @@ class Worker:
         loop = asyncio.get_running_loop()
         folders = discover_models(cfg.models_dir)
         if cfg.default_model not in folders:
+            hint = "; `sluice model build` makes it" if cfg.default_model == "all-minilm-l6-v2-sq8" else ""
             raise ConfigError(f"SLUICE_DEFAULT_MODEL={cfg.default_model}: no such model "
-                              f"(known: {', '.join(sorted(folders))})")
+                              f"(known: {', '.join(sorted(folders))}){hint}")
         for name, folder in folders.items():
             rt = ModelRuntime(folder, intra_op_threads=cfg.ort_intra_op_threads,
                               provider=cfg.ort_provider, token_budget=cfg.inference_token_budget,

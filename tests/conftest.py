@@ -73,7 +73,9 @@ class Env:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
         env.update(SLUICE_BOOTSTRAP_SERVERS=self.stack.bootstrap_servers,
                    SLUICE_REDIS_URL=self.stack.redis_url, SLUICE_TOPIC_PREFIX=self.prefix,
-                   SLUICE_GROUP_ID=f"{self.prefix}-workers", SLUICE_ORT_INTRA_OP_THREADS="1")
+                   SLUICE_GROUP_ID=f"{self.prefix}-workers", SLUICE_ORT_INTRA_OP_THREADS="1",
+                   # the PyPI model, always installed; its file is the tests' reference
+                   SLUICE_DEFAULT_MODEL="all-minilm-l6-v2")
         env.update(extra)
         return env
 

@@ -70,6 +70,26 @@ async def test_2000_requests_come_back_once_each_and_match_direct_onnx(env, work
     assert max(r.batch_size for r in results) > 1
 
 
+async def test_the_built_int8_model_answers_the_same_batched_or_alone(env, worker_factory, client):
+    """all-minilm-l6-v2-sq8 (the default outside tests) quantises activations
+    per call; its card runs one row per call, so an embedding served from a
+    batch of 300 equals the same text embedded alone, bit for bit."""
+    from pathlib import Path
+
+    from processors.runtime import ModelRuntime
+    from sluice.models import FAST_MODEL
+    folder = Path(__file__).resolve().parents[2] / ".sluice" / "models" / FAST_MODEL
+    assert (folder / "card.json").is_file(), "run `make setup` (sluice model build) first"
+    alone = ModelRuntime(folder, intra_op_threads=1).load()
+    worker_factory(SLUICE_DEFAULT_MODEL=FAST_MODEL)
+    texts = [text(i, seed=13) for i in range(300)]
+    results = await client.submit_many(texts, timeout_s=120)
+    assert {r.model for r in results} == {f"{FAST_MODEL}@{alone.card.version}"}
+    assert max(r.batch_size for r in results) > 1
+    for t, r in zip(texts[:40], results[:40]):
+        assert np.array_equal(np.asarray(r.output["embedding"], dtype=np.float32), alone.embed([t])[0])
+
+
 async def test_telemetry_one_record_per_request(env, worker_factory, client):
     worker_factory()
     results = await client.submit_many([text(i, seed=12) for i in range(50)])
