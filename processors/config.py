@@ -43,6 +43,8 @@ class WorkerConfig(KafkaConfig, Limits):
     ort_allow_spinning: bool = Field(False, description="Let ONNX Runtime threads spin between calls (faster on idle dedicated cores, slower when cores are shared).")
     publish_linger_ms: int = Field(2, ge=0, le=1000,
                                    description="How long the result producer waits to fill a batch (fewer, larger produce requests).")
+    publish_max_items: int = Field(50_000, ge=1,
+                                   description="Most results one publish round carries (groups ready together share one wait for acks and one commit); 1 publishes and commits record by record.")
     publish_compression: str = Field("none", pattern="^(none|gzip|snappy|lz4|zstd)$",
                                      description="Compression of results and telemetry (lz4, zstd, snappy need the cramjam package).")
     fetch_max_records: int = Field(1000, ge=1, description="Most records one consumer fetch returns.")

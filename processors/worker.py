@@ -598,13 +598,14 @@ class Worker:
             # every group ready now goes out together: one wait for acks, one
             # telemetry flush, one Redis write-back and one commit for all of
             # them, instead of a round trip each
-            groups = [first]
-            while not self._to_publish.empty():
+            groups, items = [first], len(first.items)
+            while items < self.config.publish_max_items and not self._to_publish.empty():
                 nxt = self._to_publish.get_nowait()
                 if nxt is None:
                     done = True
                     break
                 groups.append(nxt)
+                items += len(nxt.items)
             group = Group.merged(groups)
             try:
                 await self._publish(group)

@@ -214,7 +214,7 @@ async def find_max_rate(run_step: Callable[[float, int], Awaitable[LoadReport]],
                         refine: int = 1,
                         progress: Callable[[str], None] | None = print) -> RateSearch:
     """Raise the offered rate by `factor` from `start_rate` until a step fails
-    (or `max_rate`), then bisect `refine` times between the last pass and the
+    or `max_rate` (tried last) passes, then bisect `refine` times between the last pass and the
     first failure. `run_step(rate, step_number)` runs one open-loop step; the
     step number lets it send texts no earlier step sent."""
     if start_rate <= 0 or factor <= 1 or slo_ms <= 0:
@@ -236,12 +236,14 @@ async def find_max_rate(run_step: Callable[[float, int], Awaitable[LoadReport]],
                      f" -> {'pass' if ok else 'FAIL'} (SLO p99 < {slo_ms:g} ms)")
         return ok
 
-    rate, failed = start_rate, None
-    while rate <= max_rate:
+    rate, failed = min(start_rate, max_rate), None
+    while True:
         if not await step(rate):
             failed = rate
             break
-        rate *= factor
+        if rate >= max_rate:
+            break
+        rate = min(rate * factor, max_rate)
     low = search.max_rate
     for _ in range(refine if failed is not None and low > 0 else 0):
         mid = (low + failed) / 2

@@ -54,3 +54,10 @@ def test_no_passing_step_reports_zero_and_bad_arguments_are_refused():
     assert search.max_rate == 0 and search.best is None and len(search.steps) == 1
     with pytest.raises(ValueError, match="factor"):
         asyncio.run(find_max_rate(run_step, factor=1.0, progress=None))
+
+
+def test_the_cap_is_tried_last_and_ends_the_search():
+    run_step, calls = queue_model(capacity=10_000)
+    search = asyncio.run(find_max_rate(run_step, start_rate=100, factor=2, max_rate=500, progress=None))
+    assert [r for r, _ in calls] == [100, 200, 400, 500]
+    assert search.max_rate == 500
