@@ -1,0 +1,81 @@
+"""Where a cache hit's latency goes, by stage, at a few rates.
+
+    .venv/bin/python -m bench.hit_latency [--rates 50,300,1000] [--seconds 10]
+
+One worker on the local stack (default model), its cache warmed by a first
+pass; then open-loop Zipf runs (1,000 inputs, exponent 1.1) at each rate.
+Each hit's end-to-end latency (scheduled send -> result at the client) is
+split with the result's own `timings_ms`: scheduled send -> lookup started
+at the worker (`queue`: client linger, broker, fetch, the partition batch
+window), -> answered at the worker (`total`), and answered -> result at the
+client (worker publish linger, broker, client fetch). Prints a markdown
+table for bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import numpy as np
+
+from bench.harness import create_topics, machine, new_prefix, stack, worker
+from producers.client import SluiceClient
+from producers.client import make_request
+from producers.corpus import Workload
+from schemas.records import now_ms
+from schemas.topics import KafkaConfig
+
+
+async def run(config: KafkaConfig, rate: float, seconds: float, label: str) -> dict[str, np.ndarray]:
+    texts = Workload("zipf", 1000, 1.1, 7).texts(int(rate * seconds))
+    rows = []
+    async with SluiceClient(config, timeout_s=120) as client:
+        sent = []
+        t0, w0 = time.monotonic(), now_ms()
+        for i, t in enumerate(texts):
+            ahead = t0 + i / rate - time.monotonic()
+            if ahead > 0.001:
+                await asyncio.sleep(ahead)
+            doc = make_request(t, id=f"{label}-{i}")
+            doc["sent_at_ms"] = w0 + int(i * 1000 / rate)
+            sent.append((doc["sent_at_ms"], await client.send(doc)))
+        for scheduled, fut in sent:
+            d = await fut
+            if d["cache"] in ("l1", "l2"):
+                rows.append((d["_received_at_ms"] - scheduled, d["timings_ms"]["queue"], d["timings_ms"]["total"]))
+    a = np.asarray(rows, dtype=np.float64)
+    return {"end to end": a[:, 0], "scheduled send -> lookup at the worker": a[:, 1],
+            "scheduled send -> answered at the worker": a[:, 2], "answered -> result at the client": a[:, 0] - a[:, 2]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rates", default="50,300,1000")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--set", action="append", default=[], metavar="SLUICE_X=V",
+                    help="a worker setting for this run (repeatable)")
+    args = ap.parse_args()
+    extra = dict(kv.split("=", 1) for kv in args.set)
+    rates = [float(r) for r in args.rates.split(",")]
+    out = []
+    with stack() as (bootstrap, redis_url):
+        prefix = new_prefix("hit-latency")
+        create_topics(bootstrap, prefix)
+        config = KafkaConfig(bootstrap_servers=bootstrap, topic_prefix=prefix)
+        with worker(bootstrap, prefix, SLUICE_REDIS_URL=redis_url, **extra):
+            asyncio.run(run(config, 300, 5, "warm"))  # fills the cache (and warms the broker)
+            for rate in rates:
+                parts = asyncio.run(run(config, rate, args.seconds, f"r{rate:g}"))
+                for name, v in parts.items():
+                    p50, p95, p99 = np.percentile(v, [50, 95, 99])
+                    out.append(f"| {rate:g}/s | {name} | {p50:.0f} | {p95:.0f} | {p99:.0f} |")
+                print(f"rate {rate:g}/s: {len(parts['end to end'])} hits", flush=True)
+    print(f"\nMachine: {machine()}; worker settings: {extra or 'defaults'}\n")
+    print("| rate | hits only: stage | p50 ms | p95 ms | p99 ms |\n|---|---|---|---|---|")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
