@@ -38,7 +38,7 @@ unit: setup
 integration: setup
 	$(BIN)/pytest -q tests/integration
 
-# bench/RESULTS.md and bench/plots/ (about 10 minutes on 2 cores)
+# bench/RESULTS.md and bench/plots/ (about 8 minutes on 2 cores)
 bench: setup $(VENV)/.bench-installed
 	$(BIN)/python -m bench.suite
 

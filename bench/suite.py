@@ -8,7 +8,7 @@ Writes the "make bench" section of bench/RESULTS.md (between its markers,
 leaving the other sections alone), bench/plots/suite_*.png, and the raw
 figures and py-spy profiles to bench/out/. Every row carries its figure, the
 ratio it is judged by, the target and pass or FAIL; a target missed comes
-with the worker's profile. About 10 minutes on 2 cores (`--quick`: ~4).
+with the worker's profile. About 8 minutes on 2 cores (`--quick`: ~3).
 
 Everything runs for real: the local stack (Kafka KRaft, Redis), `sluice
 worker` processes, the model from `sluice model build`, the peer under
