@@ -14,7 +14,7 @@ import json
 
 import redis
 
-from bench.harness import OUT, PLOTS, create_topics, machine, new_prefix, stack, worker
+from bench.harness import OUT, PLOTS, create_topics, machine, new_prefix, scatter_by_level, stack, worker
 from producers.corpus import Workload
 from producers.loadgen import percentiles, run_load
 from schemas.topics import KafkaConfig
@@ -81,18 +81,11 @@ def plot(use: dict, bypass: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    colours = {"l1": "tab:green", "l2": "tab:olive", "coalesced": "tab:blue", "miss": "tab:red"}
     for ax, run, title in ((axes[0], use, "with cache"), (axes[1], bypass, "cache: bypass")):
-        for level, colour in colours.items():
-            pts = [(t, lat) for t, lat, lv in run["samples"] if lv == level]
-            if pts:
-                ax.scatter(*zip(*pts), s=2, c=colour, label=f"{level} ({len(pts)})", alpha=0.5)
-        ax.set_yscale("log")
-        ax.set_title(title)
-        ax.set_xlabel("scheduled send time, s")
         ax.axhline(25, color="grey", lw=0.8, ls="--")
         ax.axhline(500, color="grey", lw=0.8, ls=":")
-        ax.legend(markerscale=4, fontsize=8)
+        scatter_by_level(ax, run["samples"])
+        ax.set_title(title)
     axes[0].set_ylabel("latency, ms (scheduled send -> result)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

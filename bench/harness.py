@@ -75,3 +75,17 @@ def worker(bootstrap: str, prefix: str, **settings: str) -> Iterator[WorkerProce
         yield w
     finally:
         w.stop()
+
+
+LEVEL_COLOURS = {"l1": "tab:green", "l2": "tab:olive", "coalesced": "tab:blue", "miss": "tab:red"}
+
+
+def scatter_by_level(ax, samples: list[tuple[float, float, str]]) -> None:
+    """Latency against scheduled send time, a colour per cache level, log scale."""
+    for level, colour in LEVEL_COLOURS.items():
+        pts = [(t, lat) for t, lat, lv in samples if lv == level]
+        if pts:
+            ax.scatter(*zip(*pts), s=2, c=colour, label=f"{level} ({len(pts)})", alpha=0.5)
+    ax.set_yscale("log")
+    ax.set_xlabel("scheduled send time, s")
+    ax.legend(markerscale=4, fontsize=8)

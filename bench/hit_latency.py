@@ -16,35 +16,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import time
 
 import numpy as np
 
 from bench.harness import create_topics, machine, new_prefix, stack, worker
-from producers.client import SluiceClient
-from producers.client import make_request
 from producers.corpus import Workload
-from schemas.records import now_ms
+from producers.loadgen import run_load
 from schemas.topics import KafkaConfig
 
 
-async def run(config: KafkaConfig, rate: float, seconds: float, label: str) -> dict[str, np.ndarray]:
-    texts = Workload("zipf", 1000, 1.1, 7).texts(int(rate * seconds))
-    rows = []
-    async with SluiceClient(config, timeout_s=120) as client:
-        sent = []
-        t0, w0 = time.monotonic(), now_ms()
-        for i, t in enumerate(texts):
-            ahead = t0 + i / rate - time.monotonic()
-            if ahead > 0.001:
-                await asyncio.sleep(ahead)
-            doc = make_request(t, id=f"{label}-{i}")
-            doc["sent_at_ms"] = w0 + int(i * 1000 / rate)
-            sent.append((doc["sent_at_ms"], await client.send(doc)))
-        for scheduled, fut in sent:
-            d = await fut
-            if d["cache"] in ("l1", "l2"):
-                rows.append((d["_received_at_ms"] - scheduled, d["timings_ms"]["queue"], d["timings_ms"]["total"]))
+async def run(config: KafkaConfig, rate: float, seconds: float) -> dict[str, np.ndarray]:
+    rows: list[tuple[float, float, float]] = []
+
+    def keep_hit(doc: dict, latency_ms: float) -> None:
+        if doc.get("cache") in ("l1", "l2"):
+            rows.append((latency_ms, doc["timings_ms"]["queue"], doc["timings_ms"]["total"]))
+
+    await run_load(config, rate=rate, duration_s=seconds, workload=Workload("zipf", 1000, 1.1, 7),
+                   progress=None, drain_timeout_s=120, on_answer=keep_hit)
     a = np.asarray(rows, dtype=np.float64)
     return {"end to end": a[:, 0], "scheduled send -> lookup at the worker": a[:, 1],
             "scheduled send -> answered at the worker": a[:, 2], "answered -> result at the client": a[:, 0] - a[:, 2]}
@@ -65,9 +54,9 @@ def main() -> None:
         create_topics(bootstrap, prefix)
         config = KafkaConfig(bootstrap_servers=bootstrap, topic_prefix=prefix)
         with worker(bootstrap, prefix, SLUICE_REDIS_URL=redis_url, **extra):
-            asyncio.run(run(config, 300, 5, "warm"))  # fills the cache (and warms the broker)
+            asyncio.run(run(config, 300, 5))  # fills the cache (and warms the broker)
             for rate in rates:
-                parts = asyncio.run(run(config, rate, args.seconds, f"r{rate:g}"))
+                parts = asyncio.run(run(config, rate, args.seconds))
                 for name, v in parts.items():
                     p50, p95, p99 = np.percentile(v, [50, 95, 99])
                     out.append(f"| {rate:g}/s | {name} | {p50:.0f} | {p95:.0f} | {p99:.0f} |")

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bench.harness import OUT, PLOTS, ROOT, create_topics_async, machine, new_prefix, stack
+from bench.harness import OUT, PLOTS, ROOT, create_topics_async, machine, new_prefix, scatter_by_level, stack
 from producers.client import SluiceClient, make_request
 from producers.corpus import Workload, text
 from producers.loadgen import RateSearch, find_max_rate, percentiles, run_load
@@ -234,12 +234,11 @@ def quantisation(texts: list[str], rounds: int) -> dict[str, Any]:
 
 
 async def search_pipeline(client: SluiceClient, workload: Workload, *, start: float, step_s: float,
-                          max_rate: float, base_offset: int, label: str) -> RateSearch:
+                          max_rate: float, label: str) -> RateSearch:
     say(f"rate search, pipeline, {label}")
 
     async def step(rate: float, n: int):
-        w = dataclasses.replace(workload, offset=base_offset + n * 1_000_000)
-        return await run_load(None, rate=rate, duration_s=step_s, workload=w, client=client,
+        return await run_load(None, rate=rate, duration_s=step_s, workload=workload.step(n), client=client,
                               progress=None, drain_timeout_s=max(20.0, 3 * step_s))
     return await find_max_rate(step, slo_ms=SLO_MS, start_rate=start, factor=1.6, max_rate=max_rate,
                                refine=1, progress=say)
@@ -360,17 +359,10 @@ def plot_headline(samples: list[tuple[float, float, str]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 4))
-    colours = {"l1": "tab:green", "l2": "tab:olive", "coalesced": "tab:blue", "miss": "tab:red"}
-    for level, colour in colours.items():
-        pts = [(t, lat) for t, lat, lv in samples if lv == level]
-        if pts:
-            ax.scatter(*zip(*pts), s=2, c=colour, label=f"{level} ({len(pts)})", alpha=0.5)
     ax.axhline(SLO_MS, color="grey", ls="--", lw=0.8)
-    ax.set_yscale("log")
-    ax.set_xlabel("scheduled send time, s")
+    scatter_by_level(ax, samples)
     ax.set_ylabel("latency, ms")
     ax.set_title("Headline run: Zipf 1.1 over 1,000 inputs, cold caches")
-    ax.legend(markerscale=4, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -480,14 +472,15 @@ async def main_async(args: argparse.Namespace) -> None:
                 start = 100.0
                 sweep = (0.0, 0.8) if quick else (0.0, 0.5, 0.8, 0.95)
                 for k, h in enumerate(sweep):
-                    s = await search_pipeline(client, dataclasses.replace(hot, hot_fraction=h), start=start,
-                                              step_s=step_s, max_rate=max_rate, base_offset=(k + 1) * 50_000_000,
+                    # each sweep's new texts start past every earlier sweep's
+                    swept = dataclasses.replace(hot, hot_fraction=h).step((k + 1) * 50)
+                    s = await search_pipeline(client, swept, start=start, step_s=step_s, max_rate=max_rate,
                                               label=f"{h:.0%} hits")
                     searches[f"pipeline, {h:.0%} hits"] = s
                     start = max(100.0, 0.8 * s.max_rate)
                 zipf = Workload("zipf", 1000, 1.1, 7)
                 searches["pipeline, zipf"] = await search_pipeline(
-                    client, zipf, start=100.0, step_s=step_s, max_rate=max_rate, base_offset=0, label="zipf")
+                    client, zipf, start=100.0, step_s=step_s, max_rate=max_rate, label="zipf")
         finally:
             w.stop()
         searches["FastAPI peer, zipf"] = await search_peer(Workload("zipf", 1000, 1.1, 7), start=50.0,

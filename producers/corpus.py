@@ -9,7 +9,7 @@ the spread of short user queries and sentences that embedding services see.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -42,6 +42,7 @@ Distribution = Literal["unique", "uniform", "zipf", "mixed"]
 # `unique` and the fresh part of `mixed` start here, far from the hot inputs
 # of `uniform`, `zipf` and `mixed`, so a fresh text never repeats a hot one.
 FRESH_BASE = 10_000_000
+STEP_TEXTS = 1_000_000
 
 
 def text(index: int, seed: int = 7) -> str:
@@ -78,6 +79,11 @@ class Workload:
             raise ValueError(f"distinct={self.distinct}: must be >= 1")
         if self.distribution == "zipf" and self.exponent <= 0:
             raise ValueError(f"exponent={self.exponent}: must be > 0")
+
+    def step(self, n: int) -> "Workload":
+        """The same workload for step `n` of a run of steps: the same hot
+        inputs, new texts no other step sends (up to a million a step)."""
+        return replace(self, offset=self.offset + n * STEP_TEXTS)
 
     def indices(self, n: int) -> np.ndarray:
         rng = np.random.default_rng(self.seed)

@@ -93,7 +93,10 @@ async def run_load(config: KafkaConfig | None, *, rate: float, duration_s: float
                    labels: list[str] | None = None, tenant: str = "loadtest", cache: str = "use",
                    drain_timeout_s: float = 30.0,
                    progress: Callable[[str], None] | None = print,
-                   client: Transport | None = None, keep_samples: bool = False) -> LoadReport:
+                   client: Transport | None = None, keep_samples: bool = False,
+                   on_answer: Callable[[dict[str, Any], float], None] | None = None) -> LoadReport:
+    """One open-loop run. `on_answer(result, latency_ms)` sees every result
+    as it arrives (for figures the report does not keep)."""
     if rate <= 0 or duration_s <= 0:
         raise ValueError(f"rate={rate}, duration_s={duration_s}: both must be > 0")
     n = max(1, int(rate * duration_s))
@@ -128,6 +131,8 @@ async def run_load(config: KafkaConfig | None, *, rate: float, duration_s: float
         if keep_samples:
             report.samples.append(((scheduled[doc["id"]] - t0_wall) / 1000, lat, level))
         last_arrival[0] = doc["_received_at_ms"]
+        if on_answer is not None:
+            on_answer(doc, lat)
 
     futures: list[asyncio.Future] = []
     run_id = f"lt-{now_ms()}-"

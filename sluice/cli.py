@@ -245,20 +245,17 @@ def cmd_subscribe(s: Settings, args: argparse.Namespace) -> int:
 def _workload(args: argparse.Namespace):
     from producers.corpus import Workload
     return Workload(args.distribution, args.distinct, args.exponent, args.seed,
-                    hot_fraction=getattr(args, "hot_fraction", 0.0))
+                    hot_fraction=args.hot_fraction)
 
 
 async def _find_max(s: Settings, args: argparse.Namespace, labels: list[str] | None):
-    import dataclasses
-
     from producers.client import SluiceClient
     from producers.loadgen import find_max_rate, run_load
     workload = _workload(args)
     async with SluiceClient(s.kafka()) as client:
         async def step(rate: float, n: int):
-            # every step sends texts no earlier step sent (for unique and mixed)
-            w = dataclasses.replace(workload, offset=n * 1_000_000)
-            return await run_load(None, rate=rate, duration_s=args.duration, workload=w, task=args.task,
+            return await run_load(None, rate=rate, duration_s=args.duration, workload=workload.step(n),
+                                  task=args.task,
                                   labels=labels, cache=args.cache, client=client, progress=None,
                                   drain_timeout_s=max(30.0, 3 * args.duration))
         return await find_max_rate(step, slo_ms=args.slo_ms, start_rate=args.rate, factor=args.step_factor,

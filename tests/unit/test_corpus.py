@@ -37,3 +37,9 @@ def test_offset_runs_share_hot_inputs_but_no_fresh_ones():
     b = Workload("mixed", distinct=20, hot_fraction=0.5, seed=3, offset=1000).indices(1000)
     assert not set(a[a >= 20].tolist()) & set(b[b >= 20].tolist())
     assert set(a[a < 20].tolist()) == set(b[b < 20].tolist())
+
+
+def test_steps_of_a_run_never_repeat_each_others_new_texts():
+    w = Workload("mixed", distinct=20, hot_fraction=0.5, seed=3)
+    a, b = w.step(0).indices(1000), w.step(1).indices(1000)
+    assert not set(a[a >= 20].tolist()) & set(b[b >= 20].tolist())

@@ -61,3 +61,33 @@ def test_the_cap_is_tried_last_and_ends_the_search():
     search = asyncio.run(find_max_rate(run_step, start_rate=100, factor=2, max_rate=500, progress=None))
     assert [r for r, _ in calls] == [100, 200, 400, 500]
     assert search.max_rate == 500
+
+
+class EchoTransport:
+    """Answers every request on the next loop turn (the load generator's
+    transport protocol, in process: this tests the generator, not Kafka)."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+
+    async def send(self, doc):
+        from schemas.records import now_ms
+        self.sent.append(doc)
+        fut = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(
+            fut.set_result, {"id": doc["id"], "status": "ok", "cache": "l1", "_received_at_ms": now_ms()})
+        return fut
+
+    async def flush(self) -> None:
+        return None
+
+
+def test_run_load_hands_every_answer_and_its_latency_to_on_answer():
+    from producers.loadgen import run_load
+    seen: list[tuple[str, float]] = []
+    transport = EchoTransport()
+    report = asyncio.run(run_load(None, rate=200, duration_s=0.25, client=transport, progress=None,
+                                  on_answer=lambda doc, lat: seen.append((doc["id"], lat))))
+    assert report.sent == report.answered == len(transport.sent) == 50
+    assert sorted(i for i, _ in seen) == sorted(d["id"] for d in transport.sent)
+    assert all(lat >= 0 for _, lat in seen) and report.cache == {"l1": 50}
