@@ -34,6 +34,7 @@ class WorkerConfig(KafkaConfig, Limits):
                                    description="Records read and not yet answered (waiting for a batch or the model); past this the worker stops fetching and the backlog waits in Kafka.")
     max_uncommitted_items: int = Field(50_000, ge=1,
                                        description="Records read and not yet committed (cache hits answered while older misses still run count here); bounds the worker's memory.")
+    answer_l1_at_intake: bool = Field(True, description="Answer in-process cache hits as soon as they are read, before the partition batch window; they are still committed in offset order with their batch.")
     inference_token_budget: int = Field(2048, ge=8,
                                         description="Padded tokens (rows x longest) of one ONNX Runtime call.")
     inference_max_items: int = Field(64, ge=1, description="Most rows of one ONNX Runtime call.")

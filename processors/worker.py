@@ -297,7 +297,8 @@ class Worker:
                                                    max_records=cfg.fetch_max_records)
             for tp, recs in records.items():
                 if tp.partition in self._assigned:
-                    self._intake(tp.partition, recs)
+                    for it in self._intake(tp.partition, recs):
+                        await self._answer_now(it, it.cache_ms, 1)
             self._move_ready(time.monotonic())
         # Stopping: what is with the model or the publisher finishes and is
         # committed; what only waits in batches is dropped uncommitted, so the
@@ -309,7 +310,10 @@ class Worker:
         self._fetch_done = True
         self._has_pending.set()
 
-    def _intake(self, partition: int, records: list[Any]) -> None:
+    def _intake(self, partition: int, records: list[Any]) -> list[Item]:
+        """Parse, key and queue a partition's records; return the L1 hits,
+        to be answered at once (a hit then skips the batch window: its
+        latency is the broker's round trips and little else)."""
         cfg = self.config
         now, received = time.monotonic(), now_ms()
         by_model: dict[str, list[Item]] = defaultdict(list)
@@ -352,8 +356,23 @@ class Worker:
                 # (most requests are cache hits); the batch budget uses an
                 # estimate of ~4 characters per token, capped at the model's max.
                 it.est_tokens = min(card.max_tokens, len(req.input) // 4 + 2)
+        hits: list[Item] = []
+        if cfg.answer_l1_at_intake:
+            for its in by_model.values():
+                for it in its:
+                    req = it.request
+                    assert req is not None and it.key_hash is not None
+                    if req.cache != "use" or (req.deadline_ms is not None and req.deadline_ms <= received):
+                        continue  # lookup decides: bypass, refresh or expired
+                    t0 = time.perf_counter()
+                    hit = self._l1.get(it.key_hash)
+                    if hit is not None:
+                        it.out, it.cache, it.started_ms = hit, "l1", received
+                        it.cache_ms = (time.perf_counter() - t0) * 1000
+                        hits.append(it)
         for it in items:
             self._batcher.add(partition, it, tokens=max(1, it.est_tokens), offset=it.offset, now=now)
+        return hits
 
     def _move_ready(self, now: float) -> None:
         ready = self._batcher.take_ready(now)
@@ -402,6 +421,8 @@ class Worker:
         t0 = time.perf_counter()
         wanted: dict[str, list[Item]] = {}  # key -> items that may be served from cache
         for it in group.items:
+            if it.sent is not None:
+                continue  # answered at intake
             it.started_ms = started
             req = it.request
             if it.error is not None or req is None:
@@ -439,18 +460,26 @@ class Worker:
                     it.leader, it.cache = lead, "coalesced"
                     self._cache_metrics.coalesced.inc()
         lookup_ms = (time.perf_counter() - t0) * 1000
-        cm = self._cache_metrics
         for it in group.items:
-            it.cache_ms = lookup_ms
-            if it.cache in ("l1", "l2"):
-                cm.hits.labels(it.cache).inc()
-                it.cost_usd = self._lookup_cost(it, lookup_ms, len(group.items))
-            elif it.cache == "miss" and it.request is not None and it.request.cache == "use":
-                cm.misses.inc()
-            if it.cache not in ("miss", "coalesced"):  # answered now; the rest wait for the model
-                it.done_ms = now_ms()
-                it.sent = await self._send_answer(it)
+            if it.sent is not None:
+                continue
+            if it.cache in ("miss", "coalesced"):  # these wait for the model
+                it.cache_ms = lookup_ms
+                if it.cache == "miss" and it.request is not None and it.request.cache == "use":
+                    self._cache_metrics.misses.inc()
+            else:
+                await self._answer_now(it, lookup_ms, len(group.items))
         self.metrics.observe_stage("cache", lookup_ms / 1000)
+
+    async def _answer_now(self, it: Item, lookup_ms: float, n: int) -> None:
+        """Send the result of an item that needs no model (a hit, an error,
+        an expired deadline); its batch commits it later, in offset order."""
+        it.cache_ms = lookup_ms
+        if it.cache in ("l1", "l2"):
+            self._cache_metrics.hits.labels(it.cache).inc()
+            it.cost_usd = self._lookup_cost(it, lookup_ms, n)
+        it.done_ms = now_ms()
+        it.sent = await self._send_answer(it)
 
     def _expired(self, it: Item, now: int) -> bool:
         req = it.request
