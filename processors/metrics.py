@@ -3,7 +3,10 @@ server for /metrics, /healthz and /readyz. Processing code calls these hooks."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
+import time
 from typing import Callable
 
 from aiohttp import web
@@ -41,8 +44,35 @@ class WorkerMetrics:
         self.rebalances = Counter("sluice_rebalances_total", "Partition revocations handled.", registry=r)
         self.commits = Counter("sluice_commits_total", "Offset commits.", ["outcome"], registry=r)
 
+        self.gc_pause = Histogram("sluice_gc_pause_seconds", "Python garbage collection pauses, by generation.",
+                                  ["generation"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.loop_lag = Histogram("sluice_event_loop_lag_seconds",
+                                  "How late the event loop runs a timer: what a cache hit waits for CPU.",
+                                  buckets=_LATENCY_BUCKETS, registry=r)
+        self._gc_started = 0.0
+
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.latency.labels(stage).observe(seconds)
+
+    def watch_gc(self, on: bool = True) -> None:
+        """Time every collection (a full one can hold the loop for tens of ms)."""
+        if on and self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
+        elif not on and self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_pause.labels(str(info.get("generation", "?"))).observe(time.perf_counter() - self._gc_started)
+
+    async def watch_loop(self, interval_s: float = 0.01) -> None:
+        """Runs until cancelled: each tick's lateness is the loop's lag."""
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(interval_s)
+            self.loop_lag.observe(max(0.0, time.perf_counter() - t - interval_s))
 
 
 class HealthServer:

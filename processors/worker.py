@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +56,18 @@ log = logging.getLogger(__name__)
 # Sending is CPU work on the event loop; a long run of sends yields now and
 # then so that the lookup stage keeps answering cache hits meanwhile.
 _YIELD_EVERY = 64
+
+
+def _lower_priority(nice: int) -> None:
+    """Runs on the model thread before it loads a model, so ONNX Runtime's own
+    threads (made at load) inherit it: a miss's compute must not queue the
+    cache hits and publishing behind it when the cores are few."""
+    if nice <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError) as exc:  # not Linux: a process-wide nice would slow everything
+        log.info("model thread keeps its priority (%s)", exc)
 
 
 @dataclass(slots=True, eq=False)
@@ -165,7 +179,8 @@ class Worker:
         self._stopping = asyncio.Event()
         self._fetch_done = False
         self._models: dict[str, ModelRuntime] = {}
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-model")
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-model",
+                                                initializer=_lower_priority, initargs=(config.model_thread_nice,))
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None  # results: latency matters
         self._bulk: AIOKafkaProducer | None = None  # telemetry and DLQ: volume matters
@@ -216,6 +231,15 @@ class Worker:
             compression_type=None if cfg.publish_compression == "none" else cfg.publish_compression,
             max_batch_size=1 << 20)
         await self._bulk.start()
+        # A first send to a topic waits for its metadata, and the fetch loop
+        # (which answers L1 hits at intake) would wait with it: a new
+        # worker's first answers stalled ~300 ms. Learn the topics now.
+        for producer, topic in ((self._producer, self.topics.results),
+                                (self._bulk, self.topics.telemetry), (self._bulk, self.topics.dlq)):
+            try:
+                await asyncio.wait_for(producer.partitions_for(topic), timeout=10)
+            except Exception as exc:  # noqa: BLE001 -- the first send will try again
+                log.warning("no metadata for topic %s yet (%s)", topic, exc)
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=cfg.bootstrap_servers, group_id=cfg.group_id,
             client_id=f"sluice-worker-{cfg.worker_id}", enable_auto_commit=False,
@@ -255,6 +279,8 @@ class Worker:
 
     async def run(self) -> None:
         """Run until `stop()`; then drain and close. Raises if a stage fails."""
+        self.metrics.watch_gc(True)
+        lag = asyncio.create_task(self.metrics.watch_loop(), name="loop-lag")
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._fetch_loop(), name="fetch")
@@ -262,6 +288,8 @@ class Worker:
                 tg.create_task(self._model_loop(), name="model")
                 tg.create_task(self._publish_loop(), name="publish")
         finally:
+            lag.cancel()
+            self.metrics.watch_gc(False)
             await self._close()
 
     async def _close(self) -> None:

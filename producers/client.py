@@ -66,7 +66,7 @@ class SluiceClient:
     """Async client. `async with SluiceClient(KafkaConfig(...)) as c: await c.submit("text")`."""
 
     def __init__(self, config: KafkaConfig | None = None, *, results_topic: str | None = None,
-                 timeout_s: float = 60.0, linger_ms: int = 2) -> None:
+                 timeout_s: float = 60.0, linger_ms: int = 0) -> None:
         self.config = config or KafkaConfig()
         self.topics = self.config.topics
         self.results_topic = results_topic or self.topics.results
@@ -92,6 +92,7 @@ class SluiceClient:
         self._producer = AIOKafkaProducer(bootstrap_servers=cfg.bootstrap_servers, acks="all",
                                           enable_idempotence=True, linger_ms=self._linger_ms)
         await self._producer.start()
+        await self._producer.partitions_for(self.topics.requests)  # metadata now, not at the first send
         self._consumer = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap_servers,
                                           enable_auto_commit=False, group_id=None,
                                           isolation_level="read_committed", fetch_max_wait_ms=50)

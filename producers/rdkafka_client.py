@@ -1,0 +1,171 @@
+"""The load generator's transport over librdkafka (confluent-kafka).
+
+Same protocol as `SluiceClient` (send a request, get a future of its
+result), built for one job: offering load without taking the CPU of the
+system it measures. On a small machine that runs the broker and a worker
+beside the generator, aiokafka's pure-Python protocol code made the
+generator itself the largest user of the cores (0.65-0.7 ms of CPU per
+request at 1,000/s, more than the broker). librdkafka does that work in C,
+in its own threads.
+
+Records are keyed and partitioned exactly as `SluiceClient` does (murmur2,
+Kafka's Java default), so a request lands on the same partition, and so the
+same worker and cache, whichever client sent it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import orjson
+
+from producers.client import ClientError, request_key
+from schemas.records import now_ms
+from schemas.topics import KafkaConfig
+
+
+def _confluent():
+    try:
+        import confluent_kafka
+    except ImportError as exc:  # an optional extra: say which
+        raise ClientError("the librdkafka transport needs confluent-kafka: "
+                          "pip install 'sluice[bench]' (or confluent-kafka)") from exc
+    return confluent_kafka
+
+
+class RdKafkaClient:
+    """`async with RdKafkaClient(KafkaConfig(...)) as c: fut = await c.send(doc)`."""
+
+    def __init__(self, config: KafkaConfig | None = None, *, linger_ms: float = 0.0,
+                 poll_timeout_s: float = 0.05) -> None:
+        self.config = config or KafkaConfig()
+        self.topics = self.config.topics
+        self._linger_ms = linger_ms
+        self._poll_timeout_s = poll_timeout_s
+        self._producer: Any = None
+        self._consumer: Any = None
+        self._reader: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    async def __aenter__(self) -> "RdKafkaClient":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        ck = _confluent()
+        self._loop = asyncio.get_running_loop()
+        servers = self.config.bootstrap_servers
+        self._producer = ck.Producer({
+            "bootstrap.servers": servers, "acks": "all", "enable.idempotence": True,
+            "linger.ms": self._linger_ms, "partitioner": "murmur2_random",
+            "delivery.report.only.error": True, "socket.nagle.disable": True,
+            "error_cb": self._on_error,
+        })
+        self._consumer = ck.Consumer({
+            "bootstrap.servers": servers, "group.id": f"sluice-loadgen-{now_ms()}",
+            "enable.auto.commit": False, "isolation.level": "read_committed",
+            "enable.partition.eof": False, "fetch.wait.max.ms": 50, "socket.nagle.disable": True,
+        })
+        # metadata for the requests topic now, not at the first send
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self._producer.list_topics(self.topics.requests, timeout=10))
+        self._reader = threading.Thread(target=self._read_results, name="sluice-rdkafka-results",
+                                        daemon=True)
+        self._reader.start()
+        ready = await asyncio.get_running_loop().run_in_executor(None, self._ready.wait, 30.0)
+        if self._error is not None:
+            raise ClientError(f"results topic {self.topics.results!r}: {self._error}")
+        if not ready:
+            raise ClientError(f"results topic {self.topics.results!r} not readable on {servers} "
+                              "within 30 s (is the stack up? `sluice up`)")
+
+    def _on_error(self, err: Any) -> None:
+        if err.fatal():
+            self._error = ClientError(str(err))
+
+    def _read_results(self) -> None:
+        """On its own thread: assign every results partition at its end, then
+        hand each fetched batch of results to the event loop in one call."""
+        ck = _confluent()
+        try:
+            meta = self._consumer.list_topics(self.topics.results, timeout=30)
+            parts = meta.topics[self.topics.results].partitions
+            if not parts:
+                raise ClientError("no partitions")
+            # the end offsets, resolved now: before any request goes out
+            tps = []
+            for p in parts:
+                _, high = self._consumer.get_watermark_offsets(
+                    ck.TopicPartition(self.topics.results, p), timeout=10)
+                tps.append(ck.TopicPartition(self.topics.results, p, high))
+            self._consumer.assign(tps)
+        except Exception as exc:  # reported by start()
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        while not self._stop.is_set():
+            # consume() waits for a full batch or its timeout: wait for one
+            # message, then take whatever else has already arrived
+            first = self._consumer.poll(self._poll_timeout_s)
+            if first is None:
+                continue
+            msgs = [first, *self._consumer.consume(num_messages=5000, timeout=0)]
+            received = now_ms()
+            docs = []
+            for m in msgs:
+                if m.error() is not None:
+                    continue
+                try:
+                    doc = orjson.loads(m.value())
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(doc, dict):
+                    doc["_received_at_ms"] = received
+                    docs.append(doc)
+            if docs and self._loop is not None:
+                self._loop.call_soon_threadsafe(self._deliver, docs)
+
+    def _deliver(self, docs: list[dict[str, Any]]) -> None:
+        for doc in docs:
+            fut = self._waiting.pop(doc.get("id"), None)  # type: ignore[arg-type]
+            if fut is not None and not fut.done():
+                fut.set_result(doc)
+
+    async def send(self, doc: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+        doc.setdefault("sent_at_ms", now_ms())
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[doc["id"]] = fut
+        value, key = orjson.dumps(doc), request_key(doc)
+        try:
+            self._producer.produce(self.topics.requests, value, key)
+        except BufferError:  # librdkafka's queue is full: let it drain, then once more
+            self._producer.poll(0.05)
+            self._producer.produce(self.topics.requests, value, key)
+        self._producer.poll(0)  # serves error callbacks; delivery reports are off
+        return fut
+
+    async def flush(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._producer.flush, 30.0)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._reader is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._reader.join, 5.0)
+        if self._consumer is not None:
+            self._consumer.close()
+        if self._producer is not None:
+            self._producer.flush(10)
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(ClientError("client stopped before the result arrived"))
+        self._waiting.clear()
