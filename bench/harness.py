@@ -35,6 +35,18 @@ def machine() -> str:
             f"onnxruntime {onnxruntime.__version__}")
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system) a process has used so far; this one by default."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+BROKER_PID: int | None = None  # of the stack `stack()` last brought up
+
+
 @contextmanager
 def stack() -> Iterator[tuple[str, str]]:
     """The local stack (started if needed, stopped after if we started it)."""
@@ -43,6 +55,8 @@ def stack() -> Iterator[tuple[str, str]]:
     s = load_settings()
     local = LocalStack(s.stack())
     outcome = local.up(s.topic_partitions())
+    global BROKER_PID
+    BROKER_PID = local.broker_pid()
     try:
         yield local.bootstrap_servers, local.redis_url
     finally:

@@ -8,8 +8,10 @@ Each hit's end-to-end latency (scheduled send -> result at the client) is
 split with the result's own `timings_ms`: scheduled send -> lookup started
 at the worker (`queue`: client linger, broker, fetch, the partition batch
 window), -> answered at the worker (`total`), and answered -> result at the
-client (worker publish linger, broker, client fetch). Prints a markdown
-table for bench/RESULTS.md.
+client (worker publish linger, broker, client fetch). Also the CPU each
+process used per request (broker, worker, load generator): on one small
+machine they share the cores, and a tail grows once they fill them. Prints
+markdown tables for bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import asyncio
 
 import numpy as np
 
-from bench.harness import create_topics, machine, new_prefix, stack, worker
+from bench import harness
+from bench.harness import cpu_seconds, create_topics, machine, new_prefix, stack, worker
 from producers.corpus import Workload
 from producers.loadgen import run_load
 from schemas.topics import KafkaConfig
@@ -48,15 +51,21 @@ def main() -> None:
     args = ap.parse_args()
     extra = dict(kv.split("=", 1) for kv in args.set)
     rates = [float(r) for r in args.rates.split(",")]
-    out = []
+    out, cpu = [], []
     with stack() as (bootstrap, redis_url):
         prefix = new_prefix("hit-latency")
         create_topics(bootstrap, prefix)
         config = KafkaConfig(bootstrap_servers=bootstrap, topic_prefix=prefix)
-        with worker(bootstrap, prefix, SLUICE_REDIS_URL=redis_url, **extra):
+        with worker(bootstrap, prefix, SLUICE_REDIS_URL=redis_url, **extra) as w:
             asyncio.run(run(config, 300, 5))  # fills the cache (and warms the broker)
+            pids = {"broker": harness.BROKER_PID, "worker": w.proc.pid, "load generator": None}
             for rate in rates:
+                before = {k: cpu_seconds(pid) for k, pid in pids.items()}
                 parts = asyncio.run(run(config, rate, args.seconds))
+                used = {k: (cpu_seconds(pid) - before[k]) * 1000 / (rate * args.seconds)
+                        for k, pid in pids.items()}
+                cpu.append(f"| {rate:g}/s | " + " | ".join(f"{v:.2f}" for v in used.values())
+                           + f" | {sum(used.values()):.2f} | {sum(used.values()) * rate / 1000:.2f} |")
                 for name, v in parts.items():
                     p50, p95, p99 = np.percentile(v, [50, 95, 99])
                     out.append(f"| {rate:g}/s | {name} | {p50:.0f} | {p95:.0f} | {p99:.0f} |")
@@ -64,6 +73,9 @@ def main() -> None:
     print(f"\nMachine: {machine()}; worker settings: {extra or 'defaults'}\n")
     print("| rate | hits only: stage | p50 ms | p95 ms | p99 ms |\n|---|---|---|---|---|")
     print("\n".join(out))
+    print("\n| rate | CPU ms per request: broker | worker | load generator | all | cores busy |\n"
+          "|---|---|---|---|---|---|")
+    print("\n".join(cpu))
 
 
 if __name__ == "__main__":

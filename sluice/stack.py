@@ -321,6 +321,10 @@ class LocalStack:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    def broker_pid(self) -> int | None:
+        """The running broker's pid (benchmarks count its CPU time)."""
+        return self._running_pid(self._kafka)
+
     @staticmethod
     def _read_pid(svc: _Service) -> int | None:
         try:
