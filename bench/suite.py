@@ -36,7 +36,7 @@ import numpy as np
 from bench.harness import OUT, PLOTS, ROOT, create_topics_async, machine, new_prefix, scatter_by_level, stack
 from producers.client import SluiceClient, make_request
 from producers.corpus import Workload, text
-from producers.loadgen import RateSearch, find_max_rate, percentiles, run_load
+from producers.loadgen import RateSearch, Transport, find_max_rate, kafka_transport, percentiles, run_load
 from schemas.topics import KafkaConfig
 from sluice.supervisor import WorkerProcess, free_port
 
@@ -233,7 +233,7 @@ def quantisation(texts: list[str], rounds: int) -> dict[str, Any]:
             "quantise_s": quantise_s, "source": f"PyPI {dist.metadata['Name']}=={dist.version}"}
 
 
-async def search_pipeline(client: SluiceClient, workload: Workload, *, start: float, step_s: float,
+async def search_pipeline(client: Transport, workload: Workload, *, start: float, step_s: float,
                           max_rate: float, label: str) -> RateSearch:
     say(f"rate search, pipeline, {label}")
 
@@ -466,7 +466,10 @@ async def main_async(args: argparse.Namespace) -> None:
         max_rate = 2000.0 if quick else 4000.0
         w, _ = start_worker(worker_settings(bootstrap, prefix, redis_url), "search")
         try:
-            async with SluiceClient(kafka(prefix), timeout_s=120) as client:
+            # the default load generator (librdkafka) offers the load; the
+            # aiokafka client only warms the hot set
+            async with SluiceClient(kafka(prefix), timeout_s=120) as client, \
+                    kafka_transport(kafka(prefix)) as load:
                 hot = Workload("mixed", distinct=200, seed=5)
                 await client.submit_many([text(i, 5) for i in range(200)], timeout_s=120)  # warm the hot set
                 start = 100.0
@@ -474,13 +477,13 @@ async def main_async(args: argparse.Namespace) -> None:
                 for k, h in enumerate(sweep):
                     # each sweep's new texts start past every earlier sweep's
                     swept = dataclasses.replace(hot, hot_fraction=h).step((k + 1) * 50)
-                    s = await search_pipeline(client, swept, start=start, step_s=step_s, max_rate=max_rate,
+                    s = await search_pipeline(load, swept, start=start, step_s=step_s, max_rate=max_rate,
                                               label=f"{h:.0%} hits")
                     searches[f"pipeline, {h:.0%} hits"] = s
                     start = max(100.0, 0.8 * s.max_rate)
                 zipf = Workload("zipf", 1000, 1.1, 7)
                 searches["pipeline, zipf"] = await search_pipeline(
-                    client, zipf, start=100.0, step_s=step_s, max_rate=max_rate, label="zipf")
+                    load, zipf, start=100.0, step_s=step_s, max_rate=max_rate, label="zipf")
         finally:
             w.stop()
         searches["FastAPI peer, zipf"] = await search_peer(Workload("zipf", 1000, 1.1, 7), start=50.0,

@@ -66,7 +66,7 @@ class SluiceClient:
     """Async client. `async with SluiceClient(KafkaConfig(...)) as c: await c.submit("text")`."""
 
     def __init__(self, config: KafkaConfig | None = None, *, results_topic: str | None = None,
-                 timeout_s: float = 60.0, linger_ms: int = 0) -> None:
+                 timeout_s: float = 60.0, linger_ms: int = 2) -> None:
         self.config = config or KafkaConfig()
         self.topics = self.config.topics
         self.results_topic = results_topic or self.topics.results

@@ -195,3 +195,49 @@ async def test_redis_down_or_hung_mid_run_fails_no_request(worker_factory, clien
     assert all(r.status == "ok" for r in res)
     assert metric(w, "sluice_cache_l2_up") == 1
     assert await eventually(lambda: own_redis.dbsize() > 0)
+
+
+async def _committed(bootstrap: str, group: str, topic: str) -> int | None:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return await consumer.committed(TopicPartition(topic, 0))
+    finally:
+        await consumer.stop()
+
+
+async def test_an_l1_hit_is_answered_before_its_batch_is_ready_and_committed_with_it(stack, own_redis):
+    """One partition, batches of 4, a 60 s window: a repeat is answered from
+    L1 as soon as it is read, while its batch still waits; its offset is
+    committed only when that batch is."""
+    from producers.client import SluiceClient
+    from sluice.admin import ensure_topics
+    from tests.conftest import Env, WorkerProcess
+    env = Env(stack, f"t{time.time_ns() % 10**10}", partitions=1)
+    await ensure_topics(stack.bootstrap_servers, env.topics.partitions(requests=1, results=1, telemetry=1))
+    w = WorkerProcess(env, SLUICE_REDIS_URL=own_redis.url, SLUICE_BATCH_MAX_ITEMS="4",
+                      SLUICE_BATCH_MAX_WAIT_MS="60000").start()
+    group = f"{env.prefix}-workers"
+    try:
+        async with SluiceClient(env.kafka, timeout_s=20) as client:  # well inside the 60 s window
+            texts = [text(i, seed=47) for i in range(8)]
+            first = await client.submit_many(texts[:4])  # fills the batch: computed
+            assert [r.cache for r in first] == ["miss"] * 4
+            deadline = time.monotonic() + 20
+            while await _committed(stack.bootstrap_servers, group, env.topics.requests) != 4:
+                assert time.monotonic() < deadline, "the first batch was never committed"
+                await asyncio.sleep(0.2)
+            hit = await client.submit(texts[0])  # alone in a batch that waits 60 s
+            assert (hit.cache, hit.output) == ("l1", first[0].output)
+            # answered, not committed: offset 4 waits for its batch
+            assert await _committed(stack.bootstrap_servers, group, env.topics.requests) == 4
+            rest = await client.submit_many(texts[4:7])  # the hit's batch fills: 3 misses
+            assert [r.cache for r in rest] == ["miss"] * 3
+            deadline = time.monotonic() + 20
+            while await _committed(stack.bootstrap_servers, group, env.topics.requests) != 8:
+                assert time.monotonic() < deadline, "the batch holding the hit was never committed"
+                await asyncio.sleep(0.2)
+            assert metric(w, 'sluice_cache_hits_total{level="l1"}') == 1
+    finally:
+        w.stop()
