@@ -161,10 +161,14 @@ class RdKafkaClient:
         self._stop.set()
         if self._reader is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._reader.join, 5.0)
+        # librdkafka's threads live (and reconnect) until the handles are
+        # closed and dropped
         if self._consumer is not None:
             self._consumer.close()
+            self._consumer = None
         if self._producer is not None:
             self._producer.flush(10)
+            self._producer = None
         for fut in self._waiting.values():
             if not fut.done():
                 fut.set_exception(ClientError("client stopped before the result arrived"))
