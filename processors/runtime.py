@@ -107,6 +107,20 @@ def discover_models(extra_dirs: Sequence[Path] = ()) -> dict[str, Path]:
     return found
 
 
+_INT8_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul"}
+
+
+def _cpu_only_under_cuda(onnx_path: Path) -> set[str]:
+    """The dynamic-int8 op types in a file: under CUDA some of them fall
+    back to the CPU (the sq8 file got 75 copy nodes between the two)."""
+    try:
+        import onnx
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 -- a hint only; the session already loaded
+        return set()
+    return {n.op_type for n in graph.node} & _INT8_OPS
+
+
 @dataclass(slots=True)
 class Encoded:
     """One tokenised input: ids and their count (the padded-cost unit)."""
@@ -213,6 +227,16 @@ class ModelRuntime:
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ConfigError(f"model {card.name}: ONNX Runtime cannot load {onnx_path}: {exc}") from None
         self.providers = self._session.get_providers()
+        if self.providers[0] == "CUDAExecutionProvider":
+            slow = _cpu_only_under_cuda(onnx_path)
+            if slow or card.max_rows_per_call == 1:
+                # measured on an H200: the sq8 file ran 2.6-3.6k seq/s under
+                # CUDA, the fp32 file 29-40k (bench/RESULTS.md, GPU check)
+                log.warning("model %s on CUDA: %s; a GPU wants an fp32 model (`sluice model build "
+                            "--fp32`, SLUICE_DEFAULT_MODEL=all-minilm-l6-v2-fp32)", card.ref,
+                            f"it is dynamic int8 ({', '.join(sorted(slow))}), and ONNX Runtime copies "
+                            "between the GPU and the CPU around the nodes CUDA lacks" if slow
+                            else "one row per call (max_rows_per_call 1)")
         self._input_names = {i.name for i in self._session.get_inputs()}
         outputs = [o.name for o in self._session.get_outputs()]
         if card.output is not None and card.output not in outputs:

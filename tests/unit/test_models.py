@@ -158,3 +158,30 @@ def test_real_build(tmp_path, monkeypatch):
         build_fast_model(tmp_path, log=lines.append, force=True)
     assert is_built(folder) and (folder / "model.onnx").stat().st_mtime_ns == before
     assert sorted(p.name for p in (tmp_path / ".build").iterdir()) == [FP32_FILE, "lock"]
+
+
+def test_fp32_model_is_installed_only_on_request_and_linked_not_copied(tmp_path):
+    from sluice.models import FP32_MODEL, FP32_VERSION, install_fp32_model
+    work = tmp_path / ".build"
+    work.mkdir()
+    dest = install_fp32_model(tmp_path, work, log=lambda _: None)
+    assert dest == tmp_path / FP32_MODEL and is_built(dest, FP32_VERSION)
+    assert (dest / "model.onnx").stat().st_ino == (work / FP32_FILE).stat().st_ino  # 90 MB once
+    card = load_card(dest)
+    assert card.max_rows_per_call is None and card.dimensions == 384  # batched freely: GPUs want that
+    assert set(discover_models([tmp_path])) >= {FP32_MODEL}
+    rt = ModelRuntime(dest, intra_op_threads=1).load()
+    ref = ModelRuntime(BUILTIN_MODELS / "all-minilm-l6-v2", intra_op_threads=1).load()
+    texts = ["the striker scored", "a recipe for dinner", "quarterly revenue grew"]
+    cos = np.sum(rt.embed(texts) * ref.embed(texts), axis=1)
+    assert cos.min() > 0.98  # the same model as the PyPI int8 file, in full precision
+    # what the worker warns about when a GPU runs an int8 file, and not this one
+    from processors.runtime import _cpu_only_under_cuda
+    assert _cpu_only_under_cuda(dest / "model.onnx") == set()
+    from onnx import TensorProto, helper, save
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    outs = [helper.make_tensor_value_info(n, t, s) for n, t, s in
+            (("q", TensorProto.UINT8, [1, 4]), ("scale", TensorProto.FLOAT, []), ("zero", TensorProto.UINT8, []))]
+    node = helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "scale", "zero"])
+    save(helper.make_model(helper.make_graph([node], "g", [x], outs)), tmp_path / "int8.onnx")
+    assert _cpu_only_under_cuda(tmp_path / "int8.onnx") == {"DynamicQuantizeLinear"}
