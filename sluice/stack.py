@@ -77,6 +77,8 @@ class StackConfig(BaseModel):
         6379, ge=1, le=65535, description="Port of the local redis-server (127.0.0.1).")
     kafka_heap_mb: int = Field(
         512, ge=128, le=65536, description="Maximum Java heap of the local Kafka broker, MiB.")
+    kafka_jvm_options: str = Field(
+        "", description="Extra JVM options of the local Kafka broker, space-separated (e.g. -XX:TieredStopAtLevel=1).")
     stack_start_timeout_s: float = Field(
         90.0, gt=0, le=3600,
         description="Seconds to wait for each service of the local stack to answer after start.")
@@ -551,6 +553,7 @@ class LocalStack:
             f"-Xmx{self.config.kafka_heap_mb}m",
             # Die rather than limp along; the log tail then says why.
             "-XX:+ExitOnOutOfMemoryError",
+            *self.config.kafka_jvm_options.split(),
             f"-Dlog4j.configuration=file:{self._kafka.dir / 'log4j.properties'}",
             "-cp", f"{libs}/*",
             "kafka.Kafka", str(server_properties),
