@@ -205,3 +205,22 @@ async def test_worker_stopped_halfway_loses_nothing(env, worker_factory, client,
     docs = await asyncio.wait_for(asyncio.gather(*futs), 240)
     assert all(d["status"] == "ok" for d in docs)
     assert {d["id"] for d in docs} == {f"r{sig}-{i}" for i in range(n)}
+
+
+async def test_the_librdkafka_load_generator_is_answered_and_partitions_like_aiokafka(env, worker_factory):
+    """The load generator's default transport: every request answered, each
+    on the partition aiokafka (SluiceClient) would pick for its key, so the
+    cache affinity of keyed requests holds whichever client sent them."""
+    from aiokafka.partitioner import DefaultPartitioner
+    from producers.corpus import Workload
+    from producers.loadgen import run_load
+    worker_factory()
+    report = await run_load(env.kafka, rate=100, duration_s=1.0, workload=Workload("uniform", 20, seed=3),
+                            progress=None, transport="librdkafka")
+    assert report.sent == report.answered == 100 and report.statuses == {"ok": 100}
+    records = await read_topic(env.stack.bootstrap_servers, env.topics.requests, expect=100)
+    assert len(records) == 100
+    parts = list(range(env.partitions))
+    java_default = DefaultPartitioner()
+    assert all(r.partition == java_default(r.key, parts, parts) for r in records)
+    assert len({r.partition for r in records}) > 1  # keys spread, not all on one partition
