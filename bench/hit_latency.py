@@ -21,8 +21,7 @@ import asyncio
 
 import numpy as np
 
-from bench import harness
-from bench.harness import cpu_seconds, create_topics, machine, new_prefix, stack, worker
+from bench.harness import broker_pid, cpu_seconds, create_topics, machine, new_prefix, stack, worker
 from producers.corpus import Workload
 from producers.loadgen import run_load
 from schemas.topics import KafkaConfig
@@ -58,7 +57,7 @@ def main() -> None:
         config = KafkaConfig(bootstrap_servers=bootstrap, topic_prefix=prefix)
         with worker(bootstrap, prefix, SLUICE_REDIS_URL=redis_url, **extra) as w:
             asyncio.run(run(config, 300, 5))  # fills the cache (and warms the broker)
-            pids = {"broker": harness.BROKER_PID, "worker": w.proc.pid, "load generator": None}
+            pids = {"broker": broker_pid(), "worker": w.proc.pid, "load generator": None}
             for rate in rates:
                 before = {k: cpu_seconds(pid) for k, pid in pids.items()}
                 parts = asyncio.run(run(config, rate, args.seconds))

@@ -149,7 +149,7 @@ class RdKafkaClient:
         try:
             self._producer.produce(self.topics.requests, value, key)
         except BufferError:  # librdkafka's queue is full: let it drain, then once more
-            self._producer.poll(0.05)
+            await asyncio.sleep(0.05)
             self._producer.produce(self.topics.requests, value, key)
         self._producer.poll(0)  # serves error callbacks; delivery reports are off
         return fut
@@ -163,11 +163,13 @@ class RdKafkaClient:
             await asyncio.get_running_loop().run_in_executor(None, self._reader.join, 5.0)
         # librdkafka's threads live (and reconnect) until the handles are
         # closed and dropped
+        # (both calls block: off the event loop)
+        loop = asyncio.get_running_loop()
         if self._consumer is not None:
-            self._consumer.close()
+            await loop.run_in_executor(None, self._consumer.close)
             self._consumer = None
         if self._producer is not None:
-            self._producer.flush(10)
+            await loop.run_in_executor(None, self._producer.flush, 10.0)
             self._producer = None
         for fut in self._waiting.values():
             if not fut.done():
