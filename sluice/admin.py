@@ -170,3 +170,21 @@ async def ensure_topics(bootstrap_servers: str, partitions: dict[str, int], *,
     except (KafkaError, OSError) as exc:  # TimeoutError is an OSError
         raise StackError(
             f"could not ensure topics on {bootstrap_servers}: {type(exc).__name__}: {exc}") from exc
+
+
+async def delete_topics_with_prefix(bootstrap_servers: str, prefix: str, *,
+                                    timeout_s: float = 60.0) -> list[str]:
+    """Delete every topic whose name starts with `prefix`; return their names.
+    For throwaway topics (benchmarks): each partition costs the broker heap
+    and file handles for as long as it exists, and they add up."""
+    if not prefix:
+        raise ValueError("refusing to delete every topic: give a non-empty prefix")
+    try:
+        async with asyncio.timeout(timeout_s), _admin(bootstrap_servers, timeout_s) as client:
+            names = sorted(t for t in await client.list_topics() if t.startswith(prefix))
+            for i in range(0, len(names), 100):  # a bounded request each
+                await client.delete_topics(names[i:i + 100], timeout_ms=int(timeout_s * 1000))
+            return names
+    except (KafkaError, OSError) as exc:
+        raise StackError(f"could not delete topics {prefix}* on {bootstrap_servers}: "
+                         f"{type(exc).__name__}: {exc}") from exc
