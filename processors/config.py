@@ -29,7 +29,7 @@ class WorkerConfig(KafkaConfig, Limits):
     batch_max_wait_ms: float = Field(5.0, ge=0, le=60_000,
                                      description="Longest a partition batch waits for more records, from its first.")
     group_max_items: int = Field(512, ge=1,
-                                 description="Most records handed to the model thread at once (batches of several partitions).")
+                                 description="Most records handed to the model process at once (batches of several partitions).")
     max_pending_items: int = Field(4096, ge=1,
                                    description="Records read and not yet answered (waiting for a batch or the model); past this the worker stops fetching and the backlog waits in Kafka.")
     max_uncommitted_items: int = Field(50_000, ge=1,
@@ -41,14 +41,14 @@ class WorkerConfig(KafkaConfig, Limits):
     ort_intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 = one per core, less one for the event loop when there are few cores.")
     ort_provider: str = Field("auto", pattern="^(auto|cpu|cuda)$",
                               description="auto (CUDA when onnxruntime-gpu sees a GPU, else CPU), cpu or cuda.")
-    model_thread_nice: int = Field(0, ge=0, le=19, description="Scheduling niceness of the model thread (Linux): above 0, the event loop (cache hits, fetching, publishing) goes first when cores are short and the model takes the rest, so under heavy hit traffic misses can starve; 0 shares the cores equally.")
+    model_nice: int = Field(0, ge=0, le=19, description="Scheduling niceness of the model process (Linux): above 0, the event loop (cache hits, fetching, publishing) goes first when cores are short and the model takes what is left, so misses wait longer (on 2 shared cores, 10 doubled the miss p99 and did not help the hits); 0 shares the cores equally.")
     ort_allow_spinning: bool = Field(False, description="Let ONNX Runtime threads spin between calls (faster on idle dedicated cores, slower when cores are shared).")
     publish_linger_ms: int = Field(2, ge=0, le=1000,
                                    description="How long the result producers wait to fill a batch: fewer, larger produce requests (0 takes ~3 ms off a hit's latency but, at thousands of results a second, a request per record costs the worker and the broker far more CPU).")
     publish_max_items: int = Field(50_000, ge=1,
                                    description="Most results one publish round carries (groups ready together share one wait for acks and one commit); 1 publishes and commits record by record.")
     publish_compression: str = Field("none", pattern="^(none|gzip|snappy|lz4|zstd)$",
-                                     description="Compression of results and telemetry (lz4, zstd, snappy need the cramjam package).")
+                                     description="Compression of results and telemetry (done by librdkafka).")
     fetch_max_records: int = Field(1000, ge=1, description="Most records one consumer fetch returns.")
     fetch_timeout_ms: int = Field(100, ge=1, description="Longest one fetch waits when no batch is due.")
     session_timeout_ms: int = Field(10_000, ge=1000, description="Kafka consumer group session timeout.")

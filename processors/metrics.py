@@ -33,7 +33,7 @@ class WorkerMetrics:
                                      buckets=_POW2, registry=r)
         self.batch_tokens = Histogram("sluice_inference_padded_tokens", "Padded tokens per ONNX Runtime call.",
                                       buckets=_POW2, registry=r)
-        self.inference = Histogram("sluice_inference_seconds", "Model thread time per hand-off.",
+        self.inference = Histogram("sluice_inference_seconds", "Model process time per hand-off (as the event loop waits for it).",
                                    buckets=_LATENCY_BUCKETS, registry=r)
         self.compute_seconds = Counter("sluice_compute_seconds_total", "Model compute time.", registry=r)
         self.cost = Counter("sluice_cost_usd_total", "Cost attributed to requests.", ["model"], registry=r)

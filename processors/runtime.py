@@ -1,7 +1,8 @@
 """The model runtime: model cards, tokenizer, ONNX Runtime session, pooling.
 
-Everything here is synchronous and runs on the worker's model thread; the
-event loop only hands batches over and takes results back.
+Everything here is synchronous; in the worker it runs in the model process
+(processors/model_process.py), and the event loop only hands misses over
+and takes results back.
 """
 
 from __future__ import annotations

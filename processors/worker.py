@@ -1,6 +1,6 @@
 """The inference worker: fetch -> batch -> look up -> model -> publish -> commit.
 
-Four stages on one event loop (the model on its own thread), joined by
+Four stages on one event loop (the model in a process of its own), joined by
 bounded hand-offs, so fetching, cache hits and publishing go on while the
 model runs:
 
@@ -13,7 +13,7 @@ model runs:
    `group_max_items` records), answer what needs no model at once (errors,
    expired deadlines, L1 and L2 hits: one MGET), and attach misses whose key
    is already queued or computing to that computation (coalesced).
-3. model: every group queued meanwhile goes to the model thread in one
+3. model: every group queued meanwhile goes to the model process in one
    hand-off: tokenise the misses, sort by length, split by a padded-token
    budget, one ONNX Runtime call per sub-batch.
 4. publish: send the remaining results (and DLQ records), wait for the
@@ -30,24 +30,23 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import signal
-import threading
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from processors.batching import Batcher, BatchPolicy, PartitionBatch
 from processors.config import WorkerConfig
 from processors.metrics import HealthServer, WorkerMetrics
+from processors.publisher import Publisher
 from processors.cache import CacheMetrics, L1Cache, L2Cache, storage_key
-from processors.runtime import Encoded, ModelRuntime, RunStats, discover_models
+from processors.model_process import Job, ModelProcess, ModelRun
+from processors.runtime import ModelCard, discover_models, load_card
 from schemas.errors import ConfigError, RequestError
 from schemas.keys import cache_key, normalise
 from schemas.records import Request, dlq_record, encode, now_ms, parse_request
@@ -57,18 +56,6 @@ log = logging.getLogger(__name__)
 # Sending is CPU work on the event loop; a long run of sends yields now and
 # then so that the lookup stage keeps answering cache hits meanwhile.
 _YIELD_EVERY = 64
-
-
-def _lower_priority(nice: int) -> None:
-    """Runs on the model thread before it loads a model, so ONNX Runtime's own
-    threads (made at load) inherit it: a miss's compute must not queue the
-    cache hits and publishing behind it when the cores are few."""
-    if nice <= 0:
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except (AttributeError, OSError) as exc:  # not Linux: a process-wide nice would slow everything
-        log.info("model thread keeps its priority (%s)", exc)
 
 
 @dataclass(slots=True, eq=False)
@@ -83,8 +70,9 @@ class Item:
     received_ms: int
     request: Request | None = None
     error: RequestError | None = None
-    model: ModelRuntime | None = None
-    encoded: Encoded | None = None
+    model: ModelCard | None = None
+    tokens: int = 0  # after tokenising (misses only)
+    truncated: bool = False  # the input ran past the model's max tokens
     est_tokens: int = 0
     key_hash: str | None = None
     # outcome
@@ -104,10 +92,6 @@ class Item:
     out: bytes | None = None  # the serialised output: what the cache stores
     sent: "asyncio.Future | None" = None  # ack of the result, once sent
     topic: str | None = None  # where the result went
-
-    @property
-    def tokens(self) -> int:
-        return self.encoded.tokens if self.encoded is not None else 0
 
 
 @dataclass(slots=True)
@@ -179,13 +163,11 @@ class Worker:
         self._idle.set()
         self._stopping = asyncio.Event()
         self._fetch_done = False
-        self._models: dict[str, ModelRuntime] = {}
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-model",
-                                                initializer=_lower_priority, initargs=(config.model_thread_nice,))
+        self._models: dict[str, ModelCard] = {}  # name -> card; the sessions live in the model process
+        self._model_process = ModelProcess(config.model_nice)
         self._consumer: AIOKafkaConsumer | None = None
-        self._producer: AIOKafkaProducer | None = None  # results the model computed
-        self._answers: AIOKafkaProducer | None = None  # results that need no model: hits, errors
-        self._bulk: AIOKafkaProducer | None = None  # telemetry and DLQ: volume matters
+        self._producer: Publisher | None = None  # results
+        self._bulk: Publisher | None = None  # telemetry and DLQ: volume matters
         self._health: HealthServer | None = None
         self._last_fetch = time.monotonic()
         self._assigned: set[int] = set()
@@ -199,49 +181,45 @@ class Worker:
     async def start(self) -> None:
         cfg = self.config
         t0 = time.perf_counter()
-        loop = asyncio.get_running_loop()
         folders = discover_models(cfg.models_dir)
         if cfg.default_model not in folders:
             hint = "; `sluice model build` makes it" if cfg.default_model == "all-minilm-l6-v2-sq8" else ""
             raise ConfigError(f"SLUICE_DEFAULT_MODEL={cfg.default_model}: no such model "
                               f"(known: {', '.join(sorted(folders))}){hint}")
+        options = dict(intra_op_threads=cfg.ort_intra_op_threads, provider=cfg.ort_provider,
+                       token_budget=cfg.inference_token_budget, max_items=cfg.inference_max_items,
+                       allow_spinning=cfg.ort_allow_spinning)
+        # the cards here (keys, tasks, prices); the sessions in the model process
         for name, folder in folders.items():
-            rt = ModelRuntime(folder, intra_op_threads=cfg.ort_intra_op_threads,
-                              provider=cfg.ort_provider, token_budget=cfg.inference_token_budget,
-                              max_items=cfg.inference_max_items,
-                              allow_spinning=cfg.ort_allow_spinning)
-            self._models[name] = await loop.run_in_executor(self._model_thread, rt.load)
+            card = self._models[name] = load_card(folder)
             price = cfg.price_per_compute_hour_usd
-            self._price_per_hour[name] = rt.card.price_per_compute_hour_usd if price is None else price
+            self._price_per_hour[name] = card.price_per_compute_hour_usd if price is None else price
+        providers = await self._model_process.load(folders, options)
+        for name, used in providers.items():
+            log.info("model %s loaded in the model process (pid %s, nice %d): providers %s",
+                     self._models[name].ref, self._model_process.pid, cfg.model_nice, used)
         self._health = HealthServer(self.metrics, cfg.metrics_host, cfg.metrics_port,
                                     ready=self._readiness,
                                     heartbeat_age_s=lambda: time.monotonic() - self._last_fetch)
         await self._health.start()
         await self._l2.start()
-        # A producer has one request in flight per broker: a model batch's
-        # results (a megabyte or more) or a telemetry burst would queue the
-        # cache hits' answers behind them, so each has its own producer.
-        self._producer, self._answers = (AIOKafkaProducer(
-            bootstrap_servers=cfg.bootstrap_servers, client_id=f"sluice-worker-{cfg.worker_id}{suffix}",
-            acks="all", enable_idempotence=True, linger_ms=cfg.publish_linger_ms,
-            compression_type=None if cfg.publish_compression == "none" else cfg.publish_compression,
-            max_batch_size=1 << 20,
-            max_request_size=4 << 20) for suffix in ("", "-answers"))
+        # Telemetry and DLQ records have their own producer: it lingers
+        # longer (volume matters, latency does not), and a telemetry burst
+        # never shares a produce request with answers.
+        compression = cfg.publish_compression
+        self._producer = Publisher(cfg.bootstrap_servers, client_id=f"sluice-worker-{cfg.worker_id}",
+                                   linger_ms=cfg.publish_linger_ms, compression=compression)
+        self._bulk = Publisher(cfg.bootstrap_servers, client_id=f"sluice-worker-{cfg.worker_id}-bulk",
+                               linger_ms=max(20, cfg.publish_linger_ms), compression=compression)
         await self._producer.start()
-        await self._answers.start()
-        self._bulk = AIOKafkaProducer(
-            bootstrap_servers=cfg.bootstrap_servers, client_id=f"sluice-worker-{cfg.worker_id}-bulk",
-            acks="all", enable_idempotence=True, linger_ms=max(20, cfg.publish_linger_ms),
-            compression_type=None if cfg.publish_compression == "none" else cfg.publish_compression,
-            max_batch_size=1 << 20)
         await self._bulk.start()
         # A first send to a topic waits for its metadata, and the fetch loop
         # (which answers L1 hits at intake) would wait with it: a new
         # worker's first answers stalled ~300 ms. Learn the topics now.
-        for producer, topic in ((self._producer, self.topics.results), (self._answers, self.topics.results),
+        for producer, topic in ((self._producer, self.topics.results),
                                 (self._bulk, self.topics.telemetry), (self._bulk, self.topics.dlq)):
             try:
-                await asyncio.wait_for(producer.partitions_for(topic), timeout=10)
+                await asyncio.wait_for(producer.partitions_for(topic), timeout=15)
             except Exception as exc:  # noqa: BLE001 -- the first send will try again
                 log.warning("no metadata for topic %s yet (%s)", topic, exc)
         self._consumer = AIOKafkaConsumer(
@@ -259,7 +237,7 @@ class Worker:
         gc.freeze()
         log.info("worker %s started in %.2f s: models %s, group %s, topic %s",
                  cfg.worker_id, time.perf_counter() - t0,
-                 ", ".join(m.card.ref for m in self._models.values()), cfg.group_id,
+                 ", ".join(m.ref for m in self._models.values()), cfg.group_id,
                  self.topics.requests)
 
     def _readiness(self) -> tuple[bool, str]:
@@ -295,19 +273,23 @@ class Worker:
                 tg.create_task(self._lookup_loop(), name="lookup")
                 tg.create_task(self._model_loop(), name="model")
                 tg.create_task(self._publish_loop(), name="publish")
+        except BaseExceptionGroup as group:
+            # one stage failed and the others were cancelled: raise its error
+            # as itself, so the CLI can say it in one line
+            raise group.exceptions[0] from None
         finally:
             lag.cancel()
             self.metrics.watch_gc(False)
             await self._close()
 
     async def _close(self) -> None:
-        for closer in (self._consumer, self._producer, self._answers, self._bulk, self._health, self._l2):
+        for closer in (self._consumer, self._producer, self._bulk, self._health, self._l2):
             if closer is not None:
                 try:
                     await closer.stop()
                 except Exception:  # closing must go on whatever one part does
                     log.exception("error while closing %s", type(closer).__name__)
-        self._model_thread.shutdown(wait=False, cancel_futures=True)
+        self._model_process.close()
         log.info("worker %s stopped", self.config.worker_id)
 
     # -- stage 1: fetch ------------------------------------------------------
@@ -371,7 +353,7 @@ class Worker:
                 item.error = RequestError(f"field 'model': unknown model {name!r} (known: "
                                           f"{', '.join(sorted(self._models))})", code="unknown_model",
                                           request_id=req.id, reply_to=req.reply_to)
-            elif req.task not in model.card.tasks:
+            elif req.task not in model.tasks:
                 item.error = RequestError(f"field 'task': model {name!r} does not do {req.task!r}",
                                           code="unsupported_task", request_id=req.id,
                                           reply_to=req.reply_to)
@@ -380,7 +362,7 @@ class Worker:
                 by_model[name].append(item)
         shared = cfg.shared_cache_models
         for name, its in by_model.items():
-            card = self._models[name].card
+            card = self._models[name]
             scope_all = name in shared
             for it in its:
                 req = it.request
@@ -388,7 +370,7 @@ class Worker:
                 it.key_hash = cache_key(scope="*" if scope_all else req.tenant, model=card.ref,
                                         task=req.task, labels=req.labels,
                                         text=normalise(req.input, uncased=card.uncased))
-                # Tokenising waits for the model thread, and only for misses
+                # Tokenising waits for the model process, and only for misses
                 # (most requests are cache hits); the batch budget uses an
                 # estimate of ~4 characters per token, capped at the model's max.
                 it.est_tokens = min(card.max_tokens, len(req.input) // 4 + 2)
@@ -476,7 +458,7 @@ class Worker:
         if wanted and self._l2.enabled:
             keys = list(wanted)
             values = await self._l2.get_many(
-                [storage_key(wanted[k][0].model.card.ref, k) for k in keys])  # type: ignore[union-attr]
+                [storage_key(wanted[k][0].model.ref, k) for k in keys])  # type: ignore[union-attr]
             for k, v in zip(keys, values):
                 if v is not None:
                     self._l1.put(k, v)
@@ -527,7 +509,7 @@ class Worker:
         return True
 
     def _lookup_cost(self, it: Item, lookup_ms: float, n: int) -> float:
-        name = it.model.card.name if it.model else self.config.default_model
+        name = it.model.name if it.model else self.config.default_model
         return lookup_ms / 1000 / max(1, n) * self._price_per_hour.get(name, 0.0) / 3600.0
 
     # -- stage 3: the model --------------------------------------------------
@@ -571,18 +553,25 @@ class Worker:
                 todo.append(it)
                 g.computed.append(it)
         if todo:
-            loop = asyncio.get_running_loop()
             t0 = time.perf_counter()
-            stats = await loop.run_in_executor(self._model_thread, self._infer, todo)
+            computed = await self._model_process.compute(
+                [Job(it.model.name, it.request.input, it.request.task, tuple(it.request.labels or ()))  # type: ignore[union-attr]
+                 for it in todo])
             self.metrics.inference.observe(time.perf_counter() - t0)
             self.metrics.batch_items.observe(len(todo))
-            self._assign_cost(todo, stats)
-            for it in todo:
-                if it.status == "ok" and it.output is not None:
-                    it.out = encode(it.output)
+            for it, o in zip(todo, computed.outcomes):
+                it.tokens, it.truncated = o.tokens, o.truncated
+                run = computed.runs[it.model.name]  # type: ignore[union-attr]
+                it.inference_start_ms, it.inference_end_ms = run.start_ms, run.end_ms
+                if o.error is not None:
+                    it.status = "error"
+                    it.error = RequestError(o.error, code="model_error", request_id=it.request.id)  # type: ignore[union-attr]
+                else:
+                    it.out = o.out
                     if it.request.cache != "bypass":  # type: ignore[union-attr]
                         self._l1.put(it.key_hash, it.out)  # type: ignore[arg-type]
                 self._release(it)
+            self._assign_cost(todo, computed.runs)
             self._l1.update_gauges()
         for g in groups:
             for it in g.items:
@@ -597,53 +586,18 @@ class Worker:
         if it.key_hash is not None and self._computing.get(it.key_hash) is it:
             del self._computing[it.key_hash]
 
-    def _infer(self, todo: list[Item]) -> dict[str, RunStats]:
-        """On the model thread: one embed call per model over all its misses,
-        then classify heads. A model failure fails its items, not the worker."""
-        by_model: dict[str, list[Item]] = defaultdict(list)
-        for it in todo:
-            assert it.model is not None
-            by_model[it.model.card.name].append(it)
-        all_stats: dict[str, RunStats] = {}
-        for name, its in by_model.items():
-            model = self._models[name]
-            stats = all_stats[name] = RunStats()
-            start = now_ms()
-            try:
-                for it, enc in zip(its, model.encode([it.request.input for it in its])):  # type: ignore[union-attr]
-                    it.encoded = enc
-                vectors = model.embed_encoded([it.encoded for it in its], stats)  # type: ignore[misc]
-                for it, vec in zip(its, vectors):
-                    req = it.request
-                    assert req is not None
-                    if req.task == "classify":
-                        labels = list(req.labels or ())
-                        it.output = model.classify(vec, labels, model.label_embeddings(labels, stats))
-                    else:
-                        it.output = {"embedding": vec}
-            except Exception as exc:  # ONNX Runtime raises untyped errors
-                log.exception("model %s failed on %d items", name, len(its))
-                for it in its:
-                    it.status = "error"
-                    it.error = RequestError(f"model {name} failed: {exc}", code="model_error",
-                                            request_id=it.request.id if it.request else None)
-            end = now_ms()
-            for it in its:
-                it.inference_start_ms, it.inference_end_ms = start, end
-            if stats.sub_batches:
-                self.metrics.batch_tokens.observe(stats.padded_tokens / stats.sub_batches)
-        return all_stats
-
-    def _assign_cost(self, todo: list[Item], stats: dict[str, RunStats]) -> None:
+    def _assign_cost(self, todo: list[Item], runs: dict[str, ModelRun]) -> None:
         """Each computed request pays its share, by tokens, of its model's
         compute seconds at the instance price; identical requests it answers
         (coalesced) pay nothing."""
         by_model: dict[str, list[Item]] = defaultdict(list)
         for it in todo:
             assert it.model is not None
-            by_model[it.model.card.name].append(it)
+            by_model[it.model.name].append(it)
         for name, its in by_model.items():
-            st = stats[name]
+            st = runs[name]
+            if st.sub_batches:
+                self.metrics.batch_tokens.observe(st.padded_tokens / st.sub_batches)
             total_cost = st.seconds * self._price_per_hour[name] / 3600.0
             total_tokens = sum(it.tokens for it in its) or 1
             self.metrics.compute_seconds.inc(st.seconds)
@@ -690,7 +644,7 @@ class Worker:
             "id": req.id if req else (it.error.request_id if it.error else None),
             "status": it.status,
             "task": req.task if req else None,
-            "model": model.card.ref if model else None,
+            "model": model.ref if model else None,
             "cache": it.cache,
             "timings_ms": {
                 "queue": max(0, it.started_ms - it.sent_ms),
@@ -703,7 +657,7 @@ class Worker:
             "cost_usd": it.cost_usd,
             "worker": self.config.worker_id,
         }
-        if it.encoded is not None and it.encoded.truncated:
+        if it.truncated:
             doc["truncated"] = True  # the input ran past the model's max tokens
         if it.status == "ok" and it.out is not None:
             doc["output"] = orjson.Fragment(it.out)
@@ -717,8 +671,8 @@ class Worker:
             "v": 1,
             "id": req.id if req else (it.error.request_id if it.error else ""),
             "tenant": req.tenant if req else "",
-            "model": model.card.name if model else (req.model or "" if req else ""),
-            "model_version": model.card.version if model else "",
+            "model": model.name if model else (req.model or "" if req else ""),
+            "model_version": model.version if model else "",
             "task": req.task if req else "",
             "status": it.status,
             "error_code": it.error.code if it.error is not None else "",
@@ -757,9 +711,7 @@ class Worker:
             return await self._bulk.send(topics.dlq, encode(doc), key=it.key)
         it.topic = (it.request.reply_to if it.request else None) or \
             (it.error.reply_to if it.error else None) or topics.results
-        producer = self._producer if it.cache in ("miss", "coalesced") else self._answers
-        assert producer is not None
-        return await producer.send(it.topic, encode(self._result(it)), key=rid.encode())
+        return await self._producer.send(it.topic, encode(self._result(it)), key=rid.encode())
 
     async def _publish(self, group: Group) -> None:
         """Results -> acks -> telemetry -> acks -> cache write-back -> commit,
@@ -799,14 +751,14 @@ class Worker:
         await asyncio.gather(*telemetry)
         publish_s = time.perf_counter() - t0
         for it in group.items:
-            model = it.model.card.name if it.model else "unknown"
+            model = it.model.name if it.model else "unknown"
             self.metrics.requests.labels(model, it.status, it.cache).inc()
             if it.error is not None:
                 self.metrics.errors.labels(it.error.code).inc()
             self.metrics.observe_stage("queue", max(0, it.started_ms - it.sent_ms) / 1000)
             self.metrics.observe_stage("total", max(0, published - it.sent_ms) / 1000)
         self.metrics.observe_stage("publish", publish_s)
-        writes = [(storage_key(it.model.card.ref, it.key_hash), it.out) for it in group.computed  # type: ignore[union-attr]
+        writes = [(storage_key(it.model.ref, it.key_hash), it.out) for it in group.computed  # type: ignore[union-attr]
                   if it.out is not None and it.request is not None and it.request.cache != "bypass"]
         if writes:
             await self._l2.put_many(writes)

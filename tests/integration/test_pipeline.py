@@ -224,3 +224,35 @@ async def test_the_librdkafka_load_generator_is_answered_and_partitions_like_aio
     java_default = DefaultPartitioner()
     assert all(r.partition == java_default(r.key, parts, parts) for r in records)
     assert len({r.partition for r in records}) > 1  # keys spread, not all on one partition
+
+
+def _model_process(worker_pid: int) -> int:
+    """The worker's model process: its child started by multiprocessing's
+    spawn (not the resource tracker that spawn also starts)."""
+    from pathlib import Path
+    kids = [int(k) for t in Path(f"/proc/{worker_pid}/task").iterdir()
+            for k in (t / "children").read_text().split()]
+    found = [k for k in kids if "resource_tracker" not in Path(f"/proc/{k}/cmdline").read_bytes().decode()]
+    assert len(found) == 1, f"children of the worker: {kids}"
+    return found[0]
+
+
+async def test_the_model_runs_in_a_nice_child_whose_death_stops_the_worker_and_loses_nothing(
+        env, worker_factory, client):
+    import os
+    w1 = worker_factory(SLUICE_MODEL_NICE="7")
+    assert (await client.submit("warm: the model answers from its own process", timeout_s=60)).status == "ok"
+    child = _model_process(w1.proc.pid)
+    assert os.getpriority(os.PRIO_PROCESS, child) == 7
+    assert os.getpriority(os.PRIO_PROCESS, w1.proc.pid) == 0  # the event loop keeps its priority
+
+    os.kill(child, signal.SIGKILL)
+    fut = await client.send(make_request("asked while the model process is gone", id="orphan"))
+    await client.flush()
+    code = await asyncio.to_thread(w1.wait, 60)
+    assert code != 0 and "the model process died" in w1.log(), w1.log()
+    assert not fut.done()  # not answered, so not committed either
+
+    worker_factory()  # the partition's next owner reads the request again
+    doc = await asyncio.wait_for(fut, 120)
+    assert doc["status"] == "ok" and doc["cache"] == "miss"

@@ -1,0 +1,162 @@
+"""The model in a process of its own, at a lower scheduling priority.
+
+On a machine whose cores are full, a cache hit must not wait for a miss's
+compute. A nice'd model *thread* could not promise that: it shares the
+worker's GIL, and whenever it held the GIL (building a batch, pooling,
+serialising) while the scheduler had put it aside for being nice, the event
+loop waited for it too, so hits waited on the very work they were meant to
+overtake. A process has its own GIL: at `nice`, the kernel hands the model
+only the CPU that fetching, answering hits and publishing leave, and the
+event loop never waits for it.
+
+The hand-off is plain data both ways. In: per miss, its model, text, task
+and labels. Out: per miss, its token count and its output already
+serialised (the bytes that the result carries and the cache stores), so the
+event loop does not spend its time encoding embeddings either; per model,
+the call's timings for cost and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from schemas.errors import SluiceError
+from schemas.records import encode, now_ms
+
+log = logging.getLogger(__name__)
+
+
+class ModelProcessError(SluiceError):
+    code = "model_process"
+
+
+@dataclass(slots=True, frozen=True)
+class Job:
+    """One miss to compute."""
+
+    model: str
+    text: str
+    task: str = "embed"
+    labels: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class Outcome:
+    """One miss's answer: `out` (serialised output) or `error`."""
+
+    tokens: int = 0
+    truncated: bool = False
+    out: bytes | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class ModelRun:
+    """What one model's share of a hand-off cost (all in the child)."""
+
+    start_ms: int = 0
+    end_ms: int = 0
+    seconds: float = 0.0
+    sub_batches: int = 0
+    padded_tokens: int = 0
+
+
+@dataclass(slots=True)
+class Computed:
+    outcomes: list[Outcome]
+    runs: dict[str, ModelRun] = field(default_factory=dict)
+
+
+# -- the child ------------------------------------------------------------------
+_RUNTIMES: dict[str, Any] = {}  # model name -> loaded ModelRuntime, in the child only
+
+
+def _lower_priority(nice: int) -> None:
+    """Runs first in the child, before ONNX Runtime makes its threads (they
+    inherit it)."""
+    if nice > 0:
+        try:
+            os.nice(nice)
+        except (AttributeError, OSError) as exc:
+            log.info("model process keeps its priority (%s)", exc)
+
+
+def _load(folders: dict[str, Path], options: dict[str, Any]) -> tuple[int, dict[str, list[str]]]:
+    from processors.runtime import ModelRuntime
+    for name, folder in folders.items():
+        _RUNTIMES[name] = ModelRuntime(folder, **options).load()
+    return os.getpid(), {name: rt.providers for name, rt in _RUNTIMES.items()}
+
+
+def _compute(jobs: list[Job]) -> Computed:
+    """One embed call per model over all its jobs, then classify heads. A
+    model failure fails its jobs, not the process."""
+    from processors.runtime import RunStats
+    outcomes = [Outcome() for _ in jobs]
+    by_model: dict[str, list[int]] = defaultdict(list)
+    for i, job in enumerate(jobs):
+        by_model[job.model].append(i)
+    runs: dict[str, ModelRun] = {}
+    for name, idx in by_model.items():
+        model = _RUNTIMES[name]
+        stats = RunStats()
+        run = runs[name] = ModelRun(start_ms=now_ms())
+        try:
+            encoded = model.encode([jobs[i].text for i in idx])
+            vectors = model.embed_encoded(encoded, stats)
+            for i, enc, vec in zip(idx, encoded, vectors):
+                job, o = jobs[i], outcomes[i]
+                o.tokens, o.truncated = enc.tokens, enc.truncated
+                if job.task == "classify":
+                    labels = list(job.labels)
+                    output = model.classify(vec, labels, model.label_embeddings(labels, stats))
+                else:
+                    output = {"embedding": vec}
+                o.out = encode(output)
+        except Exception as exc:  # ONNX Runtime raises untyped errors
+            log.exception("model %s failed on %d items", name, len(idx))
+            for i in idx:
+                outcomes[i].out, outcomes[i].error = None, f"model {name} failed: {exc}"
+        run.end_ms = now_ms()
+        run.seconds, run.sub_batches, run.padded_tokens = stats.seconds, stats.sub_batches, stats.padded_tokens
+    return Computed(outcomes, runs)
+
+
+# -- the parent -----------------------------------------------------------------
+class ModelProcess:
+    """`await mp.load(folders, options)`, then `await mp.compute(jobs)`."""
+
+    def __init__(self, nice: int = 0) -> None:
+        # spawn, not fork: the worker has threads (librdkafka's, the
+        # executor's) by then, and a forked copy of a lock held by one of
+        # them never opens
+        self.pid: int | None = None  # known once loaded
+        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_lower_priority, initargs=(nice,))
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        except BrokenProcessPool as exc:
+            # killed (out of memory?) or crashed: no answer will come from it
+            raise ModelProcessError(f"the model process died: {exc}") from None
+
+    async def load(self, folders: dict[str, Path], options: dict[str, Any]) -> dict[str, list[str]]:
+        """Load every model in the child; return each one's providers."""
+        self.pid, providers = await self._call(_load, folders, options)
+        return providers
+
+    async def compute(self, jobs: list[Job]) -> Computed:
+        return await self._call(_compute, jobs)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,142 @@
+"""The worker's publisher: librdkafka (confluent-kafka) behind asyncio futures.
+
+Every request costs the worker two produces (its result and its telemetry
+record), more than anything else it does per cache hit. Under aiokafka the
+producer's pure-Python protocol code was a quarter of the worker's CPU at
+1,000 hits/s (py-spy); librdkafka builds, batches and sends in C on its own
+threads, and keeps up to five requests in flight per broker where aiokafka
+keeps one, so a model batch's megabyte of results no longer queues the
+hits' answers behind it.
+
+Acks come back as delivery reports, served by `poll()`. Nobody waits on an
+ack but the publish stage (before it commits): the client sees a result as
+soon as the broker has it. So reports are polled on the event loop, every
+`ack_poll_s` while any send is unacknowledged: no thread of ours, no
+cross-thread wake-up per report, and futures are resolved where they live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from functools import partial
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class PublishError(Exception):
+    """A record the broker did not take (after librdkafka's own retries)."""
+
+
+class Publisher:
+    """`fut = await pub.send(topic, value, key)`; `await fut` is the broker's ack."""
+
+    def __init__(self, bootstrap_servers: str, *, client_id: str, linger_ms: float,
+                 compression: str = "none", max_message_bytes: int = 4 << 20,
+                 delivery_timeout_ms: int = 30_000, ack_poll_s: float = 0.002) -> None:
+        self.client_id = client_id
+        self._conf = {
+            "bootstrap.servers": bootstrap_servers, "client.id": client_id,
+            # acks from every in-sync replica, no duplicates on retry, order kept
+            "acks": "all", "enable.idempotence": True,
+            "linger.ms": linger_ms, "compression.type": compression,
+            "message.max.bytes": max_message_bytes, "batch.size": 1 << 20,
+            "delivery.timeout.ms": delivery_timeout_ms,
+            # Kafka's Java default, as aiokafka and the clients use: a key
+            # lands on the same partition whichever client wrote it
+            "partitioner": "murmur2_random",
+            "socket.nagle.disable": True,
+            "error_cb": self._on_error,
+        }
+        self._ack_poll_s = ack_poll_s
+        self._producer: Any = None
+        self._unacked = 0
+        self._wake = asyncio.Event()
+        self._poller: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        from confluent_kafka import KafkaException, Producer
+        try:
+            self._producer = Producer(self._conf)
+        except KafkaException as exc:  # a bad option value: say which client
+            raise PublishError(f"producer {self.client_id}: {exc}") from None
+        self._poller = asyncio.create_task(self._poll_acks(), name=f"acks-{self.client_id}")
+
+    async def partitions_for(self, topic: str) -> int:
+        """Learn a topic's metadata now, so the first send does not wait for it."""
+        meta = await asyncio.get_running_loop().run_in_executor(
+            None, partial(self._producer.list_topics, topic, timeout=10))
+        found = meta.topics.get(topic)
+        if found is None or found.error is not None:
+            raise PublishError(f"topic {topic}: {found.error if found else 'unknown'}")
+        return len(found.partitions)
+
+    async def send(self, topic: str, value: bytes, key: bytes | None = None) -> asyncio.Future:
+        """Queue one record; return the future of its ack (None, or PublishError)."""
+        from confluent_kafka import KafkaException
+        fut = asyncio.get_running_loop().create_future()
+        report = partial(self._delivered, fut)
+        while True:
+            try:
+                self._producer.produce(topic, value, key, on_delivery=report)
+                break
+            except BufferError:
+                # librdkafka's queue (100k records or 1 GiB) is full: serve
+                # acks, let its threads drain, and try again
+                self._producer.poll(0)
+                await asyncio.sleep(self._ack_poll_s)
+            except KafkaException as exc:  # refused before queueing (too large): fail like a refused ack
+                fut.set_exception(PublishError(f"{topic}: {exc.args[0].str()}"))
+                return fut
+        self._unacked += 1
+        self._wake.set()
+        return fut
+
+    def _delivered(self, fut: asyncio.Future, err: Any, msg: Any) -> None:
+        self._unacked -= 1
+        if fut.done():
+            return
+        if err is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(PublishError(f"{msg.topic()}: {err.str()}"))
+
+    def _on_error(self, err: Any) -> None:
+        # librdkafka reconnects and retries by itself; a fatal error (the
+        # idempotent producer lost its sequence) fails the sends that follow
+        if err.fatal():
+            log.error("producer %s: fatal: %s", self.client_id, err.str())
+        else:
+            log.warning("producer %s: %s", self.client_id, err.str())
+
+    async def _poll_acks(self) -> None:
+        while True:
+            if self._unacked <= 0:
+                self._wake.clear()
+                await self._wake.wait()
+            self._producer.poll(0)
+            await asyncio.sleep(self._ack_poll_s)
+
+    async def flush(self, timeout_s: float = 30.0) -> int:
+        """Wait until every queued record is acknowledged (or failed); return
+        how many were still unacknowledged at the timeout. Polled here rather
+        than with librdkafka's flush() in a thread: that would run the
+        delivery reports, which resolve asyncio futures, off the event loop."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while len(self._producer) and loop.time() < deadline:
+            self._producer.poll(0)
+            await asyncio.sleep(self._ack_poll_s)
+        self._producer.poll(0)
+        return len(self._producer)
+
+    async def stop(self) -> None:
+        if self._producer is None:
+            return
+        left = await self.flush(10.0)
+        if left:
+            log.warning("producer %s: %d records unsent at close", self.client_id, left)
+        if self._poller is not None:
+            self._poller.cancel()
+        self._producer = None  # librdkafka closes when the handle is dropped

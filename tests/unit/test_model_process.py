@@ -1,0 +1,44 @@
+"""The model process answers exactly what the runtime computes in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import orjson
+
+from processors.model_process import Job, ModelProcess
+from processors.runtime import BUILTIN_MODELS, ModelRuntime
+from schemas.records import encode
+
+OPTIONS = dict(intra_op_threads=1, token_budget=64, max_items=4)
+
+
+def test_outputs_tokens_and_costs_match_the_runtime_in_this_process():
+    texts = ["short", "a somewhat longer sentence about kafka partitions and batches " * 40, "x"]
+    labels = ("sport", "finance")
+    jobs = [Job("all-minilm-l6-v2", t) for t in texts] + [Job("all-minilm-l6-v2", "the match ended 2-1", "classify", labels)]
+
+    async def run():
+        mp = ModelProcess(nice=3)
+        try:
+            providers = await mp.load({"all-minilm-l6-v2": BUILTIN_MODELS / "all-minilm-l6-v2"}, OPTIONS)
+            return providers, await mp.compute(jobs), mp.pid
+        finally:
+            mp.close()
+
+    providers, computed, pid = asyncio.run(run())
+    assert providers == {"all-minilm-l6-v2": ["CPUExecutionProvider"]} and pid != os.getpid()
+
+    here = ModelRuntime(BUILTIN_MODELS / "all-minilm-l6-v2", **OPTIONS).load()
+    encoded = here.encode(texts)
+    vectors = here.embed_encoded(encoded)
+    for o, enc, vec in zip(computed.outcomes, encoded, vectors):
+        assert o.error is None and o.out == encode({"embedding": vec})  # byte for byte
+        assert (o.tokens, o.truncated) == (enc.tokens, enc.truncated)
+    assert computed.outcomes[1].truncated and computed.outcomes[1].tokens == here.card.max_tokens
+    scores = orjson.loads(computed.outcomes[3].out)
+    assert set(scores["scores"]) == set(labels) and scores["label"] in labels
+    run = computed.runs["all-minilm-l6-v2"]
+    assert run.sub_batches >= 2 and run.padded_tokens >= sum(o.tokens for o in computed.outcomes[:3])
+    assert run.seconds > 0 and run.end_ms >= run.start_ms
