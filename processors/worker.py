@@ -194,10 +194,38 @@ class Worker:
             card = self._models[name] = load_card(folder)
             price = cfg.price_per_compute_hour_usd
             self._price_per_hour[name] = card.price_per_compute_hour_usd if price is None else price
-        providers = await self._model_process.load(folders, options)
+        # the model process starts and loads (a second or more) while the
+        # clients connect
+        loading = asyncio.ensure_future(self._model_process.load(folders, options))
+        try:
+            await self._connect()
+            providers = await loading
+        finally:
+            loading.cancel()
         for name, used in providers.items():
             log.info("model %s loaded in the model process (pid %s, nice %d): providers %s",
                      self._models[name].ref, self._model_process.pid, cfg.model_nice, used)
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=cfg.bootstrap_servers, group_id=cfg.group_id,
+            client_id=f"sluice-worker-{cfg.worker_id}", enable_auto_commit=False,
+            auto_offset_reset="earliest", session_timeout_ms=cfg.session_timeout_ms,
+            heartbeat_interval_ms=max(1000, cfg.session_timeout_ms // 4),
+            max_poll_interval_ms=max(300_000, int(cfg.drain_timeout_s * 2000)),
+            fetch_max_wait_ms=cfg.fetch_timeout_ms, max_partition_fetch_bytes=4 << 20)
+        await self._consumer.start()
+        self._consumer.subscribe([self.topics.requests], listener=_Rebalance(self))
+        # What exists now (models, tokenizers, clients, modules) lives as long
+        # as the worker: frozen out of the collector's reach, a full
+        # collection scans only what requests made (one took 90 ms before).
+        gc.freeze()
+        log.info("worker %s started in %.2f s: models %s, group %s, topic %s",
+                 cfg.worker_id, time.perf_counter() - t0,
+                 ", ".join(m.ref for m in self._models.values()), cfg.group_id,
+                 self.topics.requests)
+
+    async def _connect(self) -> None:
+        """The metrics server, Redis and the producers."""
+        cfg = self.config
         self._health = HealthServer(self.metrics, cfg.metrics_host, cfg.metrics_port,
                                     ready=self._readiness,
                                     heartbeat_age_s=lambda: time.monotonic() - self._last_fetch)
@@ -222,23 +250,6 @@ class Worker:
                 await asyncio.wait_for(producer.partitions_for(topic), timeout=15)
             except Exception as exc:  # noqa: BLE001 -- the first send will try again
                 log.warning("no metadata for topic %s yet (%s)", topic, exc)
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=cfg.bootstrap_servers, group_id=cfg.group_id,
-            client_id=f"sluice-worker-{cfg.worker_id}", enable_auto_commit=False,
-            auto_offset_reset="earliest", session_timeout_ms=cfg.session_timeout_ms,
-            heartbeat_interval_ms=max(1000, cfg.session_timeout_ms // 4),
-            max_poll_interval_ms=max(300_000, int(cfg.drain_timeout_s * 2000)),
-            fetch_max_wait_ms=cfg.fetch_timeout_ms, max_partition_fetch_bytes=4 << 20)
-        await self._consumer.start()
-        self._consumer.subscribe([self.topics.requests], listener=_Rebalance(self))
-        # What exists now (models, tokenizers, clients, modules) lives as long
-        # as the worker: frozen out of the collector's reach, a full
-        # collection scans only what requests made (one took 90 ms before).
-        gc.freeze()
-        log.info("worker %s started in %.2f s: models %s, group %s, topic %s",
-                 cfg.worker_id, time.perf_counter() - t0,
-                 ", ".join(m.ref for m in self._models.values()), cfg.group_id,
-                 self.topics.requests)
 
     def _readiness(self) -> tuple[bool, str]:
         if not self._models:

@@ -1,0 +1,97 @@
+"""Repeated cold-cache Zipf runs, variants alternating run by run (A/B).
+
+    .venv/bin/python -m bench.cache_runs --runs 3 \\
+        --variant default: --variant nice10:SLUICE_MODEL_NICE=10 \\
+        --variant before@/path/to/other/checkout:
+
+The issue-3 workload (Zipf s=1.1 over 1,000 inputs, 1,000 requests/s) with
+the cache only, a new worker, new topics and a flushed Redis each run.
+On a shared 2-core machine one run's hit p99 moves by a factor of two, so a
+change is judged by several runs of each variant, interleaved so that both
+see the same machine. A variant is `name[@checkout]:SLUICE_X=V,...`: worker
+settings, and optionally another checkout to run the worker from (an older
+commit, for before/after). For each run: hit p99, hits over 25 ms in the
+first second (a new worker's start), seconds 1-8 (the miss backlog) and
+after, and the p50/p99 of the requests that waited for the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import redis
+
+from bench.harness import OUT, create_topics, machine, new_prefix, stack
+from producers.corpus import Workload
+from producers.loadgen import run_load
+from schemas.topics import KafkaConfig
+from sluice.supervisor import WorkerProcess
+
+
+def parse_variant(spec: str) -> tuple[str, Path | None, dict[str, str]]:
+    head, _, settings = spec.partition(":")
+    name, _, root = head.partition("@")
+    env = dict(kv.split("=", 1) for kv in settings.split(",") if kv)
+    return name, Path(root).resolve() if root else None, env
+
+
+def one_run(bootstrap: str, redis_url: str, root: Path | None, env: dict[str, str], seconds: float) -> dict:
+    prefix = new_prefix("cache-runs")
+    create_topics(bootstrap, prefix)
+    redis.Redis.from_url(redis_url).flushdb()
+    settings = {"SLUICE_BOOTSTRAP_SERVERS": bootstrap, "SLUICE_TOPIC_PREFIX": prefix,
+                "SLUICE_GROUP_ID": f"{prefix}-workers", "SLUICE_REDIS_URL": redis_url, **env}
+    if root is not None:  # the other checkout has no models of its own: use ours
+        settings.setdefault("SLUICE_MODELS_DIR", str(Path(".sluice/models").resolve()))
+    w = WorkerProcess(settings, log_path=OUT / f"worker-{prefix}.log", cwd=root)
+    w.start()
+    rows: list[tuple[float, float, bool]] = []
+
+    def keep(doc: dict, latency_ms: float) -> None:
+        rows.append((doc["_received_at_ms"] - latency_ms, latency_ms, doc.get("cache") in ("l1", "l2")))
+
+    try:
+        asyncio.run(run_load(KafkaConfig(bootstrap_servers=bootstrap, topic_prefix=prefix), rate=1000,
+                             duration_s=seconds, workload=Workload("zipf", 1000, 1.1, 7),
+                             progress=None, drain_timeout_s=120, on_answer=keep))
+    finally:
+        w.stop()
+    a = np.asarray(rows)
+    t = (a[:, 0] - a[:, 0].min()) / 1000
+    hit, lat = a[:, 2] > 0, a[:, 1]
+    slow = hit & (lat > 25)
+    return {"hit_p99": float(np.percentile(lat[hit], 99)), "hits": int(hit.sum()),
+            "over_25": [int((slow & (t < 1)).sum()), int((slow & (t >= 1) & (t < 8)).sum()),
+                        int((slow & (t >= 8)).sum())],
+            "model_p50": float(np.percentile(lat[~hit], 50)), "model_p99": float(np.percentile(lat[~hit], 99))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variant", action="append", required=True, metavar="NAME[@CHECKOUT]:SLUICE_X=V,...")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=20)
+    args = ap.parse_args()
+    variants = [parse_variant(v) for v in args.variant]
+    OUT.mkdir(parents=True, exist_ok=True)
+    lines = []
+    with stack() as (bootstrap, redis_url):
+        redis_url = redis_url.rsplit("/", 1)[0] + "/1"  # db 1: flushed each run
+        for i in range(1, args.runs + 1):
+            for name, root, env in variants:
+                r = one_run(bootstrap, redis_url, root, env, args.seconds)
+                o = r["over_25"]
+                lines.append(f"| {name} | {i} | {r['hit_p99']:.0f} | {sum(o)} of {r['hits']} | {o[0]} / {o[1]} / {o[2]} "
+                             f"| {r['model_p50']:.0f} / {r['model_p99']:.0f} |")
+                print(lines[-1], flush=True)
+    print(f"\nMachine: {machine()}\n")
+    print("| variant | run | hit p99 ms | hits over 25 ms | of them in s 0-1 / 1-8 / 8- | "
+          "miss + coalesced p50 / p99 ms |\n|---|---|---|---|---|---|")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
