@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ def one_run(bootstrap: str, redis_url: str, root: Path | None, env: dict[str, st
     settings = {"SLUICE_BOOTSTRAP_SERVERS": bootstrap, "SLUICE_TOPIC_PREFIX": prefix,
                 "SLUICE_GROUP_ID": f"{prefix}-workers", "SLUICE_REDIS_URL": redis_url, **env}
     if root is not None:  # the other checkout has no models of its own: use ours
-        settings.setdefault("SLUICE_MODELS_DIR", str(Path(".sluice/models").resolve()))
+        settings.setdefault("SLUICE_MODELS_DIR", json.dumps([str(Path(".sluice/models").resolve())]))
     w = WorkerProcess(settings, log_path=OUT / f"worker-{prefix}.log", cwd=root)
     w.start()
     rows: list[tuple[float, float, bool]] = []
