@@ -41,11 +41,11 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from processors.batching import Batcher, BatchPolicy, PartitionBatch
+from processors.cache import CacheMetrics, L1Cache, L2Cache, storage_key
 from processors.config import WorkerConfig
 from processors.metrics import HealthServer, WorkerMetrics
-from processors.publisher import Publisher
-from processors.cache import CacheMetrics, L1Cache, L2Cache, storage_key
 from processors.model_process import Job, ModelProcess, ModelRun
+from processors.publisher import Publisher
 from processors.runtime import ModelCard, discover_models, load_card
 from schemas.errors import ConfigError, RequestError
 from schemas.keys import cache_key, normalise
@@ -77,7 +77,6 @@ class Item:
     key_hash: str | None = None
     # outcome
     status: str = "ok"
-    output: dict[str, Any] | None = None
     cache: str = "none"
     leader: "Item | None" = None
     dropped: bool = False  # left uncommitted for the partition's next owner
