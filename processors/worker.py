@@ -163,6 +163,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._fetch_done = False
         self._models: dict[str, ModelCard] = {}  # name -> card; the sessions live in the model process
+        self._loaded = False  # the model process has loaded every model
         self._model_process = ModelProcess(config.model_nice)
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: Publisher | None = None  # results
@@ -201,6 +202,7 @@ class Worker:
             providers = await loading
         finally:
             loading.cancel()
+        self._loaded = True
         for name, used in providers.items():
             log.info("model %s loaded in the model process (pid %s, nice %d): providers %s",
                      self._models[name].ref, self._model_process.pid, cfg.model_nice, used)
@@ -251,7 +253,7 @@ class Worker:
                 log.warning("no metadata for topic %s yet (%s)", topic, exc)
 
     def _readiness(self) -> tuple[bool, str]:
-        if not self._models:
+        if not self._loaded:
             return False, "model not loaded"
         if self._stopping.is_set():
             return False, "stopping"
