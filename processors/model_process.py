@@ -22,6 +22,8 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import threading
+import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -80,14 +82,24 @@ class Computed:
 _RUNTIMES: dict[str, Any] = {}  # model name -> loaded ModelRuntime, in the child only
 
 
-def _lower_priority(nice: int) -> None:
-    """Runs first in the child, before ONNX Runtime makes its threads (they
-    inherit it)."""
+def _start_child(nice: int, parent_pid: int, check_every_s: float = 1.0) -> None:
+    """Runs first in the child. Lowers its priority before ONNX Runtime makes
+    its threads (they inherit it), and starts a watch on the parent: a
+    worker killed outright (SIGKILL, the OOM killer) cannot stop its pool,
+    and the child would wait on the hand-off pipe forever with the models in
+    memory (found: four such orphans of ~450 MB each after a day of tests)."""
     if nice > 0:
         try:
             os.nice(nice)
         except (AttributeError, OSError) as exc:
             log.info("model process keeps its priority (%s)", exc)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(check_every_s)
+        os._exit(1)  # the parent is gone: nobody will read an answer
+
+    threading.Thread(target=watch, name="sluice-parent-watch", daemon=True).start()
 
 
 def _load(folders: dict[str, Path], options: dict[str, Any]) -> tuple[int, dict[str, list[str]]]:
@@ -141,7 +153,7 @@ class ModelProcess:
         # them never opens
         self.pid: int | None = None  # known once loaded
         self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_lower_priority, initargs=(nice,))
+                                         initializer=_start_child, initargs=(nice, os.getpid()))
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         try:

@@ -256,3 +256,21 @@ async def test_the_model_runs_in_a_nice_child_whose_death_stops_the_worker_and_l
     worker_factory()  # the partition's next owner reads the request again
     doc = await asyncio.wait_for(fut, 120)
     assert doc["status"] == "ok" and doc["cache"] == "miss"
+
+
+async def test_a_worker_killed_outright_takes_its_model_process_with_it(env, worker_factory):
+    import os
+    import time
+    w = worker_factory()
+    child = _model_process(w.proc.pid)
+    w.signal(signal.SIGKILL)
+    assert await asyncio.to_thread(w.wait, 30) == -signal.SIGKILL
+    deadline = time.monotonic() + 15
+    while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
+        try:  # reap it if it became our child (it does not: init adopts it)
+            os.waitpid(child, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        await asyncio.sleep(0.2)
+    status = open(f"/proc/{child}/status").read() if os.path.exists(f"/proc/{child}") else "gone"
+    assert status == "gone" or "State:\tZ" in status, f"model process {child} outlived its worker"
