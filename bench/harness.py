@@ -8,6 +8,7 @@ import asyncio
 import os
 import platform
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -68,7 +69,11 @@ def stack() -> Iterator[tuple[str, str]]:
         # partitions left 54 MB of a 512 MB heap to the young generation)
         from sluice.admin import delete_topics_with_prefix
         try:
-            gone = asyncio.run(delete_topics_with_prefix(local.bootstrap_servers, BENCH_TOPIC_PREFIX))
+            # on a thread of its own: `make bench` enters this from inside
+            # its event loop, where asyncio.run() refuses to start
+            with ThreadPoolExecutor(1) as pool:
+                gone = pool.submit(lambda: asyncio.run(delete_topics_with_prefix(
+                    local.bootstrap_servers, BENCH_TOPIC_PREFIX))).result()
             print(f"deleted {len(gone)} bench topics", flush=True)
         except Exception as exc:  # noqa: BLE001 -- the figures are out already
             print(f"bench topics left on the broker: {exc}", flush=True)
