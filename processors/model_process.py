@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from processors.runtime import RunStats
 from schemas.errors import SluiceError
 from schemas.records import encode, now_ms
 
@@ -62,14 +63,12 @@ class Outcome:
 
 
 @dataclass(slots=True)
-class ModelRun:
-    """What one model's share of a hand-off cost (all in the child)."""
+class ModelRun(RunStats):
+    """What one model's share of a hand-off cost (all in the child): the
+    runtime's own stats, and when it ran."""
 
     start_ms: int = 0
     end_ms: int = 0
-    seconds: float = 0.0
-    sub_batches: int = 0
-    padded_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -112,7 +111,6 @@ def _load(folders: dict[str, Path], options: dict[str, Any]) -> tuple[int, dict[
 def _compute(jobs: list[Job]) -> Computed:
     """One embed call per model over all its jobs, then classify heads. A
     model failure fails its jobs, not the process."""
-    from processors.runtime import RunStats
     outcomes = [Outcome() for _ in jobs]
     by_model: dict[str, list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
@@ -120,17 +118,16 @@ def _compute(jobs: list[Job]) -> Computed:
     runs: dict[str, ModelRun] = {}
     for name, idx in by_model.items():
         model = _RUNTIMES[name]
-        stats = RunStats()
         run = runs[name] = ModelRun(start_ms=now_ms())
         try:
             encoded = model.encode([jobs[i].text for i in idx])
-            vectors = model.embed_encoded(encoded, stats)
+            vectors = model.embed_encoded(encoded, run)
             for i, enc, vec in zip(idx, encoded, vectors):
                 job, o = jobs[i], outcomes[i]
                 o.tokens, o.truncated = enc.tokens, enc.truncated
                 if job.task == "classify":
                     labels = list(job.labels)
-                    output = model.classify(vec, labels, model.label_embeddings(labels, stats))
+                    output = model.classify(vec, labels, model.label_embeddings(labels, run))
                 else:
                     output = {"embedding": vec}
                 o.out = encode(output)
@@ -139,7 +136,6 @@ def _compute(jobs: list[Job]) -> Computed:
             for i in idx:
                 outcomes[i].out, outcomes[i].error = None, f"model {name} failed: {exc}"
         run.end_ms = now_ms()
-        run.seconds, run.sub_batches, run.padded_tokens = stats.seconds, stats.sub_batches, stats.padded_tokens
     return Computed(outcomes, runs)
 
 
