@@ -49,7 +49,7 @@ class WorkerConfig(KafkaConfig, Limits):
                                    description="Most results one publish round carries (groups ready together share one wait for acks and one commit); 1 publishes and commits record by record.")
     publish_compression: str = Field("none", pattern="^(none|gzip|snappy|lz4|zstd)$",
                                      description="Compression of results and telemetry (done by librdkafka).")
-    fetch_max_records: int = Field(1000, ge=1, description="Most records one consumer fetch returns.")
+    fetch_max_records: int = Field(1000, ge=1, description="Most records fetched ahead of the worker (held between the consumer thread and the event loop); past it the consumer pauses fetching.")
     fetch_timeout_ms: int = Field(100, ge=1, description="Longest one fetch waits when no batch is due.")
     session_timeout_ms: int = Field(10_000, ge=1000, description="Kafka consumer group session timeout.")
     drain_timeout_s: float = Field(30.0, gt=0,

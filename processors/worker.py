@@ -4,7 +4,8 @@ Four stages on one event loop (the model in a process of its own), joined by
 bounded hand-offs, so fetching, cache hits and publishing go on while the
 model runs:
 
-1. fetch: `getmany()` records per partition; each is parsed, validated and
+1. fetch: records per partition from the consumer (librdkafka, on a thread
+   of its own: processors/consumer.py); each is parsed, validated and
    keyed, and added to its partition's batch (tokens estimated for the
    budget). Full or due batches move to the pending list. Past
    `max_pending_items` unanswered (or `max_uncommitted_items` uncommitted)
@@ -37,12 +38,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError
-
 from processors.batching import Batcher, BatchPolicy, PartitionBatch
 from processors.cache import CacheMetrics, L1Cache, L2Cache, storage_key
 from processors.config import WorkerConfig
+from processors.consumer import CommitError, GroupConsumer
 from processors.metrics import HealthServer, WorkerMetrics
 from processors.model_process import Job, ModelProcess, ModelRun
 from processors.publisher import Publisher
@@ -127,17 +126,6 @@ class Group:
         return out
 
 
-class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, worker: "Worker") -> None:
-        self._worker = worker
-
-    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        await self._worker._on_revoked(revoked)
-
-    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        self._worker._on_assigned(assigned)
-
-
 class Worker:
     def __init__(self, config: WorkerConfig, metrics: WorkerMetrics | None = None) -> None:
         self.config = config
@@ -165,7 +153,7 @@ class Worker:
         self._models: dict[str, ModelCard] = {}  # name -> card; the sessions live in the model process
         self._loaded = False  # the model process has loaded every model
         self._model_process = ModelProcess(config.model_nice)
-        self._consumer: AIOKafkaConsumer | None = None
+        self._consumer: GroupConsumer | None = None
         self._producer: Publisher | None = None  # results
         self._bulk: Publisher | None = None  # telemetry and DLQ: volume matters
         self._health: HealthServer | None = None
@@ -206,15 +194,13 @@ class Worker:
         for name, used in providers.items():
             log.info("model %s loaded in the model process (pid %s, nice %d): providers %s",
                      self._models[name].ref, self._model_process.pid, cfg.model_nice, used)
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=cfg.bootstrap_servers, group_id=cfg.group_id,
-            client_id=f"sluice-worker-{cfg.worker_id}", enable_auto_commit=False,
-            auto_offset_reset="earliest", session_timeout_ms=cfg.session_timeout_ms,
-            heartbeat_interval_ms=max(1000, cfg.session_timeout_ms // 4),
+        self._consumer = GroupConsumer(
+            cfg.bootstrap_servers, group_id=cfg.group_id, client_id=f"sluice-worker-{cfg.worker_id}",
+            topic=self.topics.requests, session_timeout_ms=cfg.session_timeout_ms,
             max_poll_interval_ms=max(300_000, int(cfg.drain_timeout_s * 2000)),
-            fetch_max_wait_ms=cfg.fetch_timeout_ms, max_partition_fetch_bytes=4 << 20)
+            fetch_wait_ms=cfg.fetch_timeout_ms, max_buffered=cfg.fetch_max_records,
+            on_assigned=self._on_assigned, on_revoked=self._on_revoked)
         await self._consumer.start()
-        self._consumer.subscribe([self.topics.requests], listener=_Rebalance(self))
         # What exists now (models, tokenizers, clients, modules) lives as long
         # as the worker: frozen out of the collector's reach, a full
         # collection scans only what requests made (one took 90 ms before).
@@ -323,11 +309,10 @@ class Worker:
                 timeout_ms = cfg.fetch_timeout_ms
             else:
                 timeout_ms = max(0, min(cfg.fetch_timeout_ms, int((due - time.monotonic()) * 1000)))
-            records = await self._consumer.getmany(timeout_ms=timeout_ms,
-                                                   max_records=cfg.fetch_max_records)
-            for tp, recs in records.items():
-                if tp.partition in self._assigned:
-                    for it in self._intake(tp.partition, recs):
+            records = await self._consumer.getmany(timeout_ms / 1000)
+            for partition, msgs in records.items():
+                if partition in self._assigned:
+                    for it in self._intake(partition, msgs):
                         await self._answer_now(it, it.cache_ms, 1)
             self._move_ready(time.monotonic())
         # Stopping: what is with the model or the publisher finishes and is
@@ -348,11 +333,12 @@ class Worker:
         now, received = time.monotonic(), now_ms()
         by_model: dict[str, list[Item]] = defaultdict(list)
         items: list[Item] = []
-        for rec in records:
-            item = Item(partition, rec.offset, rec.key, rec.value, rec.timestamp, received)
+        for m in records:
+            raw = m.value()
+            item = Item(partition, m.offset(), m.key(), raw, m.timestamp()[1], received)
             items.append(item)
             try:
-                req = parse_request(rec.value, cfg)
+                req = parse_request(raw, cfg)
             except RequestError as exc:
                 item.error = exc
                 continue
@@ -778,19 +764,17 @@ class Worker:
 
     async def _commit(self, offsets: dict[int, int]) -> None:
         assert self._consumer is not None
-        tps = {TopicPartition(self.topics.requests, p): off for p, off in offsets.items()}
         try:
-            await self._consumer.commit(tps)
+            await self._consumer.commit(offsets)
             self.metrics.commits.labels("ok").inc()
-        except (CommitFailedError, IllegalStateError) as exc:
+        except CommitError as exc:
             # the partition moved during a rebalance: its new owner replays
             # from the last commit, so these requests are answered twice
             self.metrics.commits.labels("failed").inc()
             log.warning("commit of %s failed (%s); the new owner replays them", offsets, exc)
 
     # -- rebalance -----------------------------------------------------------
-    async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
-        parts = {tp.partition for tp in revoked if tp.topic == self.topics.requests}
+    async def _on_revoked(self, parts: set[int]) -> None:
         self._assigned -= parts
         self.metrics.rebalances.inc()
         dropped = self._drop_waiting(parts)
@@ -834,9 +818,8 @@ class Worker:
         self.metrics.inflight.set(self._inflight_items)
         return dropped
 
-    def _on_assigned(self, assigned: list[TopicPartition]) -> None:
-        self._assigned = {tp.partition for tp in (self._consumer.assignment() if self._consumer else ())
-                          if tp.topic == self.topics.requests}
+    def _on_assigned(self, assigned: set[int]) -> None:
+        self._assigned = set(assigned)
         self.metrics.assigned.set(len(self._assigned))
         log.info("assigned partitions %s", sorted(self._assigned))
 

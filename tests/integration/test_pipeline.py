@@ -207,6 +207,24 @@ async def test_worker_stopped_halfway_loses_nothing(env, worker_factory, client,
     assert {d["id"] for d in docs} == {f"r{sig}-{i}" for i in range(n)}
 
 
+async def test_a_worker_joining_mid_run_takes_partitions_and_loses_nothing(env, worker_factory, client):
+    """Scale-up under load: the first worker's revoke drains and commits
+    while a second joins; every request is answered, by both."""
+    n = 3000
+    worker_factory()
+    futs = [await client.send(make_request(text(i, seed=41), id=f"j-{i}")) for i in range(n)]
+    await client.flush()
+    while sum(f.done() for f in futs) < n // 4:
+        await asyncio.sleep(0.05)
+    worker_factory()
+    answered_before = sum(f.done() for f in futs)
+    assert answered_before < n, "the first worker finished before the second joined; the test proves nothing"
+    docs = await asyncio.wait_for(asyncio.gather(*futs), 240)
+    assert all(d["status"] == "ok" for d in docs)
+    assert {d["id"] for d in docs} == {f"j-{i}" for i in range(n)}
+    assert len({d["worker"] for d in docs}) == 2
+
+
 async def test_the_librdkafka_load_generator_is_answered_and_partitions_like_aiokafka(env, worker_factory):
     """The load generator's default transport: every request answered, each
     on the partition aiokafka (SluiceClient) would pick for its key, so the
