@@ -10,9 +10,12 @@ On a shared 2-core machine one run's hit p99 moves by a factor of two, so a
 change is judged by several runs of each variant, interleaved so that both
 see the same machine. A variant is `name[@checkout]:SLUICE_X=V,...`: worker
 settings, and optionally another checkout to run the worker from (an older
-commit, for before/after). For each run: hit p99, hits over 25 ms in the
+commit, for before/after). For each run: hit p50 and p99, hits over 25 ms in the
 first second (a new worker's start), seconds 1-8 (the miss backlog) and
-after, and the p50/p99 of the requests that waited for the model.
+after, the p50/p99 of the requests that waited for the model, and the CPU
+each process used per request (ms): broker, worker, its model process, and
+this one (the load generator); the CPU figures move far less from run to
+run than the tails do.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import redis
 
-from bench.harness import OUT, create_topics, machine, new_prefix, stack
+from bench.harness import OUT, broker_pid, cpu_seconds, create_topics, machine, new_prefix, stack
 from producers.corpus import Workload
 from producers.loadgen import run_load
 from schemas.topics import KafkaConfig
@@ -49,6 +52,9 @@ def one_run(bootstrap: str, redis_url: str, root: Path | None, env: dict[str, st
         settings.setdefault("SLUICE_MODELS_DIR", json.dumps([str(Path(".sluice/models").resolve())]))
     w = WorkerProcess(settings, log_path=OUT / f"worker-{prefix}.log", cwd=root)
     w.start()
+    assert w.proc is not None
+    pids = {"broker": broker_pid(), "worker": w.proc.pid, "model": _model_child(w.proc.pid), "loadgen": None}
+    cpu0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
     rows: list[tuple[float, float, bool]] = []
 
     def keep(doc: dict, latency_ms: float) -> None:
@@ -58,16 +64,29 @@ def one_run(bootstrap: str, redis_url: str, root: Path | None, env: dict[str, st
         asyncio.run(run_load(KafkaConfig(bootstrap_servers=bootstrap, topic_prefix=prefix), rate=1000,
                              duration_s=seconds, workload=Workload("zipf", 1000, 1.1, 7),
                              progress=None, drain_timeout_s=120, on_answer=keep))
+        cpu = {k: (cpu_seconds(pid) - cpu0[k]) * 1000 / len(rows) for k, pid in pids.items()}
     finally:
         w.stop()
     a = np.asarray(rows)
     t = (a[:, 0] - a[:, 0].min()) / 1000
     hit, lat = a[:, 2] > 0, a[:, 1]
     slow = hit & (lat > 25)
-    return {"hit_p99": float(np.percentile(lat[hit], 99)), "hits": int(hit.sum()),
+    return {"hit_p50": float(np.percentile(lat[hit], 50)), "hit_p99": float(np.percentile(lat[hit], 99)),
+            "hits": int(hit.sum()),
             "over_25": [int((slow & (t < 1)).sum()), int((slow & (t >= 1) & (t < 8)).sum()),
                         int((slow & (t >= 8)).sum())],
-            "model_p50": float(np.percentile(lat[~hit], 50)), "model_p99": float(np.percentile(lat[~hit], 99))}
+            "model_p50": float(np.percentile(lat[~hit], 50)), "model_p99": float(np.percentile(lat[~hit], 99)),
+            "cpu_ms": cpu}
+
+
+def _model_child(worker_pid: int) -> int:
+    """The worker's model process (its child that is not multiprocessing's
+    resource tracker)."""
+    for task in Path(f"/proc/{worker_pid}/task").iterdir():
+        for kid in (task / "children").read_text().split():
+            if b"resource_tracker" not in Path(f"/proc/{kid}/cmdline").read_bytes():
+                return int(kid)
+    raise RuntimeError(f"worker {worker_pid} has no model process")
 
 
 def main() -> None:
@@ -85,12 +104,15 @@ def main() -> None:
             for name, root, env in variants:
                 r = one_run(bootstrap, redis_url, root, env, args.seconds)
                 o = r["over_25"]
-                lines.append(f"| {name} | {i} | {r['hit_p99']:.0f} | {sum(o)} of {r['hits']} | {o[0]} / {o[1]} / {o[2]} "
-                             f"| {r['model_p50']:.0f} / {r['model_p99']:.0f} |")
+                c = r["cpu_ms"]
+                lines.append(f"| {name} | {i} | {r['hit_p50']:.0f} / {r['hit_p99']:.0f} | {sum(o)} of {r['hits']} | {o[0]} / {o[1]} / {o[2]} "
+                             f"| {r['model_p50']:.0f} / {r['model_p99']:.0f} "
+                             f"| {c['broker']:.2f} / {c['worker']:.2f} / {c['model']:.2f} / {c['loadgen']:.2f} |")
                 print(lines[-1], flush=True)
     print(f"\nMachine: {machine()}\n")
-    print("| variant | run | hit p99 ms | hits over 25 ms | of them in s 0-1 / 1-8 / 8- | "
-          "miss + coalesced p50 / p99 ms |\n|---|---|---|---|---|---|")
+    print("| variant | run | hit p50 / p99 ms | hits over 25 ms | of them in s 0-1 / 1-8 / 8- | "
+          "miss + coalesced p50 / p99 ms | CPU ms per request: broker / worker / model / load generator |\n"
+          "|---|---|---|---|---|---|---|")
     print("\n".join(lines))
 
 
