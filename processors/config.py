@@ -50,7 +50,10 @@ class WorkerConfig(KafkaConfig, Limits):
     publish_compression: str = Field("none", pattern="^(none|gzip|snappy|lz4|zstd)$",
                                      description="Compression of results and telemetry (done by librdkafka).")
     fetch_max_records: int = Field(1000, ge=1, description="Most records fetched ahead of the worker (held between the consumer thread and the event loop); past it the consumer pauses fetching.")
-    fetch_timeout_ms: int = Field(100, ge=1, description="Longest one fetch waits when no batch is due.")
+    fetch_timeout_ms: int = Field(100, ge=1, description="Longest the fetch stage waits for records when no batch is due.")
+    fetch_max_wait_ms: int = Field(5, ge=0, le=10_000,
+                                   description="Longest the broker holds a fetch for SLUICE_FETCH_MIN_BYTES to gather: a request waits up to this long more, and the broker answers one fetch per this long instead of one per record or two (at 1,000 requests/s, 5 cut the CPU per request by a fifth: bench/RESULTS.md).")
+    fetch_min_bytes: int = Field(65536, ge=1, description="Bytes the broker gathers before it answers a fetch (or SLUICE_FETCH_MAX_WAIT_MS passes); 1 answers at once.")
     session_timeout_ms: int = Field(10_000, ge=1000, description="Kafka consumer group session timeout.")
     drain_timeout_s: float = Field(30.0, gt=0,
                                    description="On stop or revoke, how long to wait for batches in flight.")

@@ -58,8 +58,8 @@ class GroupConsumer:
     """One topic, one consumer group, manual commits, at-least-once."""
 
     def __init__(self, bootstrap_servers: str, *, group_id: str, client_id: str, topic: str,
-                 session_timeout_ms: int, max_poll_interval_ms: int, fetch_wait_ms: int,
-                 max_buffered: int, on_assigned: Callable[[set[int]], None],
+                 session_timeout_ms: int, max_poll_interval_ms: int, fetch_max_wait_ms: int,
+                 fetch_min_bytes: int, max_buffered: int, on_assigned: Callable[[set[int]], None],
                  on_revoked: Callable[[set[int]], Awaitable[None]]) -> None:
         self.topic = topic
         self._conf = {
@@ -69,7 +69,8 @@ class GroupConsumer:
             "session.timeout.ms": session_timeout_ms,
             "heartbeat.interval.ms": max(1000, session_timeout_ms // 4),
             "max.poll.interval.ms": max_poll_interval_ms,
-            "fetch.wait.max.ms": fetch_wait_ms, "max.partition.fetch.bytes": 4 << 20,
+            "fetch.wait.max.ms": fetch_max_wait_ms, "fetch.min.bytes": fetch_min_bytes,
+            "max.partition.fetch.bytes": 4 << 20,
             # aiokafka's default assignor goes by this name too: workers of
             # an older release (aiokafka) and this one can share a group
             # during a rolling upgrade

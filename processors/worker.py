@@ -198,7 +198,8 @@ class Worker:
             cfg.bootstrap_servers, group_id=cfg.group_id, client_id=f"sluice-worker-{cfg.worker_id}",
             topic=self.topics.requests, session_timeout_ms=cfg.session_timeout_ms,
             max_poll_interval_ms=max(300_000, int(cfg.drain_timeout_s * 2000)),
-            fetch_wait_ms=cfg.fetch_timeout_ms, max_buffered=cfg.fetch_max_records,
+            fetch_max_wait_ms=cfg.fetch_max_wait_ms, fetch_min_bytes=cfg.fetch_min_bytes,
+            max_buffered=cfg.fetch_max_records,
             on_assigned=self._on_assigned, on_revoked=self._on_revoked)
         await self._consumer.start()
         # What exists now (models, tokenizers, clients, modules) lives as long

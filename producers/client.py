@@ -66,12 +66,19 @@ class SluiceClient:
     """Async client. `async with SluiceClient(KafkaConfig(...)) as c: await c.submit("text")`."""
 
     def __init__(self, config: KafkaConfig | None = None, *, results_topic: str | None = None,
-                 timeout_s: float = 60.0, linger_ms: int = 2) -> None:
+                 timeout_s: float = 60.0, linger_ms: int = 2, fetch_max_wait_ms: int = 5,
+                 fetch_min_bytes: int = 65536) -> None:
         self.config = config or KafkaConfig()
         self.topics = self.config.topics
         self.results_topic = results_topic or self.topics.results
         self.timeout_s = timeout_s
         self._linger_ms = linger_ms
+        # The broker holds a results fetch until fetch_min_bytes gather or
+        # fetch_max_wait_ms pass: a result may wait that long more, and the
+        # broker answers one fetch per few ms instead of one per result or
+        # two, which on a busy broker is what keeps the tail short.
+        self._fetch_max_wait_ms = fetch_max_wait_ms
+        self._fetch_min_bytes = fetch_min_bytes
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._reader: asyncio.Task | None = None
@@ -95,7 +102,9 @@ class SluiceClient:
         await self._producer.partitions_for(self.topics.requests)  # metadata now, not at the first send
         self._consumer = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap_servers,
                                           enable_auto_commit=False, group_id=None,
-                                          isolation_level="read_committed", fetch_max_wait_ms=50)
+                                          isolation_level="read_committed",
+                                          fetch_max_wait_ms=self._fetch_max_wait_ms,
+                                          fetch_min_bytes=self._fetch_min_bytes)
         await self._consumer.start()
         parts = await self._wait_partitions(self.results_topic)
         tps = [TopicPartition(self.results_topic, p) for p in parts]

@@ -39,10 +39,15 @@ class RdKafkaClient:
     """`async with RdKafkaClient(KafkaConfig(...)) as c: fut = await c.send(doc)`."""
 
     def __init__(self, config: KafkaConfig | None = None, *, linger_ms: float = 0.0,
-                 poll_timeout_s: float = 0.05) -> None:
+                 poll_timeout_s: float = 0.05, fetch_max_wait_ms: int = 5,
+                 fetch_min_bytes: int = 65536) -> None:
         self.config = config or KafkaConfig()
         self.topics = self.config.topics
         self._linger_ms = linger_ms
+        # results are fetched at most every fetch_max_wait_ms (unless
+        # fetch_min_bytes gather sooner): a few ms more per result, far
+        # fewer fetches for the broker to answer (see SluiceClient)
+        self._fetch = {"fetch.wait.max.ms": fetch_max_wait_ms, "fetch.min.bytes": fetch_min_bytes}
         self._poll_timeout_s = poll_timeout_s
         self._producer: Any = None
         self._consumer: Any = None
@@ -73,7 +78,7 @@ class RdKafkaClient:
         self._consumer = ck.Consumer({
             "bootstrap.servers": servers, "group.id": f"sluice-loadgen-{now_ms()}",
             "enable.auto.commit": False, "isolation.level": "read_committed",
-            "enable.partition.eof": False, "fetch.wait.max.ms": 50, "socket.nagle.disable": True,
+            "enable.partition.eof": False, "socket.nagle.disable": True, **self._fetch,
         })
         # metadata for the requests topic now, not at the first send
         await asyncio.get_running_loop().run_in_executor(

@@ -37,7 +37,8 @@ def _consumer(env, name: str, *, max_buffered: int = 1000, assigned=None, revoke
 
     return GroupConsumer(env.stack.bootstrap_servers, group_id=f"{env.prefix}-consumers",
                          client_id=name, topic=env.topics.requests, session_timeout_ms=6000,
-                         max_poll_interval_ms=300_000, fetch_wait_ms=100, max_buffered=max_buffered,
+                         max_poll_interval_ms=300_000, fetch_max_wait_ms=5, fetch_min_bytes=65536,
+                         max_buffered=max_buffered,
                          on_assigned=assigned or (lambda parts: None), on_revoked=revoked or nothing)
 
 
