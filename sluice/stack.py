@@ -48,6 +48,21 @@ _LOG_TAIL_LINES = 20
 
 T = TypeVar("T")
 
+# Every young-generation pause of the broker holds every request in flight.
+# G1 as kafka-run-class.sh sets it (20 ms pause goal, old-generation marking
+# started early) sized its young generation to the goal: ~20 ms pauses every
+# ~3 s at 1,000 requests/s, about 0.8% of the time stopped, which alone puts
+# a p99 of 25 ms out of reach. The parallel collector, without G1's
+# remembered sets, paused 10-18 ms every 6-10 s (0.2% of the time); its
+# price is a full collection (~0.2 s for 200 MB) when the old generation
+# fills: the old generation grew ~4 MB a minute under that load, so about
+# two hours apart (bench/RESULTS.md).
+_GC_OPTIONS: dict[str, tuple[str, ...]] = {
+    "parallel": ("-XX:+UseParallelGC",),
+    "g1": ("-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:InitiatingHeapOccupancyPercent=35",
+           "-XX:+ExplicitGCInvokesConcurrent"),
+}
+
 # Popen objects of the processes this interpreter started, by pid. Holding them
 # lets us reap our own children: a killed child stays a zombie until waited
 # for, and os.kill(pid, 0) succeeds on zombies, so down() in the same process
@@ -77,6 +92,9 @@ class StackConfig(BaseModel):
         6379, ge=1, le=65535, description="Port of the local redis-server (127.0.0.1).")
     kafka_heap_mb: int = Field(
         1024, ge=128, le=65536, description="Java heap of the local Kafka broker, MiB (reserved at start, as Kafka's own scripts do).")
+    kafka_gc: str = Field(
+        "parallel", pattern="^(parallel|g1)$",
+        description="Garbage collector of the local Kafka broker: parallel (young pauses of 10-18 ms every 6-10 s at 1,000 requests/s; a full collection of ~0.2 s when the old generation fills, about two hours apart at that load) or g1 (Kafka's own scripts' settings: pauses of ~20 ms every ~3 s).")
     kafka_jvm_options: str = Field(
         "", description="Extra JVM options of the local Kafka broker, space-separated (e.g. -XX:TieredStopAtLevel=1).")
     stack_start_timeout_s: float = Field(
@@ -551,12 +569,7 @@ class LocalStack:
         pid = self._spawn(self._kafka, [
             java_bin,
             f"-Xmx{self.config.kafka_heap_mb}m", f"-Xms{self.config.kafka_heap_mb}m",
-            # kafka-run-class.sh's G1 settings: short pauses, old-generation
-            # marking started early. At 512 MiB (and no -Xms) the young
-            # generation stayed small and the broker paused ~12 ms twice as
-            # often; each pause holds every request in flight (bench/RESULTS.md).
-            "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:InitiatingHeapOccupancyPercent=35",
-            "-XX:+ExplicitGCInvokesConcurrent",
+            *_GC_OPTIONS[self.config.kafka_gc],
             # Die rather than limp along; the log tail then says why.
             "-XX:+ExitOnOutOfMemoryError",
             *self.config.kafka_jvm_options.split(),
