@@ -128,7 +128,10 @@ class GroupConsumer:
                 raise ConsumerError(f"the consumer stopped: {self._failed}") from self._failed
             self._arrived.clear()
             try:
-                await asyncio.wait_for(self._arrived.wait(), timeout_s)
+                # a deadline on this task, not wait_for's task per call: the
+                # fetch loop waits here a few hundred times a second
+                async with asyncio.timeout(timeout_s):
+                    await self._arrived.wait()
             except TimeoutError:
                 return {}
             if self._failed is not None and not self._fetched:

@@ -76,7 +76,8 @@ class SluiceClient:
         # The broker holds a results fetch until fetch_min_bytes gather or
         # fetch_max_wait_ms pass: a result may wait that long more, and the
         # broker answers one fetch per few ms instead of one per result or
-        # two, which on a busy broker is what keeps the tail short.
+        # two (with the worker's fetches batched too, a quarter less CPU
+        # per request at 1,000/s: bench/RESULTS.md).
         self._fetch_max_wait_ms = fetch_max_wait_ms
         self._fetch_min_bytes = fetch_min_bytes
         self._producer: AIOKafkaProducer | None = None
