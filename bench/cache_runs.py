@@ -9,8 +9,9 @@ the cache only, a new worker, new topics and a flushed Redis each run.
 On a shared 2-core machine one run's hit p99 moves by a factor of two, so a
 change is judged by several runs of each variant, interleaved so that both
 see the same machine. A variant is `name[@checkout]:SLUICE_X=V,...`: worker
-settings, and optionally another checkout to run the worker from (an older
-commit, for before/after). For each run: hit p50 and p99, hits over 25 ms in the
+settings (`topic.X=V` ones are configs of the run's topics instead), and
+optionally another checkout to run the worker from (an older commit, for
+before/after). For each run: hit p50 and p99, hits over 25 ms in the
 first second (a new worker's start), seconds 1-8 (the miss backlog) and
 after, the p50/p99 of the requests that waited for the model, and the CPU
 each process used per request (ms): broker, worker, its model process, and
@@ -42,9 +43,12 @@ def parse_variant(spec: str) -> tuple[str, Path | None, dict[str, str]]:
     return name, Path(root).resolve() if root else None, env
 
 
-def one_run(bootstrap: str, redis_url: str, root: Path | None, env: dict[str, str], seconds: float) -> dict:
+def one_run(bootstrap: str, redis_url: str, root: Path | None, env: dict[str, str], seconds: float,
+            dump: Path | None = None) -> dict:
     prefix = new_prefix("cache-runs")
-    create_topics(bootstrap, prefix)
+    topic_config = {k.removeprefix("topic."): v for k, v in env.items() if k.startswith("topic.")}
+    env = {k: v for k, v in env.items() if not k.startswith("topic.")}
+    create_topics(bootstrap, prefix, config=topic_config)
     redis.Redis.from_url(redis_url).flushdb()
     settings = {"SLUICE_BOOTSTRAP_SERVERS": bootstrap, "SLUICE_TOPIC_PREFIX": prefix,
                 "SLUICE_GROUP_ID": f"{prefix}-workers", "SLUICE_REDIS_URL": redis_url, **env}
@@ -55,10 +59,12 @@ def one_run(bootstrap: str, redis_url: str, root: Path | None, env: dict[str, st
     assert w.proc is not None
     pids = {"broker": broker_pid(), "worker": w.proc.pid, "model": _model_child(w.proc.pid), "loadgen": None}
     cpu0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
-    rows: list[tuple[float, float, bool]] = []
+    rows: list[tuple[float, float, bool, float, float]] = []
 
     def keep(doc: dict, latency_ms: float) -> None:
-        rows.append((doc["_received_at_ms"] - latency_ms, latency_ms, doc.get("cache") in ("l1", "l2")))
+        tm = doc.get("timings_ms") or {}
+        rows.append((doc["_received_at_ms"] - latency_ms, latency_ms, doc.get("cache") in ("l1", "l2"),
+                     tm.get("queue", 0), tm.get("total", 0)))
 
     try:
         asyncio.run(run_load(KafkaConfig(bootstrap_servers=bootstrap, topic_prefix=prefix), rate=1000,
@@ -68,6 +74,11 @@ def one_run(bootstrap: str, redis_url: str, root: Path | None, env: dict[str, st
     finally:
         w.stop()
     a = np.asarray(rows)
+    if dump is not None:
+        # per result: scheduled send (epoch ms, to line up with other logs),
+        # latency, hit, and the worker's own timings: send -> its intake
+        # (queue), send -> answered (total); latency - total is the way back
+        np.save(dump, a)
     t = (a[:, 0] - a[:, 0].min()) / 1000
     hit, lat = a[:, 2] > 0, a[:, 1]
     slow = hit & (lat > 25)
@@ -94,6 +105,8 @@ def main() -> None:
     ap.add_argument("--variant", action="append", required=True, metavar="NAME[@CHECKOUT]:SLUICE_X=V,...")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--dump", action="store_true",
+                    help="save each run's rows (send time, latency, hit, queue, total) to bench/out/cache-runs-NAME-I.npy")
     args = ap.parse_args()
     variants = [parse_variant(v) for v in args.variant]
     OUT.mkdir(parents=True, exist_ok=True)
@@ -102,7 +115,8 @@ def main() -> None:
         redis_url = redis_url.rsplit("/", 1)[0] + "/1"  # db 1: flushed each run
         for i in range(1, args.runs + 1):
             for name, root, env in variants:
-                r = one_run(bootstrap, redis_url, root, env, args.seconds)
+                dump = OUT / f"cache-runs-{name}-{i}.npy" if args.dump else None
+                r = one_run(bootstrap, redis_url, root, env, args.seconds, dump)
                 o = r["over_25"]
                 c = r["cpu_ms"]
                 lines.append(f"| {name} | {i} | {r['hit_p50']:.0f} / {r['hit_p99']:.0f} | {sum(o)} of {r['hits']} | {o[0]} / {o[1]} / {o[2]} "

@@ -94,8 +94,21 @@ async def create_topics_async(bootstrap: str, prefix: str, partitions: int = 12)
     await ensure_topics(bootstrap, Topics(prefix).partitions(requests=partitions))
 
 
-def create_topics(bootstrap: str, prefix: str, partitions: int = 12) -> None:
-    asyncio.run(create_topics_async(bootstrap, prefix, partitions))
+def create_topics(bootstrap: str, prefix: str, partitions: int = 12, config: dict[str, str] | None = None) -> None:
+    """The prefix's topics; `config` (topic configs, e.g. segment.index.bytes)
+    makes them through librdkafka's admin client, which takes configs."""
+    if not config:
+        asyncio.run(create_topics_async(bootstrap, prefix, partitions))
+        return
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from schemas.topics import Topics
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    made = admin.create_topics([NewTopic(name, n, 1, config=config)
+                                for name, n in Topics(prefix).partitions(requests=partitions).items()],
+                               operation_timeout=30)
+    for future in made.values():
+        future.result()
 
 
 @contextmanager
