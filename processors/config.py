@@ -42,6 +42,7 @@ class WorkerConfig(KafkaConfig, Limits):
     ort_provider: str = Field("auto", pattern="^(auto|cpu|cuda)$",
                               description="auto (CUDA when onnxruntime-gpu sees a GPU, else CPU), cpu or cuda.")
     model_nice: int = Field(0, ge=0, le=19, description="Scheduling niceness of the model process (Linux): above 0, the event loop (cache hits, fetching, publishing) goes first when cores are short and the model takes what is left, so misses wait longer (on 2 shared cores, 10 doubled the miss p99 and did not help the hits); 0 shares the cores equally.")
+    sched_slice_us: int = Field(100, ge=0, le=100_000, description="CPU time slice (Linux 6.12+) asked for the worker's threads (not its model process), µs: when cores are short, its threads preempt the model's compute as they wake instead of waiting out a default slice (1.4 ms on 2 cores, up to 3 ms on more); their share of the CPU does not change. 0 keeps the kernel's default. `sluice loadtest` and `sluice demo` ask the same for their load generator.")
     ort_allow_spinning: bool = Field(False, description="Let ONNX Runtime threads spin between calls (faster on idle dedicated cores, slower when cores are shared).")
     publish_linger_ms: int = Field(2, ge=0, le=1000,
                                    description="How long the result producers wait to fill a batch: fewer, larger produce requests (0 takes ~3 ms off a hit's latency but, at thousands of results a second, a request per record costs the worker and the broker far more CPU).")

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from processors.runtime import RunStats
+from processors.scheduling import slice_problem
 from schemas.errors import SluiceError
 from schemas.records import encode, now_ms
 
@@ -87,6 +88,10 @@ def _start_child(nice: int, parent_pid: int, check_every_s: float = 1.0) -> None
     worker killed outright (SIGKILL, the OOM killer) cannot stop its pool,
     and the child would wait on the hand-off pipe forever with the models in
     memory (found: four such orphans of ~450 MB each after a day of tests)."""
+    # The worker's short time slice came along with the fork: the model's
+    # compute is what the worker's threads should preempt, so it takes the
+    # kernel's default back (before ONNX Runtime makes its threads).
+    slice_problem(0)
     if nice > 0:
         try:
             os.nice(nice)

@@ -46,6 +46,7 @@ from processors.metrics import HealthServer, WorkerMetrics
 from processors.model_process import Job, ModelProcess, ModelRun
 from processors.publisher import Publisher
 from processors.runtime import ModelCard, discover_models, load_card
+from processors.scheduling import slice_problem
 from schemas.errors import ConfigError, RequestError
 from schemas.keys import cache_key, normalise
 from schemas.records import Request, dlq_record, encode, now_ms, parse_request
@@ -827,6 +828,13 @@ class Worker:
 
 async def serve(config: WorkerConfig) -> None:
     """Run one worker until SIGTERM or SIGINT, then drain and exit."""
+    if config.sched_slice_us:
+        # before the worker makes its threads (librdkafka's, the consumer's,
+        # the executor's): they inherit it; its model process asks for the
+        # default back (processors/scheduling.py says why)
+        problem = slice_problem(config.sched_slice_us)
+        if problem:
+            log.info("worker keeps the default time slice (%s)", problem)
     worker = Worker(config)
     loop = asyncio.get_running_loop()
     await worker.start()

@@ -1,0 +1,33 @@
+"""The worker and the local stack run with short time slices; the model
+process with the kernel's default (processors/scheduling.py says why)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from processors.scheduling import get_slice_us
+
+
+def _slices(pid: int) -> set[float]:
+    return {get_slice_us(int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+
+
+def _model_child(pid: int) -> int:
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for kid in (task / "children").read_text().split():
+            if b"resource_tracker" not in Path(f"/proc/{kid}/cmdline").read_bytes():
+                return int(kid)
+    raise AssertionError(f"worker {pid} has no model process")
+
+
+async def test_worker_threads_take_the_setting_and_its_model_process_the_default(stack, worker_factory):
+    w = worker_factory(SLUICE_SCHED_SLICE_US="300")
+    assert w.proc is not None
+    worker_slices, model_slices = _slices(w.proc.pid), _slices(_model_child(w.proc.pid))
+    # every thread: librdkafka's, the consumer's, the executor's, the loop
+    assert worker_slices == {300}, worker_slices
+    assert 300 not in model_slices and len(model_slices) == 1, model_slices
+    if stack.local is not None:  # the session's own stack: its broker and redis
+        for pid in (stack.local.broker_pid(), stack.local.redis_pid()):
+            assert _slices(pid) == {100}
