@@ -9,7 +9,9 @@ the cache only, a new worker, new topics and a flushed Redis each run.
 On a shared 2-core machine one run's hit p99 moves by a factor of two, so a
 change is judged by several runs of each variant, interleaved so that both
 see the same machine. A variant is `name[@checkout]:SLUICE_X=V,...`: worker
-settings (`topic.X=V` ones are configs of the run's topics instead), and
+settings (`topic.X=V` ones are configs of the run's topics instead;
+SLUICE_SCHED_SLICE_US is also applied to the broker and the load generator,
+and stays until another variant sets it), and
 optionally another checkout to run the worker from (an older commit, for
 before/after). For each run: hit p50 and p99, hits over 25 ms in the
 first second (a new worker's start), seconds 1-8 (the miss backlog) and
@@ -30,6 +32,7 @@ import numpy as np
 import redis
 
 from bench.harness import OUT, broker_pid, cpu_seconds, create_topics, machine, new_prefix, stack
+from processors.scheduling import slice_problem
 from producers.corpus import Workload
 from producers.loadgen import run_load
 from schemas.topics import KafkaConfig
@@ -58,6 +61,11 @@ def one_run(bootstrap: str, redis_url: str, root: Path | None, env: dict[str, st
     w.start()
     assert w.proc is not None
     pids = {"broker": broker_pid(), "worker": w.proc.pid, "model": _model_child(w.proc.pid), "loadgen": None}
+    if "SLUICE_SCHED_SLICE_US" in env:
+        # a variant's slice is the broker's and this load generator's too, for
+        # this run: the whole latency path, as the defaults set it
+        for pid in (pids["broker"], None):
+            slice_problem(int(env["SLUICE_SCHED_SLICE_US"]), pid)
     cpu0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
     rows: list[tuple[float, float, bool, float, float]] = []
 
