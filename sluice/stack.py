@@ -100,7 +100,7 @@ class StackConfig(BaseModel):
         "", description="Extra JVM options of the local Kafka broker, space-separated (e.g. -XX:TieredStopAtLevel=1).")
     stack_sched_slice_us: int = Field(
         100, ge=0, le=100_000,
-        description="CPU time slice (Linux 6.12+) asked for every thread of the local broker and redis-server, µs: short slices let their threads preempt compute (the model's) when they wake, instead of waiting out a default slice (1.4 ms on 2 cores, up to 3 ms on more); 0 keeps the kernel's default. Takes effect when they start.")
+        description="CPU time slice (Linux 6.12+) asked for every thread of the local broker and redis-server, µs: short slices let their threads preempt compute (the model's) when they wake, instead of waiting out a default slice (1.4 ms on 2 cores, up to 3 ms on more); 0 leaves them as they are. `sluice up` sets it, also on a stack already running.")
     stack_start_timeout_s: float = Field(
         90.0, gt=0, le=3600,
         description="Seconds to wait for each service of the local stack to answer after start.")
