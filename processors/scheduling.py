@@ -22,6 +22,7 @@ import ctypes
 import os
 import platform
 import sys
+import threading
 
 # sched_setattr / sched_getattr: not in glibc's headers by name before 2.41
 _SYSCALLS = {"x86_64": (314, 315), "aarch64": (274, 275)}
@@ -67,6 +68,23 @@ def set_slice_us(slice_us: int, tid: int = 0) -> None:
     attr.size, attr.sched_flags, attr.sched_runtime = ctypes.sizeof(attr), 0, slice_us * 1000
     if libc.syscall(setattr_, tid, ctypes.byref(attr), 0) != 0:
         raise SchedulingError(f"sched_setattr({tid}, slice {slice_us} µs): {os.strerror(ctypes.get_errno())}")
+
+
+def slices_supported() -> bool:
+    """Whether this kernel keeps a slice asked for (Linux 6.12+): tried on a
+    thread of its own, so no thread of the caller's changes."""
+    seen: list[float] = []
+
+    def probe() -> None:
+        try:
+            set_slice_us(250)
+            seen.append(get_slice_us())
+        except SchedulingError:
+            pass
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    return seen == [250]
 
 
 def set_process_slice_us(slice_us: int, pid: int | None = None) -> None:

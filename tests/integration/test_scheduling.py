@@ -6,7 +6,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from processors.scheduling import get_slice_us
+import pytest
+
+from processors.scheduling import get_slice_us, slices_supported
+
+pytestmark = pytest.mark.skipif(not slices_supported(), reason="the kernel keeps no custom time slice (Linux < 6.12)")
 
 
 def _slices(pid: int) -> set[float]:
