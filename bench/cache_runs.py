@@ -60,7 +60,7 @@ def one_run(bootstrap: str, redis_url: str, root: Path | None, env: dict[str, st
     w = WorkerProcess(settings, log_path=OUT / f"worker-{prefix}.log", cwd=root)
     w.start()
     assert w.proc is not None
-    pids = {"broker": broker_pid(), "worker": w.proc.pid, "model": _model_child(w.proc.pid), "loadgen": None}
+    pids = {"broker": broker_pid(), "worker": w.proc.pid, "model": w.model_pid(), "loadgen": None}
     if "SLUICE_SCHED_SLICE_US" in env:
         # a variant's slice is the broker's and this load generator's too, for
         # this run: the whole latency path, as the defaults set it
@@ -96,16 +96,6 @@ def one_run(bootstrap: str, redis_url: str, root: Path | None, env: dict[str, st
                         int((slow & (t >= 8)).sum())],
             "model_p50": float(np.percentile(lat[~hit], 50)), "model_p99": float(np.percentile(lat[~hit], 99)),
             "cpu_ms": cpu}
-
-
-def _model_child(worker_pid: int) -> int:
-    """The worker's model process (its child that is not multiprocessing's
-    resource tracker)."""
-    for task in Path(f"/proc/{worker_pid}/task").iterdir():
-        for kid in (task / "children").read_text().split():
-            if b"resource_tracker" not in Path(f"/proc/{kid}/cmdline").read_bytes():
-                return int(kid)
-    raise RuntimeError(f"worker {worker_pid} has no model process")
 
 
 def main() -> None:

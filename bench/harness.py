@@ -60,13 +60,9 @@ def stack() -> Iterator[tuple[str, str]]:
     s = load_settings()
     local = LocalStack(s.stack())
     outcome = local.up(s.topic_partitions())
-    # this process is the load generator: its threads preempt the model's
-    # compute as the worker's and the broker's do (sluice loadtest does the same)
-    if s.sched_slice_us:
-        from processors.scheduling import slice_problem
-        problem = slice_problem(s.sched_slice_us)
-        if problem:
-            print(f"load generator keeps the default time slice ({problem})", flush=True)
+    # this process is the load generator, as in `sluice loadtest`
+    from sluice.cli import generator_slice
+    generator_slice(s)
     try:
         yield local.bootstrap_servers, local.redis_url
     finally:

@@ -264,7 +264,7 @@ async def _find_max(s: Settings, args: argparse.Namespace, labels: list[str] | N
                                    progress=None if args.json else print)
 
 
-def _generator_slice(s: Settings) -> None:
+def generator_slice(s: Settings) -> None:
     """The load generator measures latency on what is often the same
     machine as the worker: its threads preempt the model's compute as the
     worker's do (SLUICE_SCHED_SLICE_US)."""
@@ -276,7 +276,7 @@ def _generator_slice(s: Settings) -> None:
 
 def cmd_loadtest(s: Settings, args: argparse.Namespace) -> int:
     from producers.loadgen import run_load
-    _generator_slice(s)
+    generator_slice(s)
     labels = args.labels.split(",") if args.labels else None
     if args.find_max:
         search = asyncio.run(_find_max(s, args, labels))
@@ -306,7 +306,7 @@ def cmd_demo(s: Settings, args: argparse.Namespace) -> int:
     from sluice.supervisor import WorkerProcess
     stack = LocalStack(s.stack())
     started_stack = stack.up(s.topic_partitions()) == "started"
-    _generator_slice(s)
+    generator_slice(s)
     common = {k: v for k, v in os.environ.items() if k.startswith("SLUICE_")}
     common["SLUICE_BOOTSTRAP_SERVERS"] = s.bootstrap_servers
     worker = WorkerProcess({**common, "SLUICE_METRICS_PORT": str(args.metrics_port or 0)})

@@ -67,6 +67,17 @@ class WorkerProcess:
         except OSError:
             return False
 
+    def model_pid(self) -> int:
+        """The worker's model process (its child that is not
+        multiprocessing's resource tracker; Linux: read from /proc)."""
+        assert self.proc is not None
+        pid = self.proc.pid
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for kid in (task / "children").read_text().split():
+                if b"resource_tracker" not in Path(f"/proc/{kid}/cmdline").read_bytes():
+                    return int(kid)
+        raise SluiceError(f"{self.command} {pid} has no model process")
+
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
             return r.read().decode()

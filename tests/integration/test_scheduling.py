@@ -4,7 +4,6 @@ process with the kernel's default (processors/scheduling.py says why)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -17,18 +16,10 @@ def _slices(pid: int) -> set[float]:
     return {get_slice_us(int(t)) for t in os.listdir(f"/proc/{pid}/task")}
 
 
-def _model_child(pid: int) -> int:
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for kid in (task / "children").read_text().split():
-            if b"resource_tracker" not in Path(f"/proc/{kid}/cmdline").read_bytes():
-                return int(kid)
-    raise AssertionError(f"worker {pid} has no model process")
-
-
 async def test_worker_threads_take_the_setting_and_its_model_process_the_default(stack, worker_factory):
     w = worker_factory(SLUICE_SCHED_SLICE_US="300")
     assert w.proc is not None
-    worker_slices, model_slices = _slices(w.proc.pid), _slices(_model_child(w.proc.pid))
+    worker_slices, model_slices = _slices(w.proc.pid), _slices(w.model_pid())
     # every thread: librdkafka's, the consumer's, the executor's, the loop
     assert worker_slices == {300}, worker_slices
     assert 300 not in model_slices and len(model_slices) == 1, model_slices
