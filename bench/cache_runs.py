@@ -18,7 +18,10 @@ first second (a new worker's start), seconds 1-8 (the miss backlog) and
 after, the p50/p99 of the requests that waited for the model, and the CPU
 each process used per request (ms): broker, worker, its model process, and
 this one (the load generator); the CPU figures move far less from run to
-run than the tails do.
+run than the tails do. The last column is the share of the machine's CPU
+time the hypervisor gave to other tenants during the run: on a shared VM it
+comes in stretches of minutes, and a run inside one is slow whatever the
+variant (one such stretch took 1.5-4% and tripled hit p99s).
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
 import redis
 
-from bench.harness import OUT, broker_pid, cpu_seconds, create_topics, machine, new_prefix, stack
+from bench.harness import OUT, broker_pid, cpu_seconds, create_topics, machine, new_prefix, stack, steal_seconds
 from processors.scheduling import slice_problem
 from producers.corpus import Workload
 from producers.loadgen import run_load
@@ -67,6 +72,7 @@ def one_run(bootstrap: str, redis_url: str, root: Path | None, env: dict[str, st
         for pid in (pids["broker"], None):
             slice_problem(int(env["SLUICE_SCHED_SLICE_US"]), pid)
     cpu0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
+    steal0, wall0 = steal_seconds(), time.monotonic()
     rows: list[tuple[float, float, bool, float, float]] = []
 
     def keep(doc: dict, latency_ms: float) -> None:
@@ -79,6 +85,7 @@ def one_run(bootstrap: str, redis_url: str, root: Path | None, env: dict[str, st
                              duration_s=seconds, workload=Workload("zipf", 1000, 1.1, 7),
                              progress=None, drain_timeout_s=120, on_answer=keep))
         cpu = {k: (cpu_seconds(pid) - cpu0[k]) * 1000 / len(rows) for k, pid in pids.items()}
+        steal = (steal_seconds() - steal0) / ((time.monotonic() - wall0) * (os.cpu_count() or 1))
     finally:
         w.stop()
     a = np.asarray(rows)
@@ -95,7 +102,7 @@ def one_run(bootstrap: str, redis_url: str, root: Path | None, env: dict[str, st
             "over_25": [int((slow & (t < 1)).sum()), int((slow & (t >= 1) & (t < 8)).sum()),
                         int((slow & (t >= 8)).sum())],
             "model_p50": float(np.percentile(lat[~hit], 50)), "model_p99": float(np.percentile(lat[~hit], 99)),
-            "cpu_ms": cpu}
+            "cpu_ms": cpu, "steal": steal}
 
 
 def main() -> None:
@@ -119,12 +126,13 @@ def main() -> None:
                 c = r["cpu_ms"]
                 lines.append(f"| {name} | {i} | {r['hit_p50']:.0f} / {r['hit_p99']:.0f} | {sum(o)} of {r['hits']} | {o[0]} / {o[1]} / {o[2]} "
                              f"| {r['model_p50']:.0f} / {r['model_p99']:.0f} "
-                             f"| {c['broker']:.2f} / {c['worker']:.2f} / {c['model']:.2f} / {c['loadgen']:.2f} |")
+                             f"| {c['broker']:.2f} / {c['worker']:.2f} / {c['model']:.2f} / {c['loadgen']:.2f} "
+                             f"| {100 * r['steal']:.1f}% |")
                 print(lines[-1], flush=True)
     print(f"\nMachine: {machine()}\n")
     print("| variant | run | hit p50 / p99 ms | hits over 25 ms | of them in s 0-1 / 1-8 / 8- | "
-          "miss + coalesced p50 / p99 ms | CPU ms per request: broker / worker / model / load generator |\n"
-          "|---|---|---|---|---|---|---|")
+          "miss + coalesced p50 / p99 ms | CPU ms per request: broker / worker / model / load generator "
+          "| stolen by the hypervisor |\n|---|---|---|---|---|---|---|---|")
     print("\n".join(lines))
 
 

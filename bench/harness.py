@@ -45,6 +45,18 @@ def cpu_seconds(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor has given this VM's cores to others so far
+    (/proc/stat `steal`, all cores). On a shared cloud VM it comes in
+    stretches; a run in one has fewer cores than it thinks, and its tail
+    latencies say more about the neighbours than about us."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def broker_pid() -> int | None:
     """The local stack's running broker (benchmarks count its CPU time)."""
     from sluice.settings import load_settings

@@ -4,10 +4,11 @@ server for /metrics, /healthz and /readyz. Processing code calls these hooks."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import logging
 import time
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 from aiohttp import web
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
@@ -50,9 +51,27 @@ class WorkerMetrics:
                                   "How late the event loop runs a timer: what a cache hit waits for CPU.",
                                   buckets=_LATENCY_BUCKETS, registry=r)
         self._gc_started = 0.0
+        self._stages: dict[str, Any] = {}
+
+    def stage(self, name: str) -> Any:
+        """One stage's histogram. labels() builds and looks up its key on
+        every call, which costs more than the observation itself; the
+        publish stage observes two per request."""
+        child = self._stages.get(name)
+        if child is None:
+            child = self._stages[name] = self.latency.labels(name)
+        return child
 
     def observe_stage(self, stage: str, seconds: float) -> None:
-        self.latency.labels(stage).observe(seconds)
+        self.stage(stage).observe(seconds)
+
+    def count_requests(self, outcomes: Iterable[tuple[str, str, str]], errors: Iterable[str]) -> None:
+        """Add a publish round's answers: one increment per (model, status,
+        cache level) and per error code, not one per request."""
+        for labels, n in collections.Counter(outcomes).items():
+            self.requests.labels(*labels).inc(n)
+        for code, n in collections.Counter(errors).items():
+            self.errors.labels(code).inc(n)
 
     def watch_gc(self, on: bool = True) -> None:
         """Time every collection (a full one can hold the loop for tens of ms)."""

@@ -750,13 +750,15 @@ class Worker:
                 await asyncio.sleep(0)
         await asyncio.gather(*telemetry)
         publish_s = time.perf_counter() - t0
-        for it in group.items:
-            model = it.model.name if it.model else "unknown"
-            self.metrics.requests.labels(model, it.status, it.cache).inc()
-            if it.error is not None:
-                self.metrics.errors.labels(it.error.code).inc()
-            self.metrics.observe_stage("queue", max(0, it.started_ms - it.sent_ms) / 1000)
-            self.metrics.observe_stage("total", max(0, published - it.sent_ms) / 1000)
+        items = group.items
+        self.metrics.count_requests(((it.model.name if it.model else "unknown", it.status, it.cache) for it in items),
+                                    (it.error.code for it in items if it.error is not None))
+        queue, total = self.metrics.stage("queue"), self.metrics.stage("total")
+        for n, it in enumerate(items, 1):
+            queue.observe(max(0, it.started_ms - it.sent_ms) / 1000)
+            total.observe(max(0, published - it.sent_ms) / 1000)
+            if n % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
         self.metrics.observe_stage("publish", publish_s)
         writes = [(storage_key(it.model.ref, it.key_hash), it.out) for it in group.computed  # type: ignore[union-attr]
                   if it.out is not None and it.request is not None and it.request.cache != "bypass"]
