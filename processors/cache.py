@@ -82,6 +82,22 @@ class L1Cache:
             self._metrics.l1_entries.set(len(self._data))
 
 
+# A batch's write-back as one command instead of a pipeline of SET EX:
+# redis-py packs each pipelined command and parses each reply in Python,
+# ~40 µs a command on the event loop (512 write-backs held it 21 ms while
+# hits waited); a script's arguments pack as one command, its reply is one
+# integer (3.6 ms for 512). KEYS are declared, as scripts should.
+_SET_ALL_EX = """
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1])
+end
+return #KEYS
+"""
+# Keys per script call: bounds how long one call holds the server (other
+# workers' lookups wait behind a script) and how large one request grows.
+_WRITE_CHUNK = 1024
+
+
 class L2Cache:
     """Redis behind a timeout budget and a back-off breaker. `url=""` turns L2 off."""
 
@@ -93,6 +109,7 @@ class L2Cache:
         self.backoff_max_s = backoff_max_s
         self._metrics = metrics
         self._redis = None
+        self._set_all = None
         self._retry_at = 0.0
         self._backoff_s = 0.0
         self.up = False
@@ -110,6 +127,8 @@ class L2Cache:
         self._redis = aioredis.Redis.from_url(
             self.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
             retry_on_timeout=False, health_check_interval=0, max_connections=8)
+        # EVALSHA, and EVAL once more if the server lost its script cache (a restart)
+        self._set_all = self._redis.register_script(_SET_ALL_EX)
         try:
             async with asyncio.timeout(self.timeout_s * 4):
                 await self._redis.ping()
@@ -156,16 +175,17 @@ class L2Cache:
         return values
 
     async def put_many(self, items: Iterable[tuple[str, bytes]]) -> None:
-        """Pipelined SET EX, one round trip; failures are counted, not raised."""
+        """SET EX of every entry, one script call (one round trip) per
+        `_WRITE_CHUNK`; failures are counted, not raised."""
         items = list(items)
         if not items or not self._available():
             return
         try:
-            async with asyncio.timeout(self.timeout_s):
-                pipe = self._redis.pipeline(transaction=False)  # type: ignore[union-attr]
-                for key, value in items:
-                    pipe.set(key, value, ex=self.ttl_s)
-                await pipe.execute()
+            for i in range(0, len(items), _WRITE_CHUNK):
+                chunk = items[i:i + _WRITE_CHUNK]
+                async with asyncio.timeout(self.timeout_s):
+                    await self._set_all(keys=[k for k, _ in chunk],  # type: ignore[misc]
+                                        args=[self.ttl_s, *(v for _, v in chunk)])
         except Exception as exc:
             self._mark_down("set", exc)
             return

@@ -11,10 +11,11 @@ import time
 import orjson
 import pytest
 import redis
+from prometheus_client import CollectorRegistry
 
 from producers.client import make_request
 from producers.corpus import text
-from processors.cache import storage_key
+from processors.cache import CacheMetrics, L2Cache, storage_key
 from processors.runtime import BUILTIN_MODELS, load_card
 from schemas.keys import cache_key, normalise
 from tests.conftest import free_port
@@ -241,3 +242,25 @@ async def test_an_l1_hit_is_answered_before_its_batch_is_ready_and_committed_wit
             assert metric(w, 'sluice_cache_hits_total{level="l1"}') == 1
     finally:
         w.stop()
+
+
+async def test_l2_write_back_sets_every_entry_with_its_ttl_and_outlives_a_lost_script_cache(own_redis):
+    """Write-backs go as script calls of up to 1,024 keys: every entry lands
+    with the TTL, and a server that lost its scripts (a restart, SCRIPT
+    FLUSH) is sent the script again instead of failing the write."""
+    reg = CollectorRegistry()
+    l2 = L2Cache(own_redis.url, ttl_s=90, timeout_ms=2000, backoff_max_s=1, metrics=CacheMetrics(reg))
+    await l2.start()
+    try:
+        entries = [(f"k{i}", f"value {i} ".encode() * 50) for i in range(2500)]  # three script calls
+        await l2.put_many(entries)
+        assert await l2.get_many([k for k, _ in entries]) == [v for _, v in entries]
+        server = redis.Redis(port=own_redis.port)
+        assert all(0 < server.ttl(k) <= 90 for k, _ in entries[::100])
+        server.script_flush()
+        await l2.put_many([("after", b"flush")])
+        assert await l2.get_many(["after"]) == [b"flush"]
+        assert l2.up and reg.get_sample_value("sluice_cache_l2_writes_total") == 2501
+        assert not reg.get_sample_value("sluice_cache_l2_errors_total", {"op": "set"})
+    finally:
+        await l2.stop()
