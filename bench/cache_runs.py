@@ -9,7 +9,8 @@ the cache only, a new worker, new topics and a flushed Redis each run.
 On a shared 2-core machine one run's hit p99 moves by a factor of two, so a
 change is judged by several runs of each variant, interleaved so that both
 see the same machine. A variant is `name[@checkout]:SLUICE_X=V,...`: worker
-settings (`topic.X=V` ones are configs of the run's topics instead;
+settings (`topic.X=V` ones are configs of the run's topics instead,
+SLUICE_RESULTS_PARTITIONS the partitions of its results topic;
 SLUICE_SCHED_SLICE_US is also applied to the broker and the load generator,
 and stays until another variant sets it), and
 optionally another checkout to run the worker from (an older commit, for
@@ -56,7 +57,8 @@ def one_run(bootstrap: str, redis_url: str, root: Path | None, env: dict[str, st
     prefix = new_prefix("cache-runs")
     topic_config = {k.removeprefix("topic."): v for k, v in env.items() if k.startswith("topic.")}
     env = {k: v for k, v in env.items() if not k.startswith("topic.")}
-    create_topics(bootstrap, prefix, config=topic_config)
+    results = int(env["SLUICE_RESULTS_PARTITIONS"]) if "SLUICE_RESULTS_PARTITIONS" in env else None
+    create_topics(bootstrap, prefix, config=topic_config, results=results)
     redis.Redis.from_url(redis_url).flushdb()
     settings = {"SLUICE_BOOTSTRAP_SERVERS": bootstrap, "SLUICE_TOPIC_PREFIX": prefix,
                 "SLUICE_GROUP_ID": f"{prefix}-workers", "SLUICE_REDIS_URL": redis_url, **env}
