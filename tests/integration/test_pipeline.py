@@ -244,6 +244,34 @@ async def test_the_librdkafka_load_generator_is_answered_and_partitions_like_aio
     assert len({r.partition for r in records}) > 1  # keys spread, not all on one partition
 
 
+async def test_the_librdkafka_load_generator_hands_over_a_burst_of_answers_in_slices(env):
+    """A model hand-off's answers reach the client together: the generator's
+    reader parses and hands them over a slice at a time (so its event loop
+    can send between slices), and every answer still reaches its request,
+    once. Answers here are written straight to the results topic, all in
+    one flush, so they arrive as one burst."""
+    from confluent_kafka import Producer
+
+    from producers import rdkafka_client
+    from producers.rdkafka_client import RdKafkaClient
+    n = 10 * rdkafka_client._HAND_OVER + 5
+    handed: list[int] = []
+    async with RdKafkaClient(env.kafka) as c:
+        deliver = c._deliver
+        c._deliver = lambda docs: (handed.append(len(docs)), deliver(docs))  # type: ignore[method-assign]
+        futs = [await c.send(make_request(f"burst {i}", id=f"burst-{i}")) for i in range(n)]
+        p = Producer({"bootstrap.servers": env.stack.bootstrap_servers})
+        for i in range(n):
+            p.produce(env.topics.results, orjson.dumps({"id": f"burst-{i}", "status": "ok", "n": i}),
+                      f"burst-{i}".encode())
+        assert p.flush(10) == 0
+        docs = await asyncio.wait_for(asyncio.gather(*futs), timeout=30)
+    assert [d["n"] for d in docs] == list(range(n))
+    assert all(isinstance(d["_received_at_ms"], int) for d in docs)
+    assert sum(handed) == n and max(handed) <= rdkafka_client._HAND_OVER
+    assert len(handed) >= n // rdkafka_client._HAND_OVER  # sliced, not one hand-over per fetch
+
+
 def _model_process(worker_pid: int) -> int:
     """The worker's model process: its child started by multiprocessing's
     spawn (not the resource tracker that spawn also starts)."""
