@@ -63,7 +63,7 @@ class WorkerConfig(KafkaConfig, Limits):
     redis_url: str = Field("redis://127.0.0.1:6379/0",
                            description="Redis for the shared L2 cache; empty turns L2 off.")
     redis_timeout_ms: float = Field(50.0, gt=0, le=10_000,
-                                    description="Budget of one Redis call (an MGET, or one write-back script call of up to 1,024 keys); past it the batch goes on without L2.")
+                                    description="Budget of one Redis call (an MGET, or one write-back script call of up to 128 keys); past it the batch goes on without L2.")
     redis_backoff_max_s: float = Field(5.0, gt=0,
                                        description="Longest pause before retrying Redis after a failure (doubles from 0.1 s).")
     l1_max_bytes: int = Field(128 << 20, ge=0, description="Memory bound of the in-process L1 cache (value bytes); 0 turns L1 off.")

@@ -245,14 +245,14 @@ async def test_an_l1_hit_is_answered_before_its_batch_is_ready_and_committed_wit
 
 
 async def test_l2_write_back_sets_every_entry_with_its_ttl_and_outlives_a_lost_script_cache(own_redis):
-    """Write-backs go as script calls of up to 1,024 keys: every entry lands
+    """Write-backs go as script calls of up to 128 keys: every entry lands
     with the TTL, and a server that lost its scripts (a restart, SCRIPT
     FLUSH) is sent the script again instead of failing the write."""
     reg = CollectorRegistry()
     l2 = L2Cache(own_redis.url, ttl_s=90, timeout_ms=2000, backoff_max_s=1, metrics=CacheMetrics(reg))
     await l2.start()
     try:
-        entries = [(f"k{i}", f"value {i} ".encode() * 50) for i in range(2500)]  # three script calls
+        entries = [(f"k{i}", f"value {i} ".encode() * 50) for i in range(2500)]  # twenty script calls
         await l2.put_many(entries)
         assert await l2.get_many([k for k, _ in entries]) == [v for _, v in entries]
         server = redis.Redis(port=own_redis.port)
