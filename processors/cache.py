@@ -188,10 +188,10 @@ class L2Cache:
                 async with asyncio.timeout(self.timeout_s):
                     await self._set_all(keys=[k for k, _ in chunk],  # type: ignore[misc]
                                         args=[self.ttl_s, *(v for _, v in chunk)])
+                self._metrics.l2_writes.inc(len(chunk))
         except Exception as exc:
             self._mark_down("set", exc)
             return
-        self._metrics.l2_writes.inc(len(items))
         self._mark_up()
 
 
