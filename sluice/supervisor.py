@@ -68,15 +68,16 @@ class WorkerProcess:
             return False
 
     def model_pid(self) -> int:
-        """The worker's model process (its child that is not
-        multiprocessing's resource tracker; Linux: read from /proc)."""
+        """The worker's model process: its one child that is not
+        multiprocessing's resource tracker (Linux: read from /proc)."""
         assert self.proc is not None
         pid = self.proc.pid
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            for kid in (task / "children").read_text().split():
-                if b"resource_tracker" not in Path(f"/proc/{kid}/cmdline").read_bytes():
-                    return int(kid)
-        raise SluiceError(f"{self.command} {pid} has no model process")
+        kids = [int(k) for task in Path(f"/proc/{pid}/task").iterdir()
+                for k in (task / "children").read_text().split()]
+        found = [k for k in kids if b"resource_tracker" not in Path(f"/proc/{k}/cmdline").read_bytes()]
+        if len(found) != 1:
+            raise SluiceError(f"{self.command} {pid}: {len(found)} model processes among its children {kids}")
+        return found[0]
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:

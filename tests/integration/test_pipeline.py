@@ -272,23 +272,12 @@ async def test_the_librdkafka_load_generator_hands_over_a_burst_of_answers_in_sl
     assert len(handed) >= n // rdkafka_client._HAND_OVER  # sliced, not one hand-over per fetch
 
 
-def _model_process(worker_pid: int) -> int:
-    """The worker's model process: its child started by multiprocessing's
-    spawn (not the resource tracker that spawn also starts)."""
-    from pathlib import Path
-    kids = [int(k) for t in Path(f"/proc/{worker_pid}/task").iterdir()
-            for k in (t / "children").read_text().split()]
-    found = [k for k in kids if "resource_tracker" not in Path(f"/proc/{k}/cmdline").read_bytes().decode()]
-    assert len(found) == 1, f"children of the worker: {kids}"
-    return found[0]
-
-
 async def test_the_model_runs_in_a_nice_child_whose_death_stops_the_worker_and_loses_nothing(
         env, worker_factory, client):
     import os
     w1 = worker_factory(SLUICE_MODEL_NICE="7")
     assert (await client.submit("warm: the model answers from its own process", timeout_s=60)).status == "ok"
-    child = _model_process(w1.proc.pid)
+    child = w1.model_pid()
     assert os.getpriority(os.PRIO_PROCESS, child) == 7
     assert os.getpriority(os.PRIO_PROCESS, w1.proc.pid) == 0  # the event loop keeps its priority
 
@@ -308,7 +297,7 @@ async def test_a_worker_killed_outright_takes_its_model_process_with_it(env, wor
     import os
     import time
     w = worker_factory()
-    child = _model_process(w.proc.pid)
+    child = w.model_pid()
     w.signal(signal.SIGKILL)
     assert await asyncio.to_thread(w.wait, 30) == -signal.SIGKILL
     deadline = time.monotonic() + 15
