@@ -104,30 +104,18 @@ def new_prefix(name: str) -> str:
 
 
 async def create_topics_async(bootstrap: str, prefix: str, partitions: int = 12,
-                               results: int | None = None) -> None:
+                               results: int | None = None, config: dict[str, str] | None = None) -> None:
     from schemas.topics import Topics
     from sluice.admin import ensure_topics
-    await ensure_topics(bootstrap, Topics(prefix).partitions(requests=partitions, results=results or partitions))
+    await ensure_topics(bootstrap, Topics(prefix).partitions(requests=partitions, results=results or partitions),
+                        configs=config)
 
 
 def create_topics(bootstrap: str, prefix: str, partitions: int = 12, config: dict[str, str] | None = None,
                   results: int | None = None) -> None:
     """The prefix's topics (`results` partitions of results, else as many
-    as of requests); `config` (topic configs, e.g. segment.index.bytes)
-    makes them through librdkafka's admin client, which takes configs."""
-    if not config:
-        asyncio.run(create_topics_async(bootstrap, prefix, partitions, results))
-        return
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    from schemas.topics import Topics
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    made = admin.create_topics([NewTopic(name, n, 1, config=config)
-                                for name, n in Topics(prefix).partitions(
-                                    requests=partitions, results=results or partitions).items()],
-                               operation_timeout=30)
-    for future in made.values():
-        future.result()
+    as of requests), with topic configs (e.g. segment.index.bytes)."""
+    asyncio.run(create_topics_async(bootstrap, prefix, partitions, results, config))
 
 
 @contextmanager

@@ -108,10 +108,11 @@ async def _wait_until_visible(client: AIOKafkaAdminClient, names: set[str],
 
 
 async def ensure_topics(bootstrap_servers: str, partitions: dict[str, int], *,
-                        timeout_s: float = 30.0) -> list[str]:
-    """Create missing topics with their partition counts (replication factor 1 locally);
-    return the names created. Existing topics are left alone (if one exists with fewer
-    partitions, increase them with create_partitions)."""
+                        timeout_s: float = 30.0, configs: dict[str, str] | None = None) -> list[str]:
+    """Create missing topics with their partition counts (replication factor 1 locally)
+    and `configs` (topic configs, e.g. segment.index.bytes); return the names created.
+    Existing topics are left alone (if one exists with fewer partitions, increase them
+    with create_partitions)."""
     for name, count in partitions.items():
         check_topic_name(name)
         if count < 1:
@@ -134,7 +135,8 @@ async def ensure_topics(bootstrap_servers: str, partitions: dict[str, int], *,
             created: list[str] = []
             if missing:
                 response = await client.create_topics(
-                    [NewTopic(name, partitions[name], _REPLICATION_FACTOR) for name in missing],
+                    [NewTopic(name, partitions[name], _REPLICATION_FACTOR, topic_configs=configs or {})
+                     for name in missing],
                     timeout_ms=timeout_ms)
                 for entry in response.topic_errors:
                     name, code = entry[0], entry[1]
