@@ -7,7 +7,10 @@ serialising) while the scheduler had put it aside for being nice, the event
 loop waited for it too, so hits waited on the very work they were meant to
 overtake. A process has its own GIL: at `nice`, the kernel hands the model
 only the CPU that fetching, answering hits and publishing leave, and the
-event loop never waits for it.
+event loop never waits for it. It also takes a session of its own: under
+Linux's autogroups a niceness counts only inside its session, and the
+broker's and the clients' threads, which carry the same hits, are in
+sessions of their own.
 
 The hand-off is plain data both ways. In: per miss, its model, text, task
 and labels. Out: per miss, its token count and its output already
@@ -32,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from processors.runtime import RunStats
-from processors.scheduling import slice_problem
+from processors.scheduling import group_problem, slice_problem
 from schemas.errors import SluiceError
 from schemas.records import encode, now_ms
 
@@ -92,11 +95,12 @@ def _start_child(nice: int, parent_pid: int, check_every_s: float = 1.0) -> None
     # compute is what the worker's threads should preempt, so it takes the
     # kernel's default back (before ONNX Runtime makes its threads).
     slice_problem(0)
-    if nice > 0:
-        try:
-            os.nice(nice)
-        except (AttributeError, OSError) as exc:
-            log.info("model process keeps its priority (%s)", exc)
+    # A session of its own, at `nice`: then it yields to every process on the
+    # machine, the broker and the clients that carry the hits too, not only to
+    # the worker's threads (processors/scheduling.py)
+    problem = group_problem(nice)
+    if problem:
+        log.info("model process keeps its priority (%s)", problem)
 
     def watch() -> None:
         while os.getppid() == parent_pid:

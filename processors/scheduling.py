@@ -14,6 +14,18 @@ deadline, and the kernel lets it preempt on wake-up. Its share of the CPU
 is called through ctypes. Kernels before 6.12 take the call and ignore the
 slice; elsewhere (other systems, a sandbox refusing the call) it fails and
 says why, and nothing else changes.
+
+A short slice decides who runs first; a process's weight decides who gets
+the core when several want it. Niceness sets a thread's weight against the
+threads of its own scheduling group only, and on Linux with autogroups (the
+default of most distributions) a group is a session: the worker, the
+broker and a client each started from a shell are three groups of equal
+weight. A model process niced inside the worker's session yields to the
+worker's threads, but not to the broker's or the clients' that carry the
+same hits. `group_problem` gives the model process a session of its own and
+sets the nice of its group, so it yields to every other group on the machine.
+Where there are no autogroups (a container's or a service's cgroup) the
+thread niceness alone applies, against the rest of that cgroup.
 """
 
 from __future__ import annotations
@@ -105,4 +117,32 @@ def slice_problem(slice_us: int, pid: int | None = None) -> str | None:
         set_process_slice_us(slice_us, pid)
     except (SchedulingError, OSError) as exc:
         return str(exc)
+    return None
+
+
+def group_problem(nice: int) -> str | None:
+    """Put this process in a scheduling group of its own (a new session,
+    hence a new autogroup) at `nice`, its threads too; None when done, else
+    why not (to log). 0 leaves it where it is. Threads made later inherit
+    the niceness of the thread that makes them."""
+    if nice <= 0:
+        return None
+    try:
+        os.setsid()
+        # every thread: some library may have made one already (OpenBLAS at import)
+        for tid in map(int, os.listdir("/proc/self/task")):
+            try:
+                if os.getpriority(os.PRIO_PROCESS, tid) < nice:  # never above what it inherited
+                    os.setpriority(os.PRIO_PROCESS, tid, nice)
+            except ProcessLookupError:
+                pass  # a thread that ended meanwhile
+    except OSError as exc:
+        return f"niceness {nice}: {exc}"
+    try:
+        with open("/proc/self/autogroup", "w") as f:  # absent without CONFIG_SCHED_AUTOGROUP
+            f.write(str(nice))
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        return f"autogroup niceness {nice}: {exc}"
     return None

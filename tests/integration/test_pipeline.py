@@ -280,6 +280,11 @@ async def test_the_model_runs_in_a_nice_child_whose_death_stops_the_worker_and_l
     child = w1.model_pid()
     assert os.getpriority(os.PRIO_PROCESS, child) == 7
     assert os.getpriority(os.PRIO_PROCESS, w1.proc.pid) == 0  # the event loop keeps its priority
+    # a scheduling group of its own, so the niceness holds against the broker
+    # and the clients too, not only against the worker's threads
+    assert os.getsid(child) == child != os.getsid(w1.proc.pid)
+    group, workers = (open(f"/proc/{pid}/autogroup").read().split() for pid in (child, w1.proc.pid))
+    assert group[0] != workers[0] and group[-1] == "7" and workers[-1] == "0"
 
     os.kill(child, signal.SIGKILL)
     fut = await client.send(make_request("asked while the model process is gone", id="orphan"))

@@ -42,3 +42,23 @@ def test_outputs_tokens_and_costs_match_the_runtime_in_this_process():
     run = computed.runs["all-minilm-l6-v2"]
     assert run.sub_batches >= 2 and run.padded_tokens >= sum(o.tokens for o in computed.outcomes[:3])
     assert run.seconds > 0 and run.end_ms >= run.start_ms
+
+
+def test_the_model_process_runs_in_a_scheduling_group_of_its_own_at_its_niceness():
+    """Its own session (so its own autogroup) at the niceness asked for, every
+    thread of it: then it yields to every other process on the machine."""
+    async def run():
+        mp = ModelProcess(nice=3)
+        try:
+            await mp.load({"all-minilm-l6-v2": BUILTIN_MODELS / "all-minilm-l6-v2"}, dict(OPTIONS, intra_op_threads=2))
+            pid = mp.pid
+            nices = [os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{pid}/task")]
+            return pid, os.getsid(pid), nices, open(f"/proc/{pid}/autogroup").read().split()
+        finally:
+            mp.close()
+
+    pid, sid, nices, group = asyncio.run(run())
+    ours = open("/proc/self/autogroup").read().split()
+    assert sid == pid != os.getsid(0)
+    assert len(nices) >= 2 and set(nices) == {3}
+    assert group[0] != ours[0] and group[-1] == "3"
