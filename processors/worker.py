@@ -720,11 +720,20 @@ class Worker:
         assert self._producer is not None
         producer, topics = self._producer, self.topics
         t0 = time.perf_counter()
-        for n, it in enumerate(group.items, 1):
+        # A model hand-off's answers come out together: hundreds, with the
+        # coalesced requests that waited on them, each a few KB. Sent at once
+        # they reach the broker, and every client reading the results, as one
+        # burst, and the hits in flight then wait behind it on every one of
+        # them. A pause after every slice of a burst spreads it out; a
+        # slice's wait is small beside a miss's (bench/RESULTS.md, session 12).
+        gap_s, sent = self.config.publish_slice_gap_ms / 1000, 0
+        to_send = sum(1 for it in group.items if it.sent is None)
+        for it in group.items:
             if it.sent is None:
                 it.sent = await self._send_answer(it)
-            if n % _YIELD_EVERY == 0:
-                await asyncio.sleep(0)  # let cache hits through between large sends
+                sent += 1
+                if sent % _YIELD_EVERY == 0 and sent < to_send:
+                    await asyncio.sleep(gap_s)  # 0 still lets cache hits through between large sends
         outcomes = await asyncio.gather(*(it.sent for it in group.items), return_exceptions=True)
         retry: list[asyncio.Future] = []
         for it, out in zip(group.items, outcomes):

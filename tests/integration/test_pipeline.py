@@ -272,6 +272,30 @@ async def test_the_librdkafka_load_generator_hands_over_a_burst_of_answers_in_sl
     assert len(handed) >= n // rdkafka_client._HAND_OVER  # sliced, not one hand-over per fetch
 
 
+async def test_a_burst_of_answers_leaves_the_worker_in_slices_with_a_pause_between(env, worker_factory):
+    """One model hand-off's 192 answers are sent 64 at a time, each slice
+    SLUICE_PUBLISH_SLICE_GAP_MS after the one before, so the broker and the
+    clients get them spread out, and still every request gets its answer.
+    The requests sit on one partition and wait in one batch, so they reach
+    the model, and come back from it, together; a record's timestamp is when
+    the worker's producer was handed it."""
+    from confluent_kafka import Producer
+    gap_ms, n = 300, 192
+    worker_factory(SLUICE_PUBLISH_SLICE_GAP_MS=str(gap_ms), SLUICE_BATCH_MAX_ITEMS="1000",
+                   SLUICE_BATCH_MAX_TOKENS="100000", SLUICE_BATCH_MAX_WAIT_MS="2000")
+    p = Producer({"bootstrap.servers": env.stack.bootstrap_servers, "linger.ms": 20})
+    for i in range(n):
+        p.produce(env.topics.requests, orjson.dumps(make_request(text(i, seed=41), id=f"slice-{i}")), partition=0)
+    assert p.flush(10) == 0
+    records = await read_topic(env.stack.bootstrap_servers, env.topics.results, expect=n, timeout_s=120)
+    docs = [orjson.loads(r.value) for r in records]
+    assert sorted(d["id"] for d in docs) == sorted(f"slice-{i}" for i in range(n))
+    assert {(d["status"], d["cache"]) for d in docs} == {("ok", "miss")}
+    stamps = sorted(r.timestamp for r in records)
+    pauses = [i for i, d in enumerate(np.diff(stamps)) if d >= 0.8 * gap_ms]
+    assert pauses == [63, 127], np.diff(stamps).max()  # after the 64th and the 128th, not after the last
+
+
 async def test_the_model_runs_in_a_nice_child_whose_death_stops_the_worker_and_loses_nothing(
         env, worker_factory, client):
     import os
