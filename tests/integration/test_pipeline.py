@@ -285,7 +285,8 @@ async def test_a_burst_of_answers_leaves_the_worker_in_slices_with_a_pause_betwe
                    SLUICE_BATCH_MAX_TOKENS="100000", SLUICE_BATCH_MAX_WAIT_MS="2000")
     p = Producer({"bootstrap.servers": env.stack.bootstrap_servers, "linger.ms": 20})
     for i in range(n):
-        p.produce(env.topics.requests, orjson.dumps(make_request(text(i, seed=41), id=f"slice-{i}")), partition=0)
+        doc = make_request(f"{env.prefix}: {text(i, seed=41)}", id=f"slice-{i}")  # inputs no cache holds
+        p.produce(env.topics.requests, orjson.dumps(doc), partition=0)
     assert p.flush(10) == 0
     records = await read_topic(env.stack.bootstrap_servers, env.topics.results, expect=n, timeout_s=120)
     docs = [orjson.loads(r.value) for r in records]
