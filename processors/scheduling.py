@@ -22,8 +22,9 @@ default of most distributions) a group is a session: the worker, the
 broker and a client each started from a shell are three groups of equal
 weight. A model process niced inside the worker's session yields to the
 worker's threads, but not to the broker's or the clients' that carry the
-same hits. `group_problem` gives the model process a session of its own and
-sets the nice of its group, so it yields to every other group on the machine.
+same hits. `group_problem` gives the model process a session of its own, so
+its compute no longer weighs inside the worker's group, and sets the nice
+of that group, so that a niceness above 0 yields to every other group.
 Where there are no autogroups (a container's or a service's cgroup) the
 thread niceness alone applies, against the rest of that cgroup.
 """
@@ -123,10 +124,8 @@ def slice_problem(slice_us: int, pid: int | None = None) -> str | None:
 def group_problem(nice: int) -> str | None:
     """Put this process in a scheduling group of its own (a new session,
     hence a new autogroup) at `nice`, its threads too; None when done, else
-    why not (to log). 0 leaves it where it is. Threads made later inherit
-    the niceness of the thread that makes them."""
-    if nice <= 0:
-        return None
+    why not (to log). Threads made later inherit the niceness of the
+    thread that makes them."""
     try:
         os.setsid()
         # every thread: some library may have made one already (OpenBLAS at import)
