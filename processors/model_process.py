@@ -95,9 +95,12 @@ def _start_child(nice: int, parent_pid: int, check_every_s: float = 1.0) -> None
     # compute is what the worker's threads should preempt, so it takes the
     # kernel's default back (before ONNX Runtime makes its threads).
     slice_problem(0)
-    # A session of its own, at `nice`: then it yields to every process on the
-    # machine, the broker and the clients that carry the hits too, not only to
-    # the worker's threads (processors/scheduling.py)
+    # A session of its own: its compute then weighs against the broker's and
+    # the clients' sessions instead of inside the worker's, and a niceness
+    # above 0 holds against every process on the machine, not only against
+    # the worker's threads (processors/scheduling.py). Being out of the
+    # worker's process group, a Ctrl-C at the terminal reaches the worker
+    # only, which stops this process as it shuts down.
     problem = group_problem(nice)
     if problem:
         log.info("model process keeps its priority (%s)", problem)
