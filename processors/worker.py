@@ -727,13 +727,12 @@ class Worker:
         # them. A pause after every slice of a burst spreads it out; a
         # slice's wait is small beside a miss's (bench/RESULTS.md, session 12).
         gap_s, sent = self.config.publish_slice_gap_ms / 1000, 0
-        to_send = sum(1 for it in group.items if it.sent is None)
         for it in group.items:
             if it.sent is None:
+                if sent and sent % _YIELD_EVERY == 0:  # before the next slice: none after the last
+                    await asyncio.sleep(gap_s)  # 0 still lets cache hits through between large sends
                 it.sent = await self._send_answer(it)
                 sent += 1
-                if sent % _YIELD_EVERY == 0 and sent < to_send:
-                    await asyncio.sleep(gap_s)  # 0 still lets cache hits through between large sends
         outcomes = await asyncio.gather(*(it.sent for it in group.items), return_exceptions=True)
         retry: list[asyncio.Future] = []
         for it, out in zip(group.items, outcomes):
