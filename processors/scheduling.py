@@ -36,6 +36,7 @@ import os
 import platform
 import sys
 import threading
+from typing import Callable
 
 # sched_setattr / sched_getattr: not in glibc's headers by name before 2.41
 _SYSCALLS = {"x86_64": (314, 315), "aarch64": (274, 275)}
@@ -100,16 +101,21 @@ def slices_supported() -> bool:
     return seen == [250]
 
 
-def set_process_slice_us(slice_us: int, pid: int | None = None) -> None:
-    """Every thread of a process (default: this one). Threads created later
-    inherit their creator's slice, so they follow."""
+def _each_thread(pid: int | None, fn: Callable[[int], None]) -> None:
+    """fn(tid) for every thread of a process (None: this one)."""
     task = f"/proc/{pid or 'self'}/task"
     for tid in os.listdir(task):
         try:
-            set_slice_us(slice_us, int(tid))
-        except SchedulingError:
+            fn(int(tid))
+        except OSError:
             if os.path.exists(f"{task}/{tid}"):
                 raise  # a thread that ended meanwhile is no failure
+
+
+def set_process_slice_us(slice_us: int, pid: int | None = None) -> None:
+    """Every thread of a process (default: this one). Threads created later
+    inherit their creator's slice, so they follow."""
+    _each_thread(pid, lambda tid: set_slice_us(slice_us, tid))
 
 
 def slice_problem(slice_us: int, pid: int | None = None) -> str | None:
@@ -128,13 +134,10 @@ def group_problem(nice: int) -> str | None:
     thread that makes them."""
     try:
         os.setsid()
+        def lower(tid: int) -> None:  # never above the priority it inherited
+            os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
         # every thread: some library may have made one already (OpenBLAS at import)
-        for tid in map(int, os.listdir("/proc/self/task")):
-            try:
-                if os.getpriority(os.PRIO_PROCESS, tid) < nice:  # never above what it inherited
-                    os.setpriority(os.PRIO_PROCESS, tid, nice)
-            except ProcessLookupError:
-                pass  # a thread that ended meanwhile
+        _each_thread(None, lower)
     except OSError as exc:
         return f"niceness {nice}: {exc}"
     try:
