@@ -129,6 +129,20 @@ async def client(env: Env):
         yield c
 
 
+AUTOGROUPS = os.path.exists("/proc/self/autogroup")  # the kernel has them
+
+
+def autogroup(pid: int | str = "self") -> tuple[str, int] | None:
+    """A process's autogroup and its niceness; None in the root group, whose
+    file reads empty (a process whose ancestors never started a session, as
+    a CI runner's may be), or on a kernel without autogroups."""
+    try:
+        name, _, nice = open(f"/proc/{pid}/autogroup").read().split()
+    except (FileNotFoundError, ValueError):
+        return None
+    return name, int(nice)
+
+
 async def read_topic(bootstrap: str, topic: str, *, expect: int | None = None,
                      timeout_s: float = 30.0, idle_s: float = 2.0) -> list:
     """Every record of a topic from the beginning (until `expect` records or

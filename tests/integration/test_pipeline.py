@@ -16,7 +16,7 @@ from producers.client import make_request
 from producers.corpus import text
 from processors.runtime import BUILTIN_MODELS, _resolve, load_card
 from schemas.records import Result, Telemetry, now_ms
-from tests.conftest import read_topic
+from tests.conftest import AUTOGROUPS, autogroup, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -308,8 +308,11 @@ async def test_the_model_runs_in_a_nice_child_whose_death_stops_the_worker_and_l
     # a scheduling group of its own, so the niceness holds against the broker
     # and the clients too, not only against the worker's threads
     assert os.getsid(child) == child != os.getsid(w1.proc.pid)
-    group, workers = (open(f"/proc/{pid}/autogroup").read().split() for pid in (child, w1.proc.pid))
-    assert group[0] != workers[0] and group[-1] == "7" and workers[-1] == "0"
+    group, workers = autogroup(child), autogroup(w1.proc.pid)
+    # the worker may sit in the root group (None: started where no session
+    # was ever made, as under a CI runner); the model never does
+    assert group is not None and group[1] == 7 or not AUTOGROUPS, group
+    assert workers is None or (workers[0] != group[0] and workers[1] == 0), workers
 
     os.kill(child, signal.SIGKILL)
     fut = await client.send(make_request("asked while the model process is gone", id="orphan"))

@@ -11,6 +11,7 @@ import pytest
 from processors.model_process import Job, ModelProcess
 from processors.runtime import BUILTIN_MODELS, ModelRuntime
 from schemas.records import encode
+from tests.conftest import AUTOGROUPS, autogroup
 
 OPTIONS = dict(intra_op_threads=1, token_budget=64, max_items=4)
 
@@ -56,12 +57,14 @@ def test_the_model_process_runs_in_a_scheduling_group_of_its_own_at_its_niceness
             await mp.load({"all-minilm-l6-v2": BUILTIN_MODELS / "all-minilm-l6-v2"}, dict(OPTIONS, intra_op_threads=2))
             pid = mp.pid
             nices = [os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{pid}/task")]
-            return pid, os.getsid(pid), nices, open(f"/proc/{pid}/autogroup").read().split()
+            return pid, os.getsid(pid), nices, autogroup(pid)
         finally:
             mp.close()
 
     pid, sid, nices, group = asyncio.run(run())
-    ours = open("/proc/self/autogroup").read().split()
     assert sid == pid != os.getsid(0)
     assert len(nices) >= 2 and set(nices) == {nice}
-    assert group[0] != ours[0] and group[-1] == str(nice)
+    # ours may be the root group (None: no session was ever made above us, as
+    # under a CI runner); the model's never is
+    assert group is not None and group[1] == nice or not AUTOGROUPS, group
+    assert autogroup() is None or autogroup()[0] != group[0], autogroup()
