@@ -37,7 +37,7 @@ class WorkerConfig(KafkaConfig, Limits):
     answer_l1_at_intake: bool = Field(True, description="Answer in-process cache hits as soon as they are read, before the partition batch window; they are still committed in offset order with their batch.")
     inference_token_budget: int = Field(2048, ge=8,
                                         description="Padded tokens (rows x longest) of one ONNX Runtime call.")
-    inference_max_items: int = Field(64, ge=1, description="Most rows of one ONNX Runtime call.")
+    inference_max_items: int = Field(64, ge=1, description="Most rows of one ONNX Runtime call, and of one piece of a model hand-off: a hand-off is computed piece by piece, and each piece's answers (with those of the requests that waited on its inputs) leave as soon as it is done.")
     ort_intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 = one per core, less one for the event loop when there are few cores.")
     ort_provider: str = Field("auto", pattern="^(auto|cpu|cuda)$",
                               description="auto (CUDA when onnxruntime-gpu sees a GPU, else CPU), cpu or cuda.")
@@ -46,7 +46,7 @@ class WorkerConfig(KafkaConfig, Limits):
     ort_allow_spinning: bool = Field(False, description="Let ONNX Runtime threads spin between calls (faster on idle dedicated cores, slower when cores are shared).")
     publish_linger_ms: int = Field(2, ge=0, le=1000,
                                    description="How long the result producers wait to fill a batch: fewer, larger produce requests (0 takes ~3 ms off a hit's latency but, at thousands of results a second, a request per record costs the worker and the broker far more CPU).")
-    publish_slice_gap_ms: float = Field(8.0, ge=0, le=1000, description="Pause after every 64 answers sent from one model hand-off (misses and the requests that waited on them), ms: a hand-off's hundreds of answers reach the broker and the clients spread out instead of in one burst that the hits in flight wait behind (2-core machine, cold Zipf at 1,000/s: see bench/RESULTS.md, session 12). A burst of 1,000 takes 15 pauses; 0 sends a burst at once.")
+    publish_slice_gap_ms: float = Field(8.0, ge=0, le=1000, description="Pause after every 64 answers sent at once (a model piece's misses and the requests that waited on them, or a publish round), ms: hundreds of answers reach the broker and the clients spread out instead of in one burst that the hits in flight wait behind (2-core machine, cold Zipf at 1,000/s: see bench/RESULTS.md, session 12). A burst of 1,000 takes 15 pauses; 0 sends a burst at once.")
     publish_max_items: int = Field(50_000, ge=1,
                                    description="Most results one publish round carries (groups ready together share one wait for acks and one commit); 1 publishes and commits record by record.")
     publish_compression: str = Field("none", pattern="^(none|gzip|snappy|lz4|zstd)$",

@@ -32,7 +32,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 from processors.runtime import RunStats
 from processors.scheduling import group_problem, slice_problem
@@ -177,6 +177,24 @@ class ModelProcess:
 
     async def compute(self, jobs: list[Job]) -> Computed:
         return await self._call(_compute, jobs)
+
+    async def compute_pieces(self, pieces: list[list[Job]]) -> AsyncIterator[Computed]:
+        """Each piece's answers as soon as the child has computed it, in
+        order. Every piece is queued at once, so the child goes from one to
+        the next without waiting for the event loop to take the answers."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.run_in_executor(self._pool, _compute, piece) for piece in pieces]
+        try:
+            for fut in futures:
+                try:
+                    yield await fut
+                except BrokenProcessPool as exc:
+                    raise ModelProcessError(f"the model process died: {exc}") from None
+        finally:
+            for fut in futures:  # left behind by a failure: none is waited for, none is reported
+                if fut.cancel():
+                    continue
+                fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -79,6 +79,7 @@ class Item:
     status: str = "ok"
     cache: str = "none"
     leader: "Item | None" = None
+    followers: "list[Item] | None" = None  # requests waiting on this one's computation
     dropped: bool = False  # left uncommitted for the partition's next owner
     cost_usd: float = 0.0
     compute_ms: float = 0.0  # its share (by tokens) of the model's busy time
@@ -476,6 +477,9 @@ class Worker:
                     self._computing[it.key_hash] = it  # type: ignore[index]
                 else:
                     it.leader, it.cache = lead, "coalesced"
+                    if lead.followers is None:
+                        lead.followers = []
+                    lead.followers.append(it)
                     self._cache_metrics.coalesced.inc()
         lookup_ms = (time.perf_counter() - t0) * 1000
         for it in group.items:
@@ -554,24 +558,28 @@ class Worker:
                 g.computed.append(it)
         if todo:
             t0 = time.perf_counter()
-            computed = await self._model_process.compute(
-                [Job(it.model.name, it.request.input, it.request.task, tuple(it.request.labels or ()))  # type: ignore[union-attr]
-                 for it in todo])
-            self.metrics.inference.observe(time.perf_counter() - t0)
+            # A hand-off of hundreds takes the model seconds. Computed in
+            # pieces of one ONNX Runtime call's rows, each piece is answered
+            # as soon as it is done: its inputs move to L1 at once (later
+            # requests for them are hits, not waiters), and its answers leave
+            # in small bursts instead of one burst of the whole hand-off and
+            # everything that waited on it, which the hits in flight then
+            # queue behind. Shortest inputs first, as the model's own
+            # sub-batches: a piece of like lengths pads little.
+            todo.sort(key=lambda it: len(it.request.input))  # type: ignore[union-attr]
+            size = self.config.inference_max_items
+            pieces = [todo[i:i + size] for i in range(0, len(todo), size)]
+            jobs = [[Job(it.model.name, it.request.input, it.request.task, tuple(it.request.labels or ()))  # type: ignore[union-attr]
+                     for it in piece] for piece in pieces]
+            done, answering = iter(pieces), 0.0
+            async for computed in self._model_process.compute_pieces(jobs):
+                piece = next(done)
+                self._take_outcomes(piece, computed)
+                t1 = time.perf_counter()
+                await self._answer_computed(piece)
+                answering += time.perf_counter() - t1
+            self.metrics.inference.observe(time.perf_counter() - t0 - answering)
             self.metrics.batch_items.observe(len(todo))
-            for it, o in zip(todo, computed.outcomes):
-                it.tokens, it.truncated = o.tokens, o.truncated
-                run = computed.runs[it.model.name]  # type: ignore[union-attr]
-                it.inference_start_ms, it.inference_end_ms = run.start_ms, run.end_ms
-                if o.error is not None:
-                    it.status = "error"
-                    it.error = RequestError(o.error, code="model_error", request_id=it.request.id)  # type: ignore[union-attr]
-                else:
-                    it.out = o.out
-                    if it.request.cache != "bypass":  # type: ignore[union-attr]
-                        self._l1.put(it.key_hash, it.out)  # type: ignore[arg-type]
-                self._release(it)
-            self._assign_cost(todo, computed.runs)
             self._l1.update_gauges()
         for g in groups:
             for it in g.items:
@@ -581,6 +589,40 @@ class Worker:
                     it.inference_start_ms, it.inference_end_ms = lead.inference_start_ms, lead.inference_end_ms
                 if it.sent is None:
                     it.done_ms = now_ms()
+
+    def _take_outcomes(self, piece: list[Item], computed: Any) -> None:
+        for it, o in zip(piece, computed.outcomes):
+            it.tokens, it.truncated = o.tokens, o.truncated
+            run = computed.runs[it.model.name]  # type: ignore[union-attr]
+            it.inference_start_ms, it.inference_end_ms = run.start_ms, run.end_ms
+            if o.error is not None:
+                it.status = "error"
+                it.error = RequestError(o.error, code="model_error", request_id=it.request.id)  # type: ignore[union-attr]
+            else:
+                it.out = o.out
+                if it.request.cache != "bypass":  # type: ignore[union-attr]
+                    self._l1.put(it.key_hash, it.out)  # type: ignore[arg-type]
+            self._release(it)
+        self._assign_cost(piece, computed.runs)
+
+    async def _answer_computed(self, piece: list[Item]) -> None:
+        """Send the answers of a computed piece now, with those of every
+        request that waited on one of its inputs (wherever their batches
+        are); their batches commit them later, in offset order. Sent in
+        slices, as `_publish` does."""
+        gap_s, sent = self.config.publish_slice_gap_ms / 1000, 0
+        for lead in piece:
+            for it in (lead, *(lead.followers or ())):
+                if it.sent is not None or it.dropped:
+                    continue
+                if it is not lead:
+                    it.status, it.out, it.error = lead.status, lead.out, lead.error
+                    it.inference_start_ms, it.inference_end_ms = lead.inference_start_ms, lead.inference_end_ms
+                if sent and sent % _YIELD_EVERY == 0:
+                    await asyncio.sleep(gap_s)
+                it.done_ms = now_ms()
+                it.sent = await self._send_answer(it)
+                sent += 1
 
     def _release(self, it: Item) -> None:
         if it.key_hash is not None and self._computing.get(it.key_hash) is it:

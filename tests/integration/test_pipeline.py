@@ -273,7 +273,7 @@ async def test_the_librdkafka_load_generator_hands_over_a_burst_of_answers_in_sl
 
 
 async def test_a_burst_of_answers_leaves_the_worker_in_slices_with_a_pause_between(env, worker_factory):
-    """One model hand-off's 192 answers are sent 64 at a time, each slice
+    """One model piece's 192 answers are sent 64 at a time, each slice
     SLUICE_PUBLISH_SLICE_GAP_MS after the one before, so the broker and the
     clients get them spread out, and still every request gets its answer.
     The requests sit on one partition and wait in one batch, so they reach
@@ -281,8 +281,10 @@ async def test_a_burst_of_answers_leaves_the_worker_in_slices_with_a_pause_betwe
     the worker's producer was handed it."""
     from confluent_kafka import Producer
     gap_ms, n = 300, 192
+    # one piece for the model (SLUICE_INFERENCE_MAX_ITEMS): its 192 answers leave together
     worker_factory(SLUICE_PUBLISH_SLICE_GAP_MS=str(gap_ms), SLUICE_BATCH_MAX_ITEMS="1000",
-                   SLUICE_BATCH_MAX_TOKENS="100000", SLUICE_BATCH_MAX_WAIT_MS="2000")
+                   SLUICE_BATCH_MAX_TOKENS="100000", SLUICE_BATCH_MAX_WAIT_MS="2000",
+                   SLUICE_INFERENCE_MAX_ITEMS="256")
     p = Producer({"bootstrap.servers": env.stack.bootstrap_servers, "linger.ms": 20})
     for i in range(n):
         doc = make_request(f"{env.prefix}: {text(i, seed=41)}", id=f"slice-{i}")  # inputs no cache holds
@@ -295,6 +297,37 @@ async def test_a_burst_of_answers_leaves_the_worker_in_slices_with_a_pause_betwe
     stamps = sorted(r.timestamp for r in records)
     pauses = [i for i, d in enumerate(np.diff(stamps)) if d >= 0.8 * gap_ms]
     assert pauses == [63, 127], np.diff(stamps).max()  # after the 64th and the 128th, not after the last
+
+
+async def test_a_large_hand_off_is_answered_piece_by_piece_as_the_model_computes_it(env, worker_factory):
+    """192 misses reach the model in one hand-off, which computes them 64 at
+    a time (SLUICE_INFERENCE_MAX_ITEMS); each piece's answers leave as soon as
+    that piece is done, so the first piece's answers are with the broker
+    before the last piece has been computed. Telemetry says which piece
+    computed a request (its inference window)."""
+    from confluent_kafka import Producer
+    n = 192
+    worker_factory(SLUICE_INFERENCE_MAX_ITEMS="64", SLUICE_PUBLISH_SLICE_GAP_MS="0", SLUICE_BATCH_MAX_ITEMS="1000",
+                   SLUICE_BATCH_MAX_TOKENS="100000", SLUICE_BATCH_MAX_WAIT_MS="2000")
+    p = Producer({"bootstrap.servers": env.stack.bootstrap_servers, "linger.ms": 20})
+    for i in range(n):
+        # ~50 words each, so that every piece keeps the model busy for a while
+        words = " ".join(text(4 * i + k, seed=43) for k in range(4))
+        doc = make_request(f"{env.prefix}: {words}", id=f"piece-{i}")  # inputs no cache holds
+        p.produce(env.topics.requests, orjson.dumps(doc), partition=0)
+    assert p.flush(10) == 0
+    records = await read_topic(env.stack.bootstrap_servers, env.topics.results, expect=n, timeout_s=120)
+    telemetry = await read_topic(env.stack.bootstrap_servers, env.topics.telemetry, expect=n, timeout_s=60)
+    produced = {orjson.loads(r.value)["id"]: r.timestamp for r in records}
+    assert len(produced) == n and {orjson.loads(r.value)["cache"] for r in records} == {"miss"}
+    pieces: dict[tuple[int, int], list[str]] = {}
+    for r in telemetry:
+        t = orjson.loads(r.value)
+        pieces.setdefault((t["inference_start_ms"], t["inference_end_ms"]), []).append(t["id"])
+    assert sorted(len(ids) for ids in pieces.values()) == [64, 64, 64], sorted(pieces)
+    (first_window, first_ids), *_, (last_window, _) = sorted(pieces.items())
+    assert all(produced[i] >= first_window[1] for i in first_ids)  # sent once its piece was computed
+    assert max(produced[i] for i in first_ids) < last_window[1]  # and before the last piece was
 
 
 async def test_the_model_runs_in_a_nice_child_whose_death_stops_the_worker_and_loses_nothing(

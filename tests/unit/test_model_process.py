@@ -8,7 +8,7 @@ import os
 import orjson
 import pytest
 
-from processors.model_process import Job, ModelProcess
+from processors.model_process import Job, ModelProcess, ModelProcessError
 from processors.runtime import BUILTIN_MODELS, ModelRuntime
 from schemas.records import encode
 from tests.conftest import AUTOGROUPS, autogroup
@@ -44,6 +44,43 @@ def test_outputs_tokens_and_costs_match_the_runtime_in_this_process():
     run = computed.runs["all-minilm-l6-v2"]
     assert run.sub_batches >= 2 and run.padded_tokens >= sum(o.tokens for o in computed.outcomes[:3])
     assert run.seconds > 0 and run.end_ms >= run.start_ms
+
+
+def test_pieces_come_back_one_by_one_in_order_with_the_answers_of_one_call():
+    """Each piece is its own computation (its own run and timings), yielded
+    in the order given, and answers exactly as computing all at once does."""
+    texts = [f"piece test sentence number {i} about partitions" for i in range(7)]
+    pieces = [[Job("all-minilm-l6-v2", t) for t in texts[:3]], [Job("all-minilm-l6-v2", t) for t in texts[3:]]]
+
+    async def run():
+        mp = ModelProcess()
+        try:
+            await mp.load({"all-minilm-l6-v2": BUILTIN_MODELS / "all-minilm-l6-v2"}, OPTIONS)
+            each = [c async for c in mp.compute_pieces(pieces)]
+            return each, await mp.compute([j for p in pieces for j in p])
+        finally:
+            mp.close()
+
+    each, whole = asyncio.run(run())
+    assert [len(c.outcomes) for c in each] == [3, 4]
+    assert [o.out for c in each for o in c.outcomes] == [o.out for o in whole.outcomes]
+    first, second = (c.runs["all-minilm-l6-v2"] for c in each)
+    assert first.end_ms <= second.start_ms  # one after the other, not one run for both
+
+
+def test_a_dead_model_process_fails_the_pieces_with_a_clear_error():
+    async def run():
+        mp = ModelProcess()
+        try:
+            await mp.load({"all-minilm-l6-v2": BUILTIN_MODELS / "all-minilm-l6-v2"}, OPTIONS)
+            os.kill(mp.pid, 9)
+            with pytest.raises(ModelProcessError, match="the model process died"):
+                async for _ in mp.compute_pieces([[Job("all-minilm-l6-v2", "x")]] * 3):
+                    pass
+        finally:
+            mp.close()
+
+    asyncio.run(run())
 
 
 @pytest.mark.parametrize("nice", [0, 3])
