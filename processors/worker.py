@@ -15,8 +15,10 @@ model runs:
    expired deadlines, L1 and L2 hits: one MGET), and attach misses whose key
    is already queued or computing to that computation (coalesced).
 3. model: every group queued meanwhile goes to the model process in one
-   hand-off: tokenise the misses, sort by length, split by a padded-token
-   budget, one ONNX Runtime call per sub-batch.
+   hand-off, computed in pieces of `inference_max_items` misses (shortest
+   first; the model process splits a piece by a padded-token budget, one
+   ONNX Runtime call per sub-batch). Each piece is answered as soon as it
+   is done, with the requests that waited on its inputs.
 4. publish: send the remaining results (and DLQ records), wait for the
    broker's acks, send telemetry (its own producer), wait, write new answers
    back to Redis, then commit each partition's offsets. Nothing is committed
