@@ -625,6 +625,7 @@ class Worker:
                 it.done_ms = now_ms()
                 it.sent = await self._send_answer(it)
                 sent += 1
+            lead.followers = None  # each follower points at its leader: no cycle left for the GC
 
     def _release(self, it: Item) -> None:
         if it.key_hash is not None and self._computing.get(it.key_hash) is it:
