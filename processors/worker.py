@@ -45,7 +45,7 @@ from processors.cache import CacheMetrics, L1Cache, L2Cache, storage_key
 from processors.config import WorkerConfig
 from processors.consumer import CommitError, GroupConsumer
 from processors.metrics import HealthServer, WorkerMetrics
-from processors.model_process import Job, ModelProcess, ModelRun
+from processors.model_process import Computed, Job, ModelProcess, ModelRun
 from processors.publisher import Publisher
 from processors.runtime import ModelCard, discover_models, load_card
 from processors.scheduling import slice_problem
@@ -592,7 +592,7 @@ class Worker:
                 if it.sent is None:
                     it.done_ms = now_ms()
 
-    def _take_outcomes(self, piece: list[Item], computed: Any) -> None:
+    def _take_outcomes(self, piece: list[Item], computed: Computed) -> None:
         for it, o in zip(piece, computed.outcomes):
             it.tokens, it.truncated = o.tokens, o.truncated
             run = computed.runs[it.model.name]  # type: ignore[union-attr]
@@ -612,7 +612,7 @@ class Worker:
         request that waited on one of its inputs (wherever their batches
         are); their batches commit them later, in offset order. Sent in
         slices, as `_publish` does."""
-        gap_s, sent = self.config.publish_slice_gap_ms / 1000, 0
+        sent = 0
         for lead in piece:
             for it in (lead, *(lead.followers or ())):
                 if it.sent is not None or it.dropped:
@@ -620,12 +620,19 @@ class Worker:
                 if it is not lead:
                     it.status, it.out, it.error = lead.status, lead.out, lead.error
                     it.inference_start_ms, it.inference_end_ms = lead.inference_start_ms, lead.inference_end_ms
-                if sent and sent % _YIELD_EVERY == 0:
-                    await asyncio.sleep(gap_s)
+                await self._between_slices(sent)
                 it.done_ms = now_ms()
                 it.sent = await self._send_answer(it)
                 sent += 1
             lead.followers = None  # each follower points at its leader: no cycle left for the GC
+
+    async def _between_slices(self, sent: int) -> None:
+        """Called before each answer of a run sent together, with how many
+        went before: a pause before every new slice of _YIELD_EVERY, none
+        after the last. A gap of 0 still lets cache hits through between
+        large sends."""
+        if sent and sent % _YIELD_EVERY == 0:
+            await asyncio.sleep(self.config.publish_slice_gap_ms / 1000)
 
     def _release(self, it: Item) -> None:
         if it.key_hash is not None and self._computing.get(it.key_hash) is it:
@@ -771,11 +778,10 @@ class Worker:
         # burst, and the hits in flight then wait behind it on every one of
         # them. A pause after every slice of a burst spreads it out; a
         # slice's wait is small beside a miss's (bench/RESULTS.md, session 12).
-        gap_s, sent = self.config.publish_slice_gap_ms / 1000, 0
+        sent = 0
         for it in group.items:
             if it.sent is None:
-                if sent and sent % _YIELD_EVERY == 0:  # before the next slice: none after the last
-                    await asyncio.sleep(gap_s)  # 0 still lets cache hits through between large sends
+                await self._between_slices(sent)
                 it.sent = await self._send_answer(it)
                 sent += 1
         outcomes = await asyncio.gather(*(it.sent for it in group.items), return_exceptions=True)
