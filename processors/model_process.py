@@ -28,11 +28,12 @@ import os
 import threading
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 from processors.runtime import RunStats
 from processors.scheduling import group_problem, slice_problem
@@ -152,6 +153,15 @@ def _compute(jobs: list[Job]) -> Computed:
 
 
 # -- the parent -----------------------------------------------------------------
+@contextmanager
+def _death_reported() -> Iterator[None]:
+    try:
+        yield
+    except BrokenProcessPool as exc:
+        # killed (out of memory?) or crashed: no answer will come from it
+        raise ModelProcessError(f"the model process died: {exc}") from None
+
+
 class ModelProcess:
     """`await mp.load(folders, options)`, then `await mp.compute(jobs)`."""
 
@@ -164,11 +174,8 @@ class ModelProcess:
                                          initializer=_start_child, initargs=(nice, os.getpid()))
 
     async def _call(self, fn: Any, *args: Any) -> Any:
-        try:
+        with _death_reported():
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-        except BrokenProcessPool as exc:
-            # killed (out of memory?) or crashed: no answer will come from it
-            raise ModelProcessError(f"the model process died: {exc}") from None
 
     async def load(self, folders: dict[str, Path], options: dict[str, Any]) -> dict[str, list[str]]:
         """Load every model in the child; return each one's providers."""
@@ -183,13 +190,14 @@ class ModelProcess:
         order. Every piece is queued at once, so the child goes from one to
         the next without waiting for the event loop to take the answers."""
         loop = asyncio.get_running_loop()
-        futures = [loop.run_in_executor(self._pool, _compute, piece) for piece in pieces]
+        futures: list[asyncio.Future[Computed]] = []
         try:
-            for fut in futures:
-                try:
+            with _death_reported():
+                # a pool that already knows its child is dead refuses the
+                # queueing itself, not only the waiting
+                futures.extend(loop.run_in_executor(self._pool, _compute, piece) for piece in pieces)
+                for fut in futures:
                     yield await fut
-                except BrokenProcessPool as exc:
-                    raise ModelProcessError(f"the model process died: {exc}") from None
         finally:
             for fut in futures:  # left behind by a failure: none is waited for, none is reported
                 if fut.cancel():

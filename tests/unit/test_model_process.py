@@ -77,6 +77,13 @@ def test_a_dead_model_process_fails_the_pieces_with_a_clear_error():
             with pytest.raises(ModelProcessError, match="the model process died"):
                 async for _ in mp.compute_pieces([[Job("all-minilm-l6-v2", "x")]] * 3):
                     pass
+            # the pool now knows: it refuses the next hand-off as it is
+            # queued, which must read the same (CI once saw the raw error)
+            with pytest.raises(ModelProcessError, match="the model process died"):
+                async for _ in mp.compute_pieces([[Job("all-minilm-l6-v2", "x")]]):
+                    pass
+            with pytest.raises(ModelProcessError, match="the model process died"):
+                await mp.compute([Job("all-minilm-l6-v2", "x")])
         finally:
             mp.close()
 
