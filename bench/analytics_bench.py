@@ -54,7 +54,7 @@ def synthesise(store, rows: int, db: str) -> float:
     step = 1_000_000
     for start in range(0, rows, step):
         n = min(step, rows - start)
-        store.query(f"""
+        store.execute(f"""
             INSERT INTO {db}.telemetry
             SELECT
                 concat('s', toString(number)) AS id,

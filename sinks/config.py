@@ -6,11 +6,13 @@ itself only sees this model, so `sinks/` never imports the control plane.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from schemas.topics import KafkaConfig
+from sinks.query_guard import QueryBudget
 
 
 class SinkConfig(KafkaConfig):
@@ -44,7 +46,48 @@ class SinkConfig(KafkaConfig):
         description="HTTP port of the sink: /metrics, /healthz, /readyz, POST /query; 0 = a free port.")
     sink_host: str = Field(
         "127.0.0.1", min_length=1,
-        description="Address the sink's HTTP server listens on.")
+        description="Address the sink's HTTP server listens on; any but loopback needs "
+                    "SLUICE_SINK_QUERY_TOKEN.")
+    sink_query_token: SecretStr = Field(
+        SecretStr(""),
+        description="Bearer token POST /query requires when set; required when SLUICE_SINK_HOST "
+                    "is not a loopback address.")
+    sink_query_timeout_s: float = Field(
+        10.0, gt=0, le=3600,
+        description="Seconds one user query may run before ClickHouse stops it.")
+    sink_query_max_rows_to_read: int = Field(
+        500_000_000, ge=1,
+        description="Rows one user query may read; past it the query fails.")
+    sink_query_max_bytes_to_read: int = Field(
+        8 << 30, ge=1,
+        description="Bytes one user query may read; past it the query fails.")
+    sink_query_max_memory_bytes: int = Field(
+        1 << 30, ge=1 << 20,
+        description="Memory one user query may use, in bytes; past it the query fails.")
+    sink_query_max_result_rows: int = Field(
+        100_000, ge=1,
+        description="Rows one user query may return; past it the query fails.")
+    sink_query_max_threads: int = Field(
+        1, ge=1, le=256,
+        description="Threads one user query may use, so a scan leaves cores to the inserts.")
+    sink_query_concurrency: int = Field(
+        2, ge=1, le=64,
+        description="User queries the sink runs at once; one more is answered 429.")
+
+    @model_validator(mode="after")
+    def _remote_query_needs_a_token(self) -> "SinkConfig":
+        if not _is_loopback(self.sink_host) and not self.sink_query_token.get_secret_value():
+            raise ValueError(f"SLUICE_SINK_HOST={self.sink_host!r} is not a loopback address: "
+                             "set SLUICE_SINK_QUERY_TOKEN so POST /query asks for it")
+        return self
+
+    def query_budget(self) -> QueryBudget:
+        return QueryBudget(max_execution_s=self.sink_query_timeout_s,
+                           max_rows_to_read=self.sink_query_max_rows_to_read,
+                           max_bytes_to_read=self.sink_query_max_bytes_to_read,
+                           max_memory_bytes=self.sink_query_max_memory_bytes,
+                           max_result_rows=self.sink_query_max_result_rows,
+                           max_threads=self.sink_query_max_threads)
 
     @field_validator("clickhouse_url")
     @classmethod
@@ -57,3 +100,12 @@ class SinkConfig(KafkaConfig):
     @property
     def embedded(self) -> bool:
         return not self.clickhouse_url
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

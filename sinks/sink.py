@@ -35,6 +35,7 @@ once a second at most by default) buys exactly-once rows on either back end.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import random
 import signal
@@ -54,7 +55,8 @@ from pydantic import ValidationError
 
 from schemas.records import Telemetry
 from sinks.config import SinkConfig
-from sinks.store import QueryError, SinkError, Store, check_read_only, open_store
+from sinks.errors import QueryError, SinkError
+from sinks.store import Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,9 @@ class SinkMetrics:
                          registry=r)
         self.buffered = Gauge("sluice_sink_buffered_rows", "Records read and not yet inserted.", registry=r)
         self.assigned = Gauge("sluice_sink_assigned_partitions", "Partitions this sink owns.", registry=r)
+        self.queries = Counter("sluice_sink_queries_total",
+                               "POST /query calls: ok, refused (not allowed or failed), busy, error.",
+                               ["outcome"], registry=r)
 
 
 @dataclass(slots=True)
@@ -179,6 +184,12 @@ class TelemetrySink:
         # One thread owns the store: a chDB session is not to be used from
         # two threads at once (an insert and a POST /query would otherwise).
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-sink-db")
+        # User queries run on threads (and store connections) of their own, so
+        # a scan never holds up an insert; past this many at once: 429.
+        self._queries = ThreadPoolExecutor(max_workers=config.sink_query_concurrency,
+                                           thread_name_prefix="sluice-sink-query")
+        self._queries_running = 0
+        self._token = config.sink_query_token.get_secret_value().encode()
 
     async def _in_db(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
@@ -222,6 +233,7 @@ class TelemetrySink:
                     log.exception("error while closing the %s", name)
         if self._http is not None:
             await self._http.cleanup()
+        self._queries.shutdown(wait=False, cancel_futures=True)
         await self._in_db(self.store.close)
         self._db.shutdown(wait=False)
         log.info("sink stopped")
@@ -454,24 +466,45 @@ class TelemetrySink:
         return web.Response(status=200 if ok else 503, text=why + "\n")
 
     async def _query(self, request: web.Request) -> web.Response:
+        """User SQL, answered read-only within the query budget (sinks.query_guard)."""
+        if self._token and not _bearer_matches(request, self._token):
+            return _json({"error": "POST /query needs 'Authorization: Bearer <SLUICE_SINK_QUERY_TOKEN>'"},
+                         401, {"WWW-Authenticate": 'Bearer realm="sluice-sink"'})
+        if self._queries_running >= self.config.sink_query_concurrency:
+            self.metrics.queries.labels("busy").inc()
+            return _json({"error": f"{self._queries_running} queries running "
+                                   "(SLUICE_SINK_QUERY_CONCURRENCY); retry shortly"},
+                         429, {"Retry-After": "1"})
+        self._queries_running += 1
         try:
             doc = await request.json(loads=orjson.loads)
             sql = doc.get("sql") if isinstance(doc, dict) else None
             if not isinstance(sql, str):
                 raise QueryError('expected a JSON object {"sql": "SELECT ..."}')
-            sql = check_read_only(sql)
             if not self._store_ready:
                 return _json({"error": "store not started"}, 503)
-            columns, rows = await self._in_db(self.store.query, sql)
+            loop = asyncio.get_running_loop()
+            columns, rows = await loop.run_in_executor(self._queries, self.store.query, sql)
         except (QueryError, ValueError) as exc:
+            self.metrics.queries.labels("refused").inc()
             return _json({"error": str(exc)}, 400)
         except SinkError as exc:
+            self.metrics.queries.labels("error").inc()
             return _json({"error": str(exc)}, 503)
+        finally:
+            self._queries_running -= 1
+        self.metrics.queries.labels("ok").inc()
         return _json({"columns": columns, "rows": rows})
 
 
-def _json(doc: dict[str, Any], status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json")
+def _bearer_matches(request: web.Request, token: bytes) -> bool:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token)
+
+
+def _json(doc: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json",
+                        headers=headers)
 
 
 async def serve(config: SinkConfig, on_ready: Callable[[TelemetrySink], None] | None = None) -> None:

@@ -8,20 +8,26 @@
 Both take the same DDL (schemas/clickhouse/telemetry.sql), the same
 JSONEachRow insert body and return query results parsed from the same
 JSONCompact output, so a query gives identical values on either back end.
-Every method is blocking; the sink calls them through `asyncio.to_thread`.
+Every method is blocking; the sink calls them from threads of its own.
+
+`query` is for user SQL and `execute` for ours: user SQL is vetted and run
+read-only within a budget on connections of its own (sinks.query_guard).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import re
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import orjson
 
-from schemas.errors import SluiceError
 from sinks.config import SinkConfig
+from sinks.errors import QueryError, SinkError
+from sinks.query_guard import QueryBudget, QueryGuard, vet
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +40,10 @@ _INSERT_SETTINGS = {"deduplicate_blocks_in_dependent_materialized_views": 1}
 # Numbers as JSON numbers, not strings, so both back ends return the same types.
 _QUERY_SETTINGS = {"output_format_json_quote_64bit_integers": 0,
                    "output_format_json_quote_decimals": 0}
-
-
-class SinkError(SluiceError):
-    """The store failed (unreachable, rejected an insert, bad query)."""
-
-    code = "sink"
-    retriable = True
-
-
-class QueryError(SinkError):
-    """A query was refused or failed; the caller's fault, not retriable."""
-
-    code = "query"
-    retriable = False
+# User queries also read `sum(requests) AS requests` the way dashboards mean
+# it (the column inside, the alias outside); the named queries rely on it, and
+# a user cannot set it in the query (no SETTINGS under readonly).
+_USER_QUERY_SETTINGS = {**_QUERY_SETTINGS, "prefer_column_name_to_alias": 1}
 
 
 def ddl_statements(database: str, ttl_days: int, path: Path = DDL_PATH) -> list[str]:
@@ -56,24 +52,6 @@ def ddl_statements(database: str, ttl_days: int, path: Path = DDL_PATH) -> list[
     text = path.read_text().replace("{db}", database).replace("{ttl_days}", str(int(ttl_days)))
     body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("--"))
     return [s.strip() for s in body.split(";") if s.strip()]
-
-
-_READ_ONLY = re.compile(r"^\s*(select|with)\b", re.IGNORECASE)
-_COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
-
-
-def check_read_only(sql: str) -> str:
-    """A single SELECT/WITH statement, or QueryError. A trailing `;` is allowed."""
-    stripped = _COMMENTS.sub(" ", sql).strip()
-    if stripped.endswith(";"):
-        stripped = stripped[:-1].rstrip()
-    if not stripped:
-        raise QueryError("empty query")
-    if not _READ_ONLY.match(stripped):
-        raise QueryError("only SELECT or WITH statements are allowed")
-    if ";" in re.sub(r"'(?:[^'\\]|\\.)*'", "''", stripped):
-        raise QueryError("one statement at a time")
-    return stripped
 
 
 def _parse_json_compact(raw: bytes) -> tuple[list[str], list[tuple]]:
@@ -89,6 +67,7 @@ class Store(Protocol):
     def start(self) -> None: ...
     def insert(self, rows: list[dict[str, Any]] | list[bytes], dedup_token: str) -> None: ...
     def query(self, sql: str) -> tuple[list[str], list[tuple]]: ...
+    def execute(self, sql: str) -> tuple[list[str], list[tuple]]: ...
     def close(self) -> None: ...
 
 
@@ -97,16 +76,74 @@ def encode_rows(rows: list[dict[str, Any]] | list[bytes]) -> bytes:
     return b"\n".join(r if isinstance(r, bytes) else orjson.dumps(r) for r in rows)
 
 
-class ChdbStore:
-    """Embedded chDB in `path` (created if missing)."""
+class _Readers:
+    """Connections that run user queries, one per concurrent query, each held
+    by one thread at a time. They are not the writer's connection: a user's
+    scan never waits behind an insert, nor an insert behind a scan.
 
-    def __init__(self, path: Path, database: str = "sluice", ttl_days: int = 30) -> None:
+    A connection whose query failed is closed and replaced by a new one when
+    next taken: chDB 26.9 hands the rest of a failed query's output to the
+    next query on the same connection (a result-row limit hit mid-stream came
+    back glued to the following answer), and one user's rows must never reach
+    another's answer."""
+
+    def __init__(self, opener: Callable[[], Any], closer: Callable[[Any], None], size: int) -> None:
+        self._open, self._close = opener, closer
+        self._free: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for _ in range(size):
+            self._free.put(None)  # opened on first use
+
+    @contextlib.contextmanager
+    def take(self) -> Iterator[Any]:
+        conn = self._free.get()
+        try:
+            if conn is None:
+                conn = self._open()
+            yield conn
+        except BaseException:
+            if conn is not None:
+                self._discard(conn)
+            conn = None
+            raise
+        finally:
+            self._free.put(conn)
+
+    def _discard(self, conn: Any) -> None:
+        try:
+            self._close(conn)
+        except Exception:
+            log.exception("error while closing a query connection")
+
+    def close(self) -> None:
+        while True:
+            try:
+                conn = self._free.get_nowait()
+            except queue.Empty:
+                return
+            if conn is not None:
+                self._discard(conn)
+
+
+class ChdbStore:
+    """Embedded chDB in `path` (created if missing).
+
+    One connection writes (DDL, inserts, `execute`); `readers` more answer
+    user queries (`query`) under readonly = 1 and the budget, set on their
+    sessions before anything else runs there."""
+
+    def __init__(self, path: Path, database: str = "sluice", ttl_days: int = 30,
+                 budget: QueryBudget | None = None, readers: int = 2) -> None:
         self.path = Path(path)
         self.database = database
         self.ttl_days = ttl_days
+        self.budget = budget or QueryBudget()
+        self._n_readers = readers
         self._session: Any = None
+        self._readers: _Readers | None = None
+        self._guard: QueryGuard | None = None
 
     def start(self) -> None:
+        import chdb
         import chdb.session
         if self._session is None:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -120,6 +157,20 @@ class ChdbStore:
                 self._session.query(f"SET {k} = {v}")
         for stmt in ddl_statements(self.database, self.ttl_days):
             self._run(stmt)
+        if self._guard is None:
+            self._guard = QueryGuard.from_catalog(self.execute(QueryGuard.CATALOG_SQL)[1])
+            self._readers = _Readers(self._open_reader, lambda c: c.close(), self._n_readers)
+
+    def _open_reader(self) -> Any:
+        import chdb
+        conn = chdb.connect(str(self.path))
+        try:
+            for k, v in {**_USER_QUERY_SETTINGS, **self.budget.settings()}.items():
+                conn.query(f"SET {k} = {_literal(v)}")
+        except Exception as exc:
+            conn.close()
+            raise SinkError(f"chDB: cannot open a query connection: {_first_line(exc)}") from exc
+        return conn
 
     def _run(self, sql: str, fmt: str = "CSV") -> Any:
         if self._session is None:
@@ -137,14 +188,39 @@ class ChdbStore:
         body = encode_rows(rows).decode()
         self._run(f"INSERT INTO {self.database}.{TABLE} SETTINGS {settings} FORMAT JSONEachRow\n{body}")
 
-    def query(self, sql: str) -> tuple[list[str], list[tuple]]:
+    def execute(self, sql: str) -> tuple[list[str], list[tuple]]:
+        """Our own SQL (DDL, bulk loads, maintenance) with full rights; never user text."""
         try:
             res = self._run(sql, "JSONCompact")
         except SinkError as exc:
             raise QueryError(str(exc)) from exc
         return _parse_json_compact(res.bytes())
 
+    def query(self, sql: str) -> tuple[list[str], list[tuple]]:
+        """User SQL: vetted (sinks.query_guard), then run read-only within the budget."""
+        if self._guard is None or self._readers is None:
+            raise SinkError("store is not started")
+        with self._readers.take() as conn:
+            def ask(text: str, params: dict[str, str] | None = None) -> bytes:
+                try:
+                    return conn.query(text, "JSONCompact", params=params).bytes()
+                except Exception as exc:
+                    raise QueryError(f"chDB: {_first_line(exc)}") from exc
+
+            def canonical(text: str) -> str:
+                return str(_parse_json_compact(ask("SELECT formatQuery({sql:String})",
+                                                   {"sql": _tsv_escape(text)}))[1][0][0])
+
+            def explain(text: str) -> str:
+                return "\n".join(str(r[0]) for r in _parse_json_compact(ask("EXPLAIN AST " + text))[1])
+
+            return _parse_json_compact(ask(vet(sql, canonical, explain, self._guard)))
+
     def close(self) -> None:
+        if self._readers is not None:
+            self._readers.close()
+            self._readers = None
+        self._guard = None
         if self._session is not None:
             try:
                 self._session.close()
@@ -154,27 +230,41 @@ class ChdbStore:
 
 class ServerStore:
     """A ClickHouse server through clickhouse-connect; the URL carries host,
-    port and credentials (http://user:pass@host:8123/)."""
+    port and credentials (http://user:pass@host:8123/). User queries run on
+    clients of their own (no session, so they may run at once) with the
+    budget and readonly = 1 as settings of each request."""
 
-    def __init__(self, url: str, database: str = "sluice", ttl_days: int = 30) -> None:
+    def __init__(self, url: str, database: str = "sluice", ttl_days: int = 30,
+                 budget: QueryBudget | None = None, readers: int = 2) -> None:
         self.url = url
         self.database = database
         self.ttl_days = ttl_days
+        self.budget = budget or QueryBudget()
+        self._n_readers = readers
         self._client: Any = None
+        self._readers: _Readers | None = None
+        self._guard: QueryGuard | None = None
+
+    def _connect(self, **kw: Any) -> Any:
+        import clickhouse_connect
+        try:
+            return clickhouse_connect.get_client(dsn=self.url, database="default", connect_timeout=5,
+                                                 **kw)
+        except Exception as exc:
+            raise SinkError(f"ClickHouse at {_redact(self.url)}: {exc}") from exc
 
     def start(self) -> None:
-        import clickhouse_connect
         if self._client is None:
-            try:
-                self._client = clickhouse_connect.get_client(dsn=self.url, database="default",
-                                                             connect_timeout=5)
-            except Exception as exc:
-                raise SinkError(f"ClickHouse at {_redact(self.url)}: {exc}") from exc
+            self._client = self._connect()
         for stmt in ddl_statements(self.database, self.ttl_days):
             try:
                 self._client.command(stmt)
             except Exception as exc:
                 raise SinkError(f"ClickHouse DDL failed: {exc}") from exc
+        if self._guard is None:
+            self._guard = QueryGuard.from_catalog(self.execute(QueryGuard.CATALOG_SQL)[1])
+            self._readers = _Readers(lambda: self._connect(autogenerate_session_id=False),
+                                     lambda c: c.close(), self._n_readers)
 
     def insert(self, rows: list[dict[str, Any]] | list[bytes], dedup_token: str) -> None:
         if not rows:
@@ -189,7 +279,8 @@ class ServerStore:
         except Exception as exc:
             raise SinkError(f"ClickHouse insert failed: {exc}") from exc
 
-    def query(self, sql: str) -> tuple[list[str], list[tuple]]:
+    def execute(self, sql: str) -> tuple[list[str], list[tuple]]:
+        """Our own SQL (DDL, bulk loads, maintenance) with full rights; never user text."""
         if self._client is None:
             raise SinkError("store is not started")
         try:
@@ -198,7 +289,34 @@ class ServerStore:
             raise QueryError(f"ClickHouse: {exc}") from exc
         return _parse_json_compact(raw)
 
+    def query(self, sql: str) -> tuple[list[str], list[tuple]]:
+        """User SQL: vetted (sinks.query_guard), then run read-only within the budget."""
+        if self._guard is None or self._readers is None:
+            raise SinkError("store is not started")
+        with self._readers.take() as client:
+            def ask(text: str, settings: dict[str, Any], params: dict[str, str] | None = None) -> bytes:
+                try:
+                    return client.raw_query(text, parameters=params, settings=settings,
+                                            fmt="JSONCompact")
+                except Exception as exc:
+                    raise QueryError(f"ClickHouse: {_first_line(exc)}") from exc
+
+            def canonical(text: str) -> str:
+                raw = ask("SELECT formatQuery({sql:String})", _USER_QUERY_SETTINGS, {"sql": text})
+                return str(_parse_json_compact(raw)[1][0][0])
+
+            def explain(text: str) -> str:
+                raw = ask("EXPLAIN AST " + text, _USER_QUERY_SETTINGS)
+                return "\n".join(str(r[0]) for r in _parse_json_compact(raw)[1])
+
+            text = vet(sql, canonical, explain, self._guard)
+            return _parse_json_compact(ask(text, {**_USER_QUERY_SETTINGS, **self.budget.settings()}))
+
     def close(self) -> None:
+        if self._readers is not None:
+            self._readers.close()
+            self._readers = None
+        self._guard = None
         if self._client is not None:
             try:
                 self._client.close()
@@ -208,9 +326,26 @@ class ServerStore:
 
 def open_store(config: SinkConfig) -> Store:
     """The configured back end, not yet started."""
+    kw = {"budget": config.query_budget(), "readers": config.sink_query_concurrency}
     if config.embedded:
-        return ChdbStore(config.chdb_path, config.clickhouse_database, config.telemetry_ttl_days)
-    return ServerStore(config.clickhouse_url, config.clickhouse_database, config.telemetry_ttl_days)
+        return ChdbStore(config.chdb_path, config.clickhouse_database, config.telemetry_ttl_days, **kw)
+    return ServerStore(config.clickhouse_url, config.clickhouse_database, config.telemetry_ttl_days,
+                       **kw)
+
+
+def _literal(v: Any) -> str:
+    return f"'{_quote(v)}'" if isinstance(v, str) else str(v)
+
+
+def _tsv_escape(text: str) -> str:
+    """A query parameter's value as ClickHouse reads it (TSV escaping)."""
+    return (text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+            .replace("\r", "\\r"))
+
+
+def _first_line(exc: BaseException) -> str:
+    """ClickHouse's message without the stack trace it sometimes appends."""
+    return str(exc).strip().split("\n", 1)[0]
 
 
 def _quote(s: str) -> str:

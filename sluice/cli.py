@@ -102,11 +102,15 @@ def cmd_sink(s: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _sink_runner(host: str, port: int):
+def _sink_runner(host: str, port: int, token: str = ""):
     """Run SQL through a sink's POST /query."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+
     def via_sink(sql: str):
         req = urllib.request.Request(f"http://{host}:{port}/query", data=orjson.dumps({"sql": sql}),
-                                     headers={"Content-Type": "application/json"})
+                                     headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
                 doc = orjson.loads(r.read())
@@ -124,7 +128,8 @@ def _query_runner(s: Settings):
     if not s.clickhouse_url:
         try:
             with socket.create_connection((s.sink_host, s.sink_port), timeout=0.5):
-                return _sink_runner(s.sink_host, s.sink_port), None
+                return _sink_runner(s.sink_host, s.sink_port,
+                                    s.sink_query_token.get_secret_value()), None
         except OSError:
             pass
     store = open_store(s.sink())
@@ -314,7 +319,7 @@ def cmd_demo(s: Settings, args: argparse.Namespace) -> int:
     try:
         ready_s = worker.start()
         sink.start()
-        runner = _sink_runner(s.sink_host, sink.port)
+        runner = _sink_runner(s.sink_host, sink.port, s.sink_query_token.get_secret_value())
         count_sql = (f"SELECT count() FROM {s.clickhouse_database}.telemetry "
                      f"WHERE published_at >= toDateTime64({time.time():.3f}, 3)")
         print(f"worker ready in {ready_s:.1f} s; sending {int(args.rate * args.duration)} requests "

@@ -86,9 +86,11 @@ def describe_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     name = str(err["loc"][0]) if err["loc"] else ""
     value = err.get("input")
-    setting = f"{ENV_PREFIX}{name.upper()}" if name else "settings"
+    msg = err["msg"].removeprefix("Value error, ")
+    if not name:  # a check across settings: its message names them
+        return msg
     shown = "" if isinstance(value, dict) or value is None else f"={value!r}"
-    return f"{setting}{shown}: {err['msg']}"
+    return f"{ENV_PREFIX}{name.upper()}{shown}: {msg}"
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -7,4 +7,3 @@ SELECT
     round(sum(compute_ms) / 1000, 3) AS compute_s
 FROM {db}.telemetry_minute
 WHERE minute >= toStartOfMinute(now() - toIntervalSecond({since_s}))
-SETTINGS prefer_column_name_to_alias = 1

@@ -13,4 +13,3 @@ FROM {db}.telemetry_minute
 WHERE minute >= toStartOfMinute(now() - toIntervalSecond({since_s}))
 GROUP BY model
 ORDER BY model
-SETTINGS prefer_column_name_to_alias = 1

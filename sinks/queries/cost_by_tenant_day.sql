@@ -10,4 +10,3 @@ FROM {db}.telemetry_minute
 WHERE minute >= toStartOfMinute(now() - toIntervalSecond({since_s}))
 GROUP BY day, tenant, model
 ORDER BY day, tenant, model
-SETTINGS prefer_column_name_to_alias = 1

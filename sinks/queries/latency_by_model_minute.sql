@@ -14,4 +14,3 @@ FROM
     GROUP BY minute, model
 )
 ORDER BY minute, model
-SETTINGS prefer_column_name_to_alias = 1

@@ -9,4 +9,3 @@ FROM
 )
 WHERE q[3] > {slo_ms}
 ORDER BY minute, model
-SETTINGS prefer_column_name_to_alias = 1

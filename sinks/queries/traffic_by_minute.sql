@@ -9,4 +9,3 @@ FROM {db}.telemetry_minute
 WHERE minute >= toStartOfMinute(now() - toIntervalSecond({since_s}))
 GROUP BY minute
 ORDER BY minute
-SETTINGS prefer_column_name_to_alias = 1

@@ -10,4 +10,3 @@ FROM {db}.telemetry_minute
 WHERE minute >= toStartOfMinute(now() - toIntervalSecond({since_s}))
 GROUP BY worker
 ORDER BY worker
-SETTINGS prefer_column_name_to_alias = 1

@@ -164,15 +164,96 @@ async def test_n_records_become_exactly_n_rows(env, sinks, tmp_path):
     assert again.metric("sluice_sink_errors_total") == 0
 
 
-async def test_read_only_query_endpoint(env, sinks, tmp_path):
-    sink = sinks(env, tmp_path / "chdb", f"{env.prefix}-sink")
-    for sql in ["DROP TABLE sluice.telemetry", "SELECT 1; DROP TABLE sluice.telemetry", "INSERT INTO x VALUES (1)"]:
-        req = urllib.request.Request(f"http://127.0.0.1:{sink.port}/query", data=orjson.dumps({"sql": sql}),
-                                     method="POST")
-        with pytest.raises(urllib.error.HTTPError) as exc:
-            urllib.request.urlopen(req, timeout=5)
-        assert exc.value.code == 400
+def post_query(port: int, sql: str, token: str | None = None) -> tuple[int, dict, dict]:
+    """POST /query as any HTTP client would: (status, JSON body, headers)."""
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/query", data=orjson.dumps({"sql": sql}),
+                                 headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, orjson.loads(r.read()), dict(r.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read()), dict(exc.headers)
+
+
+@pytest.mark.timeout(120)
+async def test_the_query_endpoint_refuses_files_network_writes_and_runaway_scans(env, sinks, tmp_path):
+    """The attacks a new user tried on POST /query, each refused; the named
+    queries still answered; a scan past its budget stopped by ClickHouse while
+    the sink keeps inserting telemetry meanwhile."""
+    from sinks.analytics import load_queries
+    from tests.unit.test_store import ATTACKS, HEAVY_SCAN
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do-not-leak-7f3a\n")
+    out = tmp_path / "written.txt"
+    sink = sinks(env, tmp_path / "chdb", f"{env.prefix}-sink", SLUICE_SINK_QUERY_TIMEOUT_S="6",
+                 SLUICE_SINK_BATCH_MAX_S="0.2")
+    for attack, sql in ATTACKS.items():
+        status, doc, _ = post_query(sink.port, sql.format(secret=secret, out=out, db="sluice"))
+        assert status == 400, (attack, doc)
+        assert "do-not-leak" not in orjson.dumps(doc).decode(), attack
+    assert not out.exists()
+    assert sink.metric('sluice_sink_queries_total{outcome="refused"}') == len(ATTACKS)
+    assert sink.metric('sluice_sink_queries_total{outcome="ok"}') == 0
     assert sink.query("SELECT 1 AS one") == (["one"], [[1]])
+    for name, q in load_queries().items():
+        status, doc, _ = post_query(sink.port, q.render(db="sluice", since_s=3600))
+        assert status == 200 and doc["columns"], (name, doc)
+
+    # a scan that would run ~30 s on one core, started before the telemetry arrives
+    scan = asyncio.create_task(asyncio.to_thread(post_query, sink.port, HEAVY_SCAN.format(rows=30_000_000)))
+    await asyncio.sleep(0.5)
+    started = time.monotonic()
+    await produce(env.stack.bootstrap_servers, env.topics.telemetry,
+                  [telemetry(i, now_ms() - 60_000) for i in range(N)])
+    rows, _ = await asyncio.to_thread(sink.wait_rows, N, 20.0)
+    stored_s = time.monotonic() - started
+    assert not scan.done(), "the scan ended before the inserts could be seen to pass it"
+    status, doc, _ = await scan
+    assert rows == N
+    assert status == 400 and "TIMEOUT_EXCEEDED" in doc["error"], doc
+    assert stored_s < 6.0
+
+
+@pytest.mark.timeout(90)
+async def test_the_query_endpoint_asks_for_its_token_and_sheds_excess_queries(env, sinks, tmp_path):
+    from tests.unit.test_store import HEAVY_SCAN
+
+    sink = sinks(env, tmp_path / "chdb", f"{env.prefix}-sink", SLUICE_SINK_QUERY_TOKEN="t0ken-9c1e",
+                 SLUICE_SINK_QUERY_CONCURRENCY="1", SLUICE_SINK_QUERY_TIMEOUT_S="4")
+    for token in (None, "wrong", ""):
+        status, doc, headers = post_query(sink.port, "SELECT 1 AS one", token)
+        assert status == 401 and headers.get("WWW-Authenticate", "").startswith("Bearer"), doc
+    assert post_query(sink.port, "SELECT 1 AS one", "t0ken-9c1e")[:2] == (200, {"columns": ["one"],
+                                                                               "rows": [[1]]})
+    # health and metrics stay open to probes and Prometheus
+    with urllib.request.urlopen(f"http://127.0.0.1:{sink.port}/readyz", timeout=5) as r:
+        assert r.status == 200
+    # one query at a time: a second one while a scan runs is told to come back
+    scan = asyncio.create_task(asyncio.to_thread(post_query, sink.port, HEAVY_SCAN.format(rows=30_000_000),
+                                                 "t0ken-9c1e"))
+    await asyncio.sleep(1.0)
+    status, doc, headers = post_query(sink.port, "SELECT 1 AS one", "t0ken-9c1e")
+    assert status == 429 and headers.get("Retry-After") == "1", doc
+    assert (await scan)[0] == 400
+    assert post_query(sink.port, "SELECT 1 AS one", "t0ken-9c1e")[0] == 200
+    # the token never shows in the sink's log
+    assert "t0ken-9c1e" not in sink.log()
+
+
+def test_a_sink_listening_beyond_loopback_without_a_token_does_not_start(tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "sluice", "sink"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60,
+                          env={**os.environ, "SLUICE_SINK_HOST": "0.0.0.0", "SLUICE_SINK_PORT": "0",
+                               "SLUICE_CHDB_PATH": str(tmp_path / "chdb")})
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "SLUICE_SINK_QUERY_TOKEN" in lines[0], proc.stderr
 
 
 @pytest.mark.timeout(60)

@@ -13,7 +13,8 @@ import pytest
 
 from schemas.records import Telemetry
 from sinks.sink import BadRecord, to_row
-from sinks.store import ChdbStore, QueryError, ServerStore, check_read_only
+from sinks.errors import QueryError
+from sinks.store import ChdbStore, ServerStore
 
 SERVER_URL = os.environ.get("SLUICE_TEST_CLICKHOUSE_URL", "")
 # recent, so the table's TTL keeps them (expired rows are dropped at insert)
@@ -138,15 +139,85 @@ def test_query_errors_are_query_errors(store):
         store.query("SELECT no_such_column FROM system.one")
 
 
-def test_read_only_check():
-    assert check_read_only(" select 1; ") == "select 1"
-    assert check_read_only("-- a comment\nWITH x AS (SELECT 1) SELECT * FROM x")
-    assert check_read_only("SELECT ';' AS semicolon")
-    for bad in ["INSERT INTO t VALUES (1)", "DROP TABLE sluice.telemetry", "", "  ;",
-                "SELECT 1; DROP TABLE sluice.telemetry", "/* x */ ALTER TABLE t DELETE WHERE 1",
-                "SYSTEM FLUSH LOGS"]:
-        with pytest.raises(QueryError):
-            check_read_only(bad)
+# What a user may send to POST /query or `sluice analytics`; each must be refused
+# by ClickHouse's parser, our check of its AST, or readonly = 1.
+ATTACKS = {
+    "file table function": "SELECT * FROM file('{secret}', 'LineAsString')",
+    "file scalar": "SELECT file('{secret}')",
+    "file, upper case": "SELECT FILE('{secret}')",
+    "file in a subquery": "SELECT * FROM (SELECT * FROM file('{secret}', 'LineAsString'))",
+    "file after a first statement": "SELECT 1; SELECT file('{secret}')",
+    "url": "SELECT * FROM url('http://127.0.0.1:9/x', 'LineAsString')",
+    "remote": "SELECT * FROM remote('127.0.0.1:9000', system.one)",
+    "s3": "SELECT * FROM s3('http://127.0.0.1:9/b/x.csv')",
+    "into outfile": "SELECT 'pwned' INTO OUTFILE '{out}'",
+    "into outfile after a comment": "/* x */ SELECT 'pwned' INTO OUTFILE '{out}' -- y",
+    "format": "SELECT 1 FORMAT CSV",
+    "settings raising the budget": "SELECT count() FROM numbers(10) SETTINGS max_execution_time = 3600",
+    "settings inside": "SELECT * FROM (SELECT 1 SETTINGS readonly = 0)",
+    "drop": "DROP TABLE {db}.telemetry",
+    "insert": "INSERT INTO {db}.telemetry (id) VALUES ('x')",
+    "alter": "ALTER TABLE {db}.telemetry DELETE WHERE 1",
+    "system": "SYSTEM FLUSH LOGS",
+    "set": "SET readonly = 0",
+    "ai provider": "SELECT aiEmbed('text')",
+    "empty": "  ",
+}
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_a_query_that_could_touch_files_network_or_data_is_refused(store, tmp_path, attack):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do-not-leak-7f3a\n")
+    out = tmp_path / "written.txt"
+    store.insert(rows(3), "before")
+    sql = ATTACKS[attack].format(secret=secret, out=out, db=store.database)
+    with pytest.raises(QueryError) as exc:
+        store.query(sql)
+    assert "do-not-leak" not in str(exc.value)
+    assert not out.exists()
+    assert count(store) == 3  # nothing dropped, inserted or deleted
+
+
+# about 1 s of one core per million rows on this machine kind
+HEAVY_SCAN = ("SELECT count() FROM numbers({rows}) "
+              "WHERE NOT ignore(arrayMap(x -> sipHash64(x, number), range(100)))")
+
+
+def test_every_named_query_passes_the_guard(store):
+    from sinks.analytics import load_queries, run
+    store.insert(rows(50), "named")
+    for name in load_queries():
+        cols, _ = run(name, store.query, db=store.database, since_s=7 * 86400)
+        assert cols, name
+    # plain analytics SQL a user writes: comments, WITH, a trailing `;`, system tables
+    assert store.query("-- mine\nWITH x AS (SELECT 2 AS a) SELECT a FROM x;") == (["a"], [(2,)])
+    assert store.query("SELECT ';' AS semicolon") == (["semicolon"], [(";",)])
+    assert store.query(f"SELECT count() FROM system.tables WHERE database = '{store.database}'")[1][0][0] >= 2
+
+
+def test_the_budget_stops_a_query_and_the_next_answer_is_clean(tmp_path):
+    from sinks.query_guard import QueryBudget
+    store = ChdbStore(tmp_path / "chdb", database="sluice_test", readers=1,
+                      budget=QueryBudget(max_result_rows=1000, max_rows_to_read=5_000_000,
+                                         max_execution_s=1.0))
+    store.start()
+    try:
+        for sql, why in [("SELECT number FROM numbers(5000)", "TOO_MANY_ROWS"),
+                         ("SELECT count() FROM numbers(100000000)", "max_rows_to_read"),
+                         (HEAVY_SCAN.format(rows=4_000_000), "TIMEOUT_EXCEEDED")]:
+            with pytest.raises(QueryError, match=why):
+                store.query(sql)
+            # the only connection failed mid-stream; the next answer has no leftovers of it
+            assert store.query("SELECT 7 AS x") == (["x"], [(7,)])
+    finally:
+        store.close()
+
+
+def test_our_own_sql_keeps_full_rights(store):
+    store.execute(f"CREATE TABLE {store.database}.own (x UInt8) ENGINE = MergeTree ORDER BY x")
+    store.execute(f"INSERT INTO {store.database}.own VALUES (1), (2)")
+    assert store.query(f"SELECT sum(x) FROM {store.database}.own")[1] == [(3,)]
 
 
 def test_bad_records_are_refused():
