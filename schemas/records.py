@@ -241,3 +241,48 @@ def dlq_record(raw: bytes | None, key: bytes | None, reason: str, code: str, *, 
         "worker": worker,
         "at_ms": now_ms(),
     }
+
+
+def result_doc(*, id: str | None, status: str, task: str | None, model: str | None, cache: str,
+               queue_ms: float, cache_ms: float, inference_ms: float, total_ms: float, tokens: int,
+               batch_size: int, cost_usd: float, worker: str, truncated: bool = False,
+               output: bytes | None = None,
+               error: tuple[str, str] | None = None) -> dict[str, Any]:
+    """A result record. `output` is the model's answer already serialised
+    (what the cache stores), embedded as is; `error` is (code, message) and
+    is written only when there is no output."""
+    doc: dict[str, Any] = {
+        "v": SCHEMA_VERSION, "id": id, "status": status, "task": task, "model": model,
+        "cache": cache,
+        "timings_ms": {"queue": queue_ms, "cache": cache_ms, "inference": inference_ms,
+                       "total": total_ms},
+        "tokens": tokens, "batch_size": batch_size, "cost_usd": cost_usd, "worker": worker,
+    }
+    if truncated:
+        doc["truncated"] = True  # the input ran past the model's max tokens
+    if output is not None:
+        doc["output"] = orjson.Fragment(output)
+    elif error is not None:
+        doc["error"] = {"code": error[0], "message": error[1]}
+    return doc
+
+
+def telemetry_doc(*, id: str, tenant: str, model: str, model_version: str, task: str, status: str,
+                  error_code: str, cache: str, tokens: int, batch_size: int, worker: str,
+                  partition: int, offset: int, sent_at_ms: int, received_at_ms: int,
+                  inference_start_ms: int, inference_end_ms: int, published_at_ms: int,
+                  queue_ms: float, cache_ms: float, compute_ms: float,
+                  cost_usd: float) -> dict[str, Any]:
+    """A telemetry record: one per request handled, whatever its status."""
+    return {
+        "v": SCHEMA_VERSION, "id": id, "tenant": tenant, "model": model,
+        "model_version": model_version, "task": task, "status": status, "error_code": error_code,
+        "cache": cache, "tokens": tokens, "batch_size": batch_size, "worker": worker,
+        "partition": partition, "offset": offset, "sent_at_ms": sent_at_ms,
+        "received_at_ms": received_at_ms, "inference_start_ms": inference_start_ms,
+        "inference_end_ms": inference_end_ms, "published_at_ms": published_at_ms,
+        "queue_ms": queue_ms, "cache_ms": cache_ms,
+        "inference_ms": max(0, inference_end_ms - inference_start_ms),
+        "total_ms": max(0, published_at_ms - sent_at_ms), "compute_ms": compute_ms,
+        "cost_usd": cost_usd,
+    }

@@ -1,0 +1,91 @@
+"""Every answer the worker gives leaves through here: a result to the
+results topic (or the request's reply_to), or a DLQ record for a record
+with no usable id. Used by each stage that answers (intake's L1 hits, the
+lookup's hits and errors, the model's pieces, the checkpoint's rest)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from processors.cache import CacheMetrics
+from processors.items import Item
+from processors.metrics import WorkerMetrics
+from processors.publisher import Publisher
+from schemas.records import dlq_record, encode, now_ms, result_doc
+from schemas.topics import Topics
+
+# Sending is CPU work on the event loop; a long run of sends yields now and
+# then so that the lookup stage keeps answering cache hits meanwhile.
+YIELD_EVERY = 64
+
+
+class AnswerSender:
+    def __init__(self, *, topics: Topics, worker_id: str, results: Publisher, bulk: Publisher,
+                 metrics: WorkerMetrics, cache_metrics: CacheMetrics, prices: dict[str, float],
+                 default_model: str, slice_gap_ms: float) -> None:
+        self.topics = topics
+        self.worker_id = worker_id
+        self.results = results  # answers: latency matters
+        self.bulk = bulk  # telemetry and DLQ: volume matters
+        self.metrics = metrics
+        self.cache_metrics = cache_metrics
+        self.prices = prices  # model name -> USD per compute hour
+        self.default_model = default_model
+        self.slice_gap_ms = slice_gap_ms
+
+    def result(self, it: Item) -> dict[str, Any]:
+        req, model = it.request, it.model
+        return result_doc(
+            id=it.request_id, status=it.status, task=req.task if req else None,
+            model=model.ref if model else None, cache=it.cache,
+            queue_ms=max(0, it.started_ms - it.sent_ms), cache_ms=round(it.cache_ms, 3),
+            inference_ms=max(0, it.inference_end_ms - it.inference_start_ms),
+            total_ms=max(0, it.done_ms - it.sent_ms), tokens=it.tokens, batch_size=it.batch_size,
+            cost_usd=it.cost_usd, worker=self.worker_id, truncated=it.truncated,
+            output=it.out if it.status == "ok" else None,
+            error=(it.error.code, it.error.message) if it.error is not None else None)
+
+    async def send(self, it: Item) -> asyncio.Future:
+        """Send an item's result (or its DLQ record); return the ack future."""
+        topics = self.topics
+        rid = it.request_id
+        if rid is None:
+            err = it.error
+            reason, code = (err.message, err.code) if err else ("unreadable record", "invalid")
+            doc = dlq_record(it.raw, it.key, reason, code, topic=topics.requests,
+                             partition=it.partition, offset=it.offset, worker=self.worker_id)
+            it.topic = topics.dlq
+            self.metrics.dlq.inc()
+            return await self.bulk.send(topics.dlq, encode(doc), key=it.key)
+        it.topic = (it.request.reply_to if it.request else None) or \
+            (it.error.reply_to if it.error else None) or topics.results
+        return await self.results.send(it.topic, encode(self.result(it)), key=rid.encode())
+
+    async def send_fallback(self, it: Item, failure: BaseException) -> asyncio.Future:
+        """A reply_to topic refused the answer: say so on the results topic."""
+        doc = self.result(it)
+        doc.pop("output", None)
+        doc.update(status="error",
+                   error={"code": "reply_to_failed", "message": f"reply_to {it.topic}: {failure}"})
+        return await self.results.send(self.topics.results, encode(doc), key=doc["id"].encode())
+
+    async def answer_now(self, it: Item, lookup_ms: float, n: int) -> None:
+        """Send the result of an item that needs no model (a hit, an error,
+        an expired deadline); its batch commits it later, in offset order."""
+        it.cache_ms = lookup_ms
+        if it.cache in ("l1", "l2"):
+            self.cache_metrics.hits.labels(it.cache).inc()
+            name = it.model.name if it.model else self.default_model
+            it.cost_usd = lookup_ms / 1000 / max(1, n) * self.prices.get(name, 0.0) / 3600.0
+        it.done_ms = now_ms()
+        it.sent = await self.send(it)
+
+    async def pace(self, sent: int) -> None:
+        """Called before each answer of a run sent together, with how many
+        went before: a pause before every new slice of YIELD_EVERY, none
+        after the last. A gap of 0 still lets cache hits through between
+        large sends."""
+        if sent and sent % YIELD_EVERY == 0:
+            await asyncio.sleep(self.slice_gap_ms / 1000)
+
