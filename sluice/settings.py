@@ -25,7 +25,7 @@ ENV_PREFIX = "SLUICE_"
 class Settings(BaseSettings, WorkerConfig, SinkConfig, StackConfig):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
-    request_partitions: int = Field(12, ge=1, description="Partitions of PREFIX.requests that `sluice up` creates (the most workers that can share the load).")
+    request_partitions: int = Field(12, ge=1, description="Partitions of PREFIX.requests that `sluice up` creates, which caps how many workers can share the load.")
     results_partitions: int = Field(12, ge=1, description="Partitions of PREFIX.results that `sluice up` creates.")
 
     @model_validator(mode="before")
