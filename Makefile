@@ -46,9 +46,9 @@ $(VENV)/.bench-installed: pyproject.toml $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[dev,bench]'
 	@touch $@
 
-# the README's settings table is made from the code (a unit test checks it)
+# docs/settings.md's tables are made from the code (a unit test checks them)
 docs: setup
-	$(BIN)/python -c 'from sluice.settings import update_readme; update_readme()'
+	$(BIN)/python -c 'from sluice.settings import update_settings_doc; update_settings_doc()'
 
 clean:
 	-$(BIN)/sluice down

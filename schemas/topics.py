@@ -20,9 +20,9 @@ class KafkaConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     bootstrap_servers: str = Field(
-        "127.0.0.1:9092", description="Kafka bootstrap servers, comma separated host:port.")
+        "127.0.0.1:9092", description="Kafka bootstrap servers, as comma-separated host:port pairs.")
     topic_prefix: str = Field(
-        "sluice", description="Prefix of every topic name: PREFIX.requests, PREFIX.results, ...")
+        "sluice", description="Prefix of every topic name (PREFIX.requests, PREFIX.results, PREFIX.telemetry, PREFIX.dlq).")
 
     @field_validator("topic_prefix")
     @classmethod

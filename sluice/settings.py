@@ -1,21 +1,24 @@
 """Settings: every knob of every part, from SLUICE_* environment variables.
 
-One flat, frozen object so an operator sees every name in one table (the
-README's); each part receives only its own slice (WorkerConfig, StackConfig,
-KafkaConfig), so nothing downstream imports the control plane. A bad value
+One flat, frozen object so an operator sees every name in one place
+(docs/settings.md, a table per component); each part receives only its own
+slice (WorkerConfig, SinkConfig, StackConfig, KafkaConfig), so nothing
+downstream imports the control plane. A bad value
 fails at start with one line naming the setting.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from processors.config import WorkerConfig
 from sinks.config import SinkConfig
 from schemas.errors import ConfigError
+from schemas.records import Limits
 from schemas.topics import KafkaConfig
 from sluice.stack import StackConfig
 
@@ -25,7 +28,7 @@ ENV_PREFIX = "SLUICE_"
 class Settings(BaseSettings, WorkerConfig, SinkConfig, StackConfig):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
-    request_partitions: int = Field(12, ge=1, description="Partitions of PREFIX.requests that `sluice up` creates (the most workers that can share the load).")
+    request_partitions: int = Field(12, ge=1, description="Partitions of PREFIX.requests that `sluice up` creates, which caps how many workers can share the load.")
     results_partitions: int = Field(12, ge=1, description="Partitions of PREFIX.results that `sluice up` creates.")
 
     @model_validator(mode="before")
@@ -62,17 +65,54 @@ class Settings(BaseSettings, WorkerConfig, SinkConfig, StackConfig):
                                       results=self.results_partitions)
 
 
+# The settings doc's groups, by the class that declares each field (a class's
+# own annotations): a heading, the file that holds the fields, the class.
+_GROUPS: tuple[tuple[str, str, type], ...] = (
+    ("Kafka and topics", "schemas/topics.py", KafkaConfig),
+    ("Topics that `sluice up` creates", "sluice/settings.py", Settings),
+    ("Worker", "processors/config.py", WorkerConfig),
+    ("Worker: request limits", "schemas/records.py", Limits),
+    ("Sink (ClickHouse)", "sinks/config.py", SinkConfig),
+    ("Local stack", "sluice/stack.py", StackConfig),
+)
+SETTINGS_DOC = "docs/settings.md"
+
+
+def _shown_default(f: Any) -> str:
+    """The default as the table's cell: code, or "(unset)" for an empty or None default."""
+    if f.default_factory is not None:
+        return "`hostname-pid`"
+    value = f.default
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if isinstance(value, tuple):
+        return f"`{json.dumps(list(value))}`"
+    if value is None or value == "":
+        return "(unset)"
+    return f"`{value}`"
+
+
 def settings_table() -> str:
-    """The README's settings table, made from the code so the two agree."""
-    rows = ["| setting | default | meaning |", "|---|---|---|"]
-    for name, f in Settings.model_fields.items():
-        default = "hostname-pid" if f.default_factory is not None else f.default
-        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | `{default}` | {f.description or ''} |")
-    return "\n".join(rows)
+    """Every setting, a table per component, made from the code so the doc and the code agree."""
+    seen: set[str] = set()
+    parts = []
+    for title, source, cls in _GROUPS:
+        own = [n for n in cls.__dict__.get("__annotations__", {}) if n in Settings.model_fields]
+        seen.update(own)
+        rows = [f"### {title}", "", f"Declared in `{source}`.", "",
+                "| setting | default | meaning |", "|---|---|---|"]
+        for name in own:
+            f = Settings.model_fields[name]
+            rows.append(f"| `{ENV_PREFIX}{name.upper()}` | {_shown_default(f)} | {f.description or ''} |")
+        parts.append("\n".join(rows))
+    missing = [n for n in Settings.model_fields if n not in seen]
+    if missing:  # a field declared on a class the groups do not name
+        raise RuntimeError(f"settings_table: no group for {', '.join(missing)}")
+    return "\n\n".join(parts)
 
 
-def update_readme(path: str = "README.md") -> None:
-    """Rewrite the table between the README's settings markers."""
+def update_settings_doc(path: str = SETTINGS_DOC) -> None:
+    """Rewrite the tables between the settings doc's markers."""
     with open(path) as f:
         text = f.read()
     head, rest = text.split("<!-- settings:begin -->", 1)
