@@ -53,6 +53,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                generate_latest)
 from pydantic import ValidationError
 
+from schemas.errors import SluiceError, error_label
 from schemas.records import Telemetry
 from sinks.config import SinkConfig
 from sinks.errors import QueryError, SinkError
@@ -72,8 +73,10 @@ _UNSIGNED = {"tokens": 1 << 32, "batch_size": 1 << 32, "partition": 1 << 16, "of
 _INSERT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-class BadRecord(ValueError):
-    pass
+class BadRecord(SluiceError, ValueError):
+    """A telemetry record the table cannot take; skipped and counted."""
+
+    code = "bad_record"
 
 
 def to_row(raw: bytes | None) -> bytes:
@@ -275,7 +278,7 @@ class TelemetrySink:
                 row: bytes | None = to_row(rec.value)
             except BadRecord as exc:
                 row = None
-                self.metrics.errors.labels("bad_record").inc()
+                self.metrics.errors.labels(error_label(exc)).inc()
                 log.warning("skipping telemetry record %s:%d:%d: %s", self.topic, partition,
                             rec.offset, exc)
             buf.add(rec.offset, row, now)

@@ -36,8 +36,8 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from processors.scheduling import slice_problem
-from schemas.errors import StackError
 from sluice.admin import ensure_topics, wait_for_broker
+from sluice.errors import StackError
 
 _POM = Path(__file__).resolve().parents[1] / "compose" / "kafka" / "pom.xml"
 _KAFKA_JAR_GLOB = "kafka_2.13-*.jar"
