@@ -20,7 +20,7 @@ import orjson
 from bench.harness import OUT, machine
 from sinks.analytics import load_queries
 from sinks.config import SinkConfig
-from sinks.sink import to_row
+from sinks.rows import to_row
 from sinks.store import open_store
 
 

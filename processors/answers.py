@@ -38,13 +38,13 @@ class AnswerSender:
         req, model = it.request, it.model
         return result_doc(
             id=it.request_id, status=it.status, task=req.task if req else None,
-            model=model.ref if model else None, cache=it.cache,
-            queue_ms=max(0, it.started_ms - it.sent_ms), cache_ms=round(it.cache_ms, 3),
-            inference_ms=max(0, it.inference_end_ms - it.inference_start_ms),
-            total_ms=max(0, it.done_ms - it.sent_ms), tokens=it.tokens, batch_size=it.batch_size,
-            cost_usd=it.cost_usd, worker=self.worker_id, truncated=it.truncated,
-            output=it.out if it.status == "ok" else None,
-            error=(it.error.code, it.error.message) if it.error is not None else None)
+            model=model.ref if model else None, cache=it.cache, sent_ms=it.sent_ms,
+            started_ms=it.started_ms, cache_ms=it.cache_ms, inference_start_ms=it.inference_start_ms,
+            inference_end_ms=it.inference_end_ms, done_ms=it.done_ms, tokens=it.tokens,
+            batch_size=it.batch_size, cost_usd=it.cost_usd, worker=self.worker_id,
+            truncated=it.truncated, output=it.out,
+            error_code=it.error.code if it.error is not None else None,
+            error_message=it.error.message if it.error is not None else None)
 
     async def send(self, it: Item) -> asyncio.Future:
         """Send an item's result (or its DLQ record); return the ack future."""

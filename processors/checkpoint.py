@@ -27,6 +27,7 @@ from processors.handoff import Handoff
 from processors.items import Group, Item
 from processors.metrics import WorkerMetrics
 from processors.partition_state import PartitionState
+from schemas.errors import error_label
 from schemas.records import encode, now_ms, telemetry_doc
 
 log = logging.getLogger(__name__)
@@ -114,15 +115,15 @@ class Checkpoint:
             status=it.status, error_code=it.error.code if it.error is not None else "",
             cache=it.cache, tokens=it.tokens, batch_size=it.batch_size, worker=self.sender.worker_id,
             partition=it.partition, offset=it.offset, sent_at_ms=it.sent_ms,
-            received_at_ms=it.received_ms, inference_start_ms=it.inference_start_ms,
-            inference_end_ms=it.inference_end_ms, published_at_ms=published_ms,
-            queue_ms=max(0, it.started_ms - it.sent_ms), cache_ms=it.cache_ms,
-            compute_ms=round(it.compute_ms, 3), cost_usd=it.cost_usd)
+            received_at_ms=it.received_ms, started_ms=it.started_ms,
+            inference_start_ms=it.inference_start_ms, inference_end_ms=it.inference_end_ms,
+            published_at_ms=published_ms, cache_ms=it.cache_ms, compute_ms=it.compute_ms,
+            cost_usd=it.cost_usd)
 
     async def _observe(self, items: list[Item], published: int, publish_s: float) -> None:
         self.metrics.count_requests(((it.model.name if it.model else "unknown", it.status, it.cache)
                                      for it in items),
-                                    (it.error.code for it in items if it.error is not None))
+                                    (error_label(it.error) for it in items if it.error is not None))
         queue, total = self.metrics.stage("queue"), self.metrics.stage("total")
         for n, it in enumerate(items, 1):
             queue.observe(max(0, it.started_ms - it.sent_ms) / 1000)

@@ -36,6 +36,8 @@ from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from schemas.errors import SluiceError
+
 log = logging.getLogger(__name__)
 
 # How long one poll waits for a record: also the longest a commit the loop
@@ -43,12 +45,16 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.005
 
 
-class CommitError(Exception):
+class CommitError(SluiceError):
     """A commit the group coordinator refused (the partition moved on)."""
 
+    code = "commit"
 
-class ConsumerError(Exception):
+
+class ConsumerError(SluiceError):
     """The consumer thread failed; the worker cannot go on fetching."""
+
+    code = "consumer"
 
 
 Records = dict[int, list[Any]]  # partition -> confluent_kafka.Message, in offset order

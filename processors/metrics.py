@@ -1,20 +1,18 @@
-"""All Prometheus collectors of a worker, built in one place, and the HTTP
-server for /metrics, /healthz and /readyz. Processing code calls these hooks."""
+"""All Prometheus collectors of a worker, built in one place, and its HTTP
+server for /metrics, /healthz and /readyz (the one the sink uses too, from
+schemas/service/http.py). Processing code calls these hooks."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import gc
-import logging
 import time
 from typing import Any, Callable, Iterable
 
-from aiohttp import web
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
-                               generate_latest)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-log = logging.getLogger(__name__)
+from schemas.service import http as service_http
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _POW2 = tuple(float(2 ** i) for i in range(0, 14))
@@ -94,47 +92,13 @@ class WorkerMetrics:
             self.loop_lag.observe(max(0.0, time.perf_counter() - t - interval_s))
 
 
-class HealthServer:
+class HealthServer(service_http.HealthServer):
     """/metrics, /healthz (event loop alive) and /readyz (model loaded and
-    partitions assigned) on one port."""
+    partitions assigned) on one port: the shared server
+    (schemas/service/http.py) over a worker's metrics."""
 
     def __init__(self, metrics: WorkerMetrics, host: str, port: int,
                  ready: Callable[[], tuple[bool, str]], heartbeat_age_s: Callable[[], float],
                  stale_after_s: float = 30.0) -> None:
-        self._metrics = metrics
-        self._host, self._port = host, port
-        self._ready = ready
-        self._heartbeat_age_s = heartbeat_age_s
-        self._stale_after_s = stale_after_s
-        self._runner: web.AppRunner | None = None
-        self.port: int | None = None
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/metrics", self._serve_metrics)
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-        log.info("metrics on http://%s:%s/metrics", self._host, self.port)
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _serve_metrics(self, _: web.Request) -> web.Response:
-        body = generate_latest(self._metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def _healthz(self, _: web.Request) -> web.Response:
-        age = self._heartbeat_age_s()
-        if age > self._stale_after_s:
-            return web.Response(status=503, text=f"fetch loop silent for {age:.0f} s\n")
-        return web.Response(text="ok\n")
-
-    async def _readyz(self, _: web.Request) -> web.Response:
-        ok, why = self._ready()
-        return web.Response(status=200 if ok else 503, text=why + "\n")
+        super().__init__(metrics.registry, host, port, ready=ready, heartbeat_age_s=heartbeat_age_s,
+                         stale_after_s=stale_after_s)

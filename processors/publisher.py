@@ -22,11 +22,16 @@ import logging
 from functools import partial
 from typing import Any
 
+from schemas.errors import SluiceError
+
 log = logging.getLogger(__name__)
 
 
-class PublishError(Exception):
+class PublishError(SluiceError):
     """A record the broker did not take (after librdkafka's own retries)."""
+
+    code = "publish"
+    retriable = True
 
 
 class Publisher:

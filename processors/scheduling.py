@@ -38,6 +38,8 @@ import sys
 import threading
 from typing import Callable
 
+from schemas.errors import SluiceError
+
 # sched_setattr / sched_getattr: not in glibc's headers by name before 2.41
 _SYSCALLS = {"x86_64": (314, 315), "aarch64": (274, 275)}
 
@@ -50,8 +52,11 @@ class _SchedAttr(ctypes.Structure):
                 ("sched_util_min", ctypes.c_uint32), ("sched_util_max", ctypes.c_uint32)]
 
 
-class SchedulingError(OSError):
-    """The slice could not be read or set (not Linux, or refused)."""
+class SchedulingError(SluiceError, OSError):
+    """The slice could not be read or set (not Linux, or refused). Still an
+    OSError, for callers that catch the system call's failures."""
+
+    code = "scheduling"
 
 
 def _calls() -> tuple[ctypes.CDLL, int, int]:

@@ -1,7 +1,9 @@
 """One root exception for Sluice; each stage raises a subclass.
 
 `retriable` tells the caller whether trying again can succeed; `code` is the
-stable, machine-readable name that results and metrics carry.
+stable, machine-readable name that results and metrics carry (`error_label`
+maps any exception to it, "internal" for one that is not ours). The CLI
+prints an expected SluiceError as one line, `sluice <command>: <message>`.
 """
 
 from __future__ import annotations
@@ -47,8 +49,7 @@ class ModelError(SluiceError):
     code = "model_error"
 
 
-class StackError(SluiceError):
-    """The local stack (Kafka, Redis) could not be started or reached."""
-
-    code = "stack"
-    retriable = True
+def error_label(exc: BaseException) -> str:
+    """The metric label of an error: its code if it is one of ours, else
+    "internal" (a bug, or a library's exception nothing mapped)."""
+    return exc.code if isinstance(exc, SluiceError) else SluiceError.code

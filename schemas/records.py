@@ -1,9 +1,10 @@
 """The wire contract: request, result, telemetry and DLQ records.
 
 JSON, UTF-8, one record per Kafka message, versioned by `v`. Requests are
-validated here so that every error names the field at fault; results and
-telemetry are built by the worker as plain dicts (the hot path) and checked
-against the same models in tests.
+validated here so that every error names the field at fault. Results,
+telemetry and DLQ records are built here too, as plain dicts (the hot path:
+no model validation per record) by `result_doc`, `telemetry_doc` and
+`dlq_record`, and checked against the Result and Telemetry models in tests.
 """
 
 from __future__ import annotations
@@ -227,6 +228,79 @@ def encode(doc: dict[str, Any]) -> bytes:
     return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+def result_doc(*, id: str | None, status: str, task: str | None, model: str | None, cache: str,
+               sent_ms: int, started_ms: int, cache_ms: float, inference_start_ms: int,
+               inference_end_ms: int, done_ms: int, tokens: int, batch_size: int, cost_usd: float,
+               worker: str, truncated: bool = False, output: bytes | None = None,
+               error_code: str | None = None, error_message: str | None = None) -> dict[str, Any]:
+    """A result as the worker publishes it. `model` is the model's ref
+    (name@version); `output` the serialised output (what the cache stores),
+    sent when the status is ok; otherwise the error, when there is one.
+    Timings are milliseconds from the request's `sent_ms` (never negative)."""
+    doc: dict[str, Any] = {
+        "v": SCHEMA_VERSION,
+        "id": id,
+        "status": status,
+        "task": task,
+        "model": model,
+        "cache": cache,
+        "timings_ms": {
+            "queue": max(0, started_ms - sent_ms),
+            "cache": round(cache_ms, 3),
+            "inference": max(0, inference_end_ms - inference_start_ms),
+            "total": max(0, done_ms - sent_ms),
+        },
+        "tokens": tokens,
+        "batch_size": batch_size,
+        "cost_usd": cost_usd,
+        "worker": worker,
+    }
+    if truncated:
+        doc["truncated"] = True  # the input ran past the model's max tokens
+    if status == "ok" and output is not None:
+        doc["output"] = orjson.Fragment(output)
+    elif error_code is not None:
+        doc["error"] = {"code": error_code, "message": error_message}
+    return doc
+
+
+def telemetry_doc(*, id: str, tenant: str, model: str, model_version: str, task: str, status: str,
+                  error_code: str, cache: str, tokens: int, batch_size: int, worker: str,
+                  partition: int, offset: int, sent_at_ms: int, received_at_ms: int, started_ms: int,
+                  inference_start_ms: int, inference_end_ms: int, published_at_ms: int,
+                  cache_ms: float, compute_ms: float, cost_usd: float) -> dict[str, Any]:
+    """One telemetry record (the sink's row), for a request of any status.
+    `started_ms` is when the worker took the request up (queue time ends);
+    durations are derived from the timestamps, never negative."""
+    return {
+        "v": SCHEMA_VERSION,
+        "id": id,
+        "tenant": tenant,
+        "model": model,
+        "model_version": model_version,
+        "task": task,
+        "status": status,
+        "error_code": error_code,
+        "cache": cache,
+        "tokens": tokens,
+        "batch_size": batch_size,
+        "worker": worker,
+        "partition": partition,
+        "offset": offset,
+        "sent_at_ms": sent_at_ms,
+        "received_at_ms": received_at_ms,
+        "inference_start_ms": inference_start_ms,
+        "inference_end_ms": inference_end_ms,
+        "published_at_ms": published_at_ms,
+        "queue_ms": max(0, started_ms - sent_at_ms),
+        "cache_ms": cache_ms,
+        "inference_ms": max(0, inference_end_ms - inference_start_ms),
+        "total_ms": max(0, published_at_ms - sent_at_ms),
+        "compute_ms": round(compute_ms, 3),
+        "cost_usd": cost_usd,
+    }
+
+
 def dlq_record(raw: bytes | None, key: bytes | None, reason: str, code: str, *, topic: str,
                partition: int, offset: int, worker: str) -> dict[str, Any]:
     return {
@@ -240,49 +314,4 @@ def dlq_record(raw: bytes | None, key: bytes | None, reason: str, code: str, *, 
         "value_b64": base64.b64encode(raw).decode() if raw is not None else None,
         "worker": worker,
         "at_ms": now_ms(),
-    }
-
-
-def result_doc(*, id: str | None, status: str, task: str | None, model: str | None, cache: str,
-               queue_ms: float, cache_ms: float, inference_ms: float, total_ms: float, tokens: int,
-               batch_size: int, cost_usd: float, worker: str, truncated: bool = False,
-               output: bytes | None = None,
-               error: tuple[str, str] | None = None) -> dict[str, Any]:
-    """A result record. `output` is the model's answer already serialised
-    (what the cache stores), embedded as is; `error` is (code, message) and
-    is written only when there is no output."""
-    doc: dict[str, Any] = {
-        "v": SCHEMA_VERSION, "id": id, "status": status, "task": task, "model": model,
-        "cache": cache,
-        "timings_ms": {"queue": queue_ms, "cache": cache_ms, "inference": inference_ms,
-                       "total": total_ms},
-        "tokens": tokens, "batch_size": batch_size, "cost_usd": cost_usd, "worker": worker,
-    }
-    if truncated:
-        doc["truncated"] = True  # the input ran past the model's max tokens
-    if output is not None:
-        doc["output"] = orjson.Fragment(output)
-    elif error is not None:
-        doc["error"] = {"code": error[0], "message": error[1]}
-    return doc
-
-
-def telemetry_doc(*, id: str, tenant: str, model: str, model_version: str, task: str, status: str,
-                  error_code: str, cache: str, tokens: int, batch_size: int, worker: str,
-                  partition: int, offset: int, sent_at_ms: int, received_at_ms: int,
-                  inference_start_ms: int, inference_end_ms: int, published_at_ms: int,
-                  queue_ms: float, cache_ms: float, compute_ms: float,
-                  cost_usd: float) -> dict[str, Any]:
-    """A telemetry record: one per request handled, whatever its status."""
-    return {
-        "v": SCHEMA_VERSION, "id": id, "tenant": tenant, "model": model,
-        "model_version": model_version, "task": task, "status": status, "error_code": error_code,
-        "cache": cache, "tokens": tokens, "batch_size": batch_size, "worker": worker,
-        "partition": partition, "offset": offset, "sent_at_ms": sent_at_ms,
-        "received_at_ms": received_at_ms, "inference_start_ms": inference_start_ms,
-        "inference_end_ms": inference_end_ms, "published_at_ms": published_at_ms,
-        "queue_ms": queue_ms, "cache_ms": cache_ms,
-        "inference_ms": max(0, inference_end_ms - inference_start_ms),
-        "total_ms": max(0, published_at_ms - sent_at_ms), "compute_ms": compute_ms,
-        "cost_usd": cost_usd,
     }

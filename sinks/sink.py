@@ -35,7 +35,6 @@ once a second at most by default) buys exactly-once rows on either back end.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import random
 import signal
@@ -44,62 +43,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import orjson
-from aiohttp import web
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
-                               generate_latest)
-from pydantic import ValidationError
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from schemas.records import Telemetry
+from schemas.errors import error_label
+from schemas.service.http import HealthServer
 from sinks.config import SinkConfig
-from sinks.errors import QueryError, SinkError
+from sinks.errors import SinkError
+from sinks.query_endpoint import QueryEndpoint
+from sinks.rows import BadRecord, to_row
 from sinks.store import Store, open_store
 
 log = logging.getLogger(__name__)
 
 CUT_PREFIX = "sluice-sink:cut="
-# epoch-ms fields of the record -> DateTime64(3) columns of the table
-_TIMESTAMPS = (("sent_at_ms", "sent_at"), ("received_at_ms", "received_at"),
-               ("inference_start_ms", "inference_start"), ("inference_end_ms", "inference_end"),
-               ("published_at_ms", "published_at"))
-_PLAIN = ("id", "tenant", "model", "model_version", "task", "status", "error_code", "cache",
-          "tokens", "batch_size", "worker", "partition", "offset",
-          "queue_ms", "cache_ms", "inference_ms", "total_ms", "compute_ms", "cost_usd")
-_UNSIGNED = {"tokens": 1 << 32, "batch_size": 1 << 32, "partition": 1 << 16, "offset": 1 << 64}
 _INSERT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-class BadRecord(ValueError):
-    pass
-
-
-def to_row(raw: bytes | None) -> bytes:
-    """A telemetry record off the wire -> one JSONEachRow line for the table.
-
-    Epoch milliseconds become seconds with three decimals (ClickHouse reads a
-    bare integer as seconds, and ms would overflow DateTime64(3)); the decimal
-    text is exact, so the milliseconds round-trip."""
-    if raw is None:
-        raise BadRecord("record has no value (tombstone)")
-    try:
-        t = Telemetry.model_validate_json(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "record"
-        raise BadRecord(f"field '{where}': {first['msg']}") from None
-    row: dict[str, Any] = {name: getattr(t, name) for name in _PLAIN}
-    for name, bound in _UNSIGNED.items():
-        if not 0 <= row[name] < bound:
-            raise BadRecord(f"field '{name}': {row[name]} is out of range")
-    for src, dst in _TIMESTAMPS:
-        ms = getattr(t, src)
-        if not 0 <= ms < 10_000_000_000_000:  # DateTime64(3) ends in 2299
-            raise BadRecord(f"field '{src}': {ms} is not an epoch time in milliseconds")
-        row[dst] = orjson.Fragment(b"%d.%03d" % divmod(ms, 1000))
-    return orjson.dumps(row)
 
 
 class SinkMetrics:
@@ -176,7 +136,7 @@ class TelemetrySink:
         self._flush_lock = asyncio.Lock()
         self._consumer: AIOKafkaConsumer | None = None
         self._admin: AIOKafkaAdminClient | None = None
-        self._http: web.AppRunner | None = None
+        self._http: HealthServer | None = None
         self._store_ready = False
         self._last_fetch = time.monotonic()
         self._committed: dict[int, int] = {}
@@ -184,12 +144,7 @@ class TelemetrySink:
         # One thread owns the store: a chDB session is not to be used from
         # two threads at once (an insert and a POST /query would otherwise).
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-sink-db")
-        # User queries run on threads (and store connections) of their own, so
-        # a scan never holds up an insert; past this many at once: 429.
-        self._queries = ThreadPoolExecutor(max_workers=config.sink_query_concurrency,
-                                           thread_name_prefix="sluice-sink-query")
-        self._queries_running = 0
-        self._token = config.sink_query_token.get_secret_value().encode()
+        self._query = QueryEndpoint(config, self.store, self.metrics.queries, lambda: self._store_ready)
 
     async def _in_db(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
@@ -232,8 +187,8 @@ class TelemetrySink:
                 except Exception:
                     log.exception("error while closing the %s", name)
         if self._http is not None:
-            await self._http.cleanup()
-        self._queries.shutdown(wait=False, cancel_futures=True)
+            await self._http.stop()
+        self._query.close()
         await self._in_db(self.store.close)
         self._db.shutdown(wait=False)
         log.info("sink stopped")
@@ -275,7 +230,7 @@ class TelemetrySink:
                 row: bytes | None = to_row(rec.value)
             except BadRecord as exc:
                 row = None
-                self.metrics.errors.labels("bad_record").inc()
+                self.metrics.errors.labels(error_label(exc)).inc()
                 log.warning("skipping telemetry record %s:%d:%d: %s", self.topic, partition,
                             rec.offset, exc)
             buf.add(rec.offset, row, now)
@@ -387,6 +342,28 @@ class TelemetrySink:
                 self._committed[p] = off
         return True
 
+    # -- HTTP: /metrics /healthz /readyz POST /query --------------------------
+    def _readiness(self) -> tuple[bool, str]:
+        if not self._store_ready:
+            return False, "store not started"
+        if self._stopping.is_set():
+            return False, "stopping"
+        if not self._assigned:
+            return False, "no partitions assigned"
+        return True, f"ready: {len(self._assigned)} partitions"
+
+    async def _start_http(self) -> None:
+        cfg = self.config
+        # a flush retrying a store that is down is alive; only a silent loop is not
+        self._http = HealthServer(self.metrics.registry, cfg.sink_host, cfg.sink_port,
+                                  ready=self._readiness,
+                                  heartbeat_age_s=lambda: time.monotonic() - self._last_fetch,
+                                  stale_after_s=30 + 2 * cfg.sink_retry_max_s,
+                                  routes=[("POST", "/query", self._query.handle)],
+                                  banner="sink HTTP on http://{host}:{port} (/metrics, /readyz, POST /query)")
+        await self._http.start()
+        self.port = self._http.port
+
     # -- rebalance -----------------------------------------------------------
     async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
         parts = {tp.partition for tp in revoked if tp.topic == self.topic}
@@ -426,86 +403,6 @@ class TelemetrySink:
             log.info("replaying planned blocks (partition -> last offset): %s", cuts)
         self.metrics.assigned.set(len(self._assigned))
         log.info("assigned partitions %s", sorted(self._assigned))
-
-    # -- HTTP: /metrics /healthz /readyz POST /query --------------------------
-    def _readiness(self) -> tuple[bool, str]:
-        if not self._store_ready:
-            return False, "store not started"
-        if self._stopping.is_set():
-            return False, "stopping"
-        if not self._assigned:
-            return False, "no partitions assigned"
-        return True, f"ready: {len(self._assigned)} partitions"
-
-    async def _start_http(self) -> None:
-        app = web.Application(client_max_size=1 << 20)
-        app.router.add_get("/metrics", self._serve_metrics)
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        app.router.add_post("/query", self._query)
-        self._http = web.AppRunner(app, access_log=None)
-        await self._http.setup()
-        await web.TCPSite(self._http, self.config.sink_host, self.config.sink_port).start()
-        self.port = self._http.addresses[0][1]
-        log.info("sink HTTP on http://%s:%s (/metrics, /readyz, POST /query)", self.config.sink_host,
-                 self.port)
-
-    async def _serve_metrics(self, _: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.metrics.registry),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def _healthz(self, _: web.Request) -> web.Response:
-        age = time.monotonic() - self._last_fetch
-        # a flush retrying a store that is down is alive; only a silent loop is not
-        if age > 30 + 2 * self.config.sink_retry_max_s:
-            return web.Response(status=503, text=f"fetch loop silent for {age:.0f} s\n")
-        return web.Response(text="ok\n")
-
-    async def _readyz(self, _: web.Request) -> web.Response:
-        ok, why = self._readiness()
-        return web.Response(status=200 if ok else 503, text=why + "\n")
-
-    async def _query(self, request: web.Request) -> web.Response:
-        """User SQL, answered read-only within the query budget (sinks.query_guard)."""
-        if self._token and not _bearer_matches(request, self._token):
-            return _json({"error": "POST /query needs 'Authorization: Bearer <SLUICE_SINK_QUERY_TOKEN>'"},
-                         401, {"WWW-Authenticate": 'Bearer realm="sluice-sink"'})
-        if self._queries_running >= self.config.sink_query_concurrency:
-            self.metrics.queries.labels("busy").inc()
-            return _json({"error": f"{self._queries_running} queries running "
-                                   "(SLUICE_SINK_QUERY_CONCURRENCY); retry shortly"},
-                         429, {"Retry-After": "1"})
-        self._queries_running += 1
-        try:
-            doc = await request.json(loads=orjson.loads)
-            sql = doc.get("sql") if isinstance(doc, dict) else None
-            if not isinstance(sql, str):
-                raise QueryError('expected a JSON object {"sql": "SELECT ..."}')
-            if not self._store_ready:
-                return _json({"error": "store not started"}, 503)
-            loop = asyncio.get_running_loop()
-            columns, rows = await loop.run_in_executor(self._queries, self.store.query, sql)
-        except (QueryError, ValueError) as exc:
-            self.metrics.queries.labels("refused").inc()
-            return _json({"error": str(exc)}, 400)
-        except SinkError as exc:
-            self.metrics.queries.labels("error").inc()
-            return _json({"error": str(exc)}, 503)
-        finally:
-            self._queries_running -= 1
-        self.metrics.queries.labels("ok").inc()
-        return _json({"columns": columns, "rows": rows})
-
-
-def _bearer_matches(request: web.Request, token: bytes) -> bool:
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token)
-
-
-def _json(doc: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json",
-                        headers=headers)
-
 
 async def serve(config: SinkConfig, on_ready: Callable[[TelemetrySink], None] | None = None) -> None:
     """Run the sink until SIGTERM or SIGINT, then drain (insert what was read,

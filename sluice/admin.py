@@ -21,8 +21,8 @@ from aiokafka.errors import (
     for_code,
 )
 
-from schemas.errors import StackError
 from schemas.topics import check_topic_name
+from sluice.errors import StackError
 
 # Locally there is one broker, so every topic gets one replica.
 _REPLICATION_FACTOR = 1

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from schemas.records import Telemetry
-from sinks.sink import BadRecord, to_row
+from sinks.rows import BadRecord, to_row
 from sinks.errors import QueryError
 from sinks.store import ChdbStore, ServerStore
 

@@ -1,0 +1,59 @@
+"""`sluice demo`: stack, worker and sink, a load run with repeats, the analytics."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+
+from sluice.cli.analytics import sink_runner
+from sluice.cli.traffic import generator_slice, workload_of
+from sluice.settings import Settings
+
+
+def cmd_demo(s: Settings, args: argparse.Namespace) -> int:
+    """Stack up (if needed), a worker and the sink, an open-loop run with
+    repeats, the summary and the analytics; then stop what it started."""
+    from producers.loadgen import run_load
+    from sinks.analytics import format_result, run
+    from sluice.stack import LocalStack
+    from sluice.supervisor import WorkerProcess
+    stack = LocalStack(s.stack())
+    started_stack = stack.up(s.topic_partitions()) == "started"
+    generator_slice(s)
+    common = {k: v for k, v in os.environ.items() if k.startswith("SLUICE_")}
+    common["SLUICE_BOOTSTRAP_SERVERS"] = s.bootstrap_servers
+    worker = WorkerProcess({**common, "SLUICE_METRICS_PORT": str(args.metrics_port or 0)})
+    sink = WorkerProcess({**common, "SLUICE_SINK_PORT": "0"}, command="sink")
+    try:
+        ready_s = worker.start()
+        sink.start()
+        runner = sink_runner(s.sink_host, sink.port, s.sink_query_token.get_secret_value())
+        count_sql = (f"SELECT count() FROM {s.clickhouse_database}.telemetry "
+                     f"WHERE published_at >= toDateTime64({time.time():.3f}, 3)")
+        print(f"worker ready in {ready_s:.1f} s; sending {int(args.rate * args.duration)} requests "
+              f"at {args.rate:g}/s ({args.distribution} over {args.distinct} inputs)")
+        report = asyncio.run(run_load(s.kafka(), rate=args.rate, duration_s=args.duration,
+                                      workload=workload_of(args), transport=args.transport))
+        print("\n== demo summary ==")
+        print(report.summary())
+        deadline = time.monotonic() + 30
+        while runner(count_sql)[1][0][0] < report.answered and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for name in ("latency_by_model_minute", "cache_hit_rate", "worker_throughput"):
+            cols, rows = run(name, runner, db=s.clickhouse_database, since_s=600)
+            print(f"\n== sluice analytics {name} --since 10m ==")
+            print(format_result(cols, rows))
+        from pathlib import Path
+
+        from sinks.report import write_report
+        path = write_report(Path(s.state_dir) / "report.html", runner, db=s.clickhouse_database,
+                            since_s=600)
+        print(f"\nreport written: {path} (open it in a browser)")
+        return 0 if report.unanswered == 0 and report.errors == 0 else 1
+    finally:
+        worker.stop()
+        sink.stop()
+        if started_stack and not args.keep_stack:
+            stack.down()
