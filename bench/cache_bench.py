@@ -16,14 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-
-import redis
-
 import os
 import time
 
-from bench.harness import (OUT, PLOTS, create_topics, machine, new_prefix, scatter_by_level, stack,
-                           steal_seconds, worker)
+import redis
+
+from bench.harness import OUT, PLOTS, create_topics, machine, new_prefix, scatter_by_level, stack, steal_seconds, worker
 from producers.corpus import Workload
 from producers.loadgen import percentiles, run_load
 from schemas.topics import KafkaConfig
@@ -34,22 +32,36 @@ def run(bootstrap: str, redis_url: str, mode: str, args: argparse.Namespace) -> 
     create_topics(bootstrap, prefix)
     redis.Redis.from_url(redis_url).flushdb()  # every run starts cold
     workload = Workload("zipf", args.distinct, args.exponent, args.seed)
-    print(f"== {mode}: {args.requests} requests at {args.rate}/s, zipf s={args.exponent} "
-          f"over {args.distinct} inputs", flush=True)
+    print(
+        f"== {mode}: {args.requests} requests at {args.rate}/s, zipf s={args.exponent} over {args.distinct} inputs",
+        flush=True,
+    )
     with worker(bootstrap, prefix, SLUICE_REDIS_URL=redis_url, SLUICE_DEFAULT_MODEL=args.model) as w:
         steal0, wall0 = steal_seconds(), time.monotonic()
-        report = asyncio.run(run_load(KafkaConfig(bootstrap_servers=bootstrap, topic_prefix=prefix),
-                                      rate=args.rate, duration_s=args.requests / args.rate,
-                                      workload=workload, cache=mode, drain_timeout_s=300,
-                                      keep_samples=True))
+        report = asyncio.run(
+            run_load(
+                KafkaConfig(bootstrap_servers=bootstrap, topic_prefix=prefix),
+                rate=args.rate,
+                duration_s=args.requests / args.rate,
+                workload=workload,
+                cache=mode,
+                drain_timeout_s=300,
+                keep_samples=True,
+            )
+        )
         steal = (steal_seconds() - steal0) / ((time.monotonic() - wall0) * (os.cpu_count() or 1))
         metrics = w.scrape()
     print(report.summary(), f"(CPU stolen by the hypervisor: {steal:.1%})", flush=True)
     half = args.requests / args.rate / 2
     late_hits = [lat for t, lat, lv in report.samples if t >= half and lv in ("l1", "l2")]
-    return {"mode": mode, "report": report.as_dict(), "samples": report.samples,
-            "late_hit_latency_ms": percentiles(late_hits), "steal": steal,
-            "compute_seconds": metrics.get("sluice_compute_seconds_total", 0.0)}
+    return {
+        "mode": mode,
+        "report": report.as_dict(),
+        "samples": report.samples,
+        "late_hit_latency_ms": percentiles(late_hits),
+        "steal": steal,
+        "compute_seconds": metrics.get("sluice_compute_seconds_total", 0.0),
+    }
 
 
 def hit_latency(run: dict) -> dict[str, float]:
@@ -75,32 +87,50 @@ def warm_broker(bootstrap: str, redis_url: str, args: argparse.Namespace) -> Non
         prefix = new_prefix("cache-warm")
         create_topics(bootstrap, prefix)
         redis.Redis.from_url(redis_url).flushdb()
-        print(f"== warming the broker ({i + 1} of {args.warm_runs}): the same workload on throwaway "
-              "topics, as another tenant", flush=True)
+        print(
+            f"== warming the broker ({i + 1} of {args.warm_runs}): the same workload on throwaway "
+            "topics, as another tenant",
+            flush=True,
+        )
         with worker(bootstrap, prefix, SLUICE_REDIS_URL=redis_url, SLUICE_DEFAULT_MODEL=args.model):
-            asyncio.run(run_load(KafkaConfig(bootstrap_servers=bootstrap, topic_prefix=prefix),
-                                 rate=args.rate, duration_s=args.requests / args.rate,
-                                 workload=Workload("zipf", args.distinct, args.exponent, args.seed + 1 + i),
-                                 tenant="warm-up", progress=None, drain_timeout_s=120))
+            asyncio.run(
+                run_load(
+                    KafkaConfig(bootstrap_servers=bootstrap, topic_prefix=prefix),
+                    rate=args.rate,
+                    duration_s=args.requests / args.rate,
+                    workload=Workload("zipf", args.distinct, args.exponent, args.seed + 1 + i),
+                    tenant="warm-up",
+                    progress=None,
+                    drain_timeout_s=120,
+                )
+            )
 
 
 def runs_table(uses: list[dict], bypass: dict) -> str:
     """Every cached run, in the order they ran."""
-    rows = ["| cached run | hit rate | hit p50 / p95 / p99 ms | second half hit p99 ms | hits over 25 ms "
-            "| miss p99 ms | cost saved | CPU stolen |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| cached run | hit rate | hit p50 / p95 / p99 ms | second half hit p99 ms | hits over 25 ms "
+        "| miss p99 ms | cost saved | CPU stolen |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for i, u in enumerate(uses, 1):
         r, h = u["report"], hit_latency(u)
         total = sum(r["cache"].values()) or 1
         hits = sum(r["cache"].get(k, 0) for k in ("l1", "l2", "coalesced")) / total
         slow = sum(1 for _, lat, lv in u["samples"] if lv in ("l1", "l2") and lat > 25)
         saved = 1 - r["cost_usd"] / bypass["report"]["cost_usd"] if bypass["report"]["cost_usd"] else 0.0
-        rows.append(f"| {i} | {hits:.1%} | {h.get('p50', 0):.0f} / {h.get('p95', 0):.0f} / {h.get('p99', 0):.0f} "
-                    f"| {u['late_hit_latency_ms'].get('p99', 0):.0f} | {slow} "
-                    f"| {r['latency_by_cache_ms'].get('miss', {}).get('p99', 0):.0f} | {saved:.1%} | {u['steal']:.1%} |")
+        rows.append(
+            f"| {i} | {hits:.1%} | {h.get('p50', 0):.0f} / {h.get('p95', 0):.0f} / {h.get('p99', 0):.0f} "
+            f"| {u['late_hit_latency_ms'].get('p99', 0):.0f} | {slow} "
+            f"| {r['latency_by_cache_ms'].get('miss', {}).get('p99', 0):.0f} | {saved:.1%} | {u['steal']:.1%} |"
+        )
     p99s = sorted(hit_latency(u).get("p99", 1e9) for u in uses)
     under = sum(1 for p in p99s if p < 25)
-    rows += ["", f"Hit p99 under 25 ms in {under} of {len(uses)} runs; median run {p99s[len(p99s) // 2]:.0f} ms "
-                 "(the table above is that run's)."]
+    rows += [
+        "",
+        f"Hit p99 under 25 ms in {under} of {len(uses)} runs; median run {p99s[len(p99s) // 2]:.0f} ms "
+        "(the table above is that run's).",
+    ]
     return "\n".join(rows)
 
 
@@ -140,8 +170,10 @@ def table(use: dict, bypass: dict, args: argparse.Namespace) -> str:
 
 def plot(use: dict, bypass: dict, path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, run, title in ((axes[0], use, "with cache"), (axes[1], bypass, "cache: bypass")):
         ax.axhline(25, color="grey", lw=0.8, ls="--")
@@ -162,10 +194,18 @@ def main() -> None:
     ap.add_argument("--exponent", type=float, default=1.1)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--model", default="all-minilm-l6-v2-sq8")
-    ap.add_argument("--warm-runs", type=int, default=4,
-                    help="runs of the same workload on throwaway topics before measuring (0: none)")
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="cached runs, each cold; the table is the median run's, every run is listed")
+    ap.add_argument(
+        "--warm-runs",
+        type=int,
+        default=4,
+        help="runs of the same workload on throwaway topics before measuring (0: none)",
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="cached runs, each cold; the table is the median run's, every run is listed",
+    )
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     with stack() as (bootstrap, redis_url):
@@ -174,7 +214,7 @@ def main() -> None:
         uses = [run(bootstrap, redis_url, "use", args) for _ in range(max(1, args.repeats))]
         bypass = run(bootstrap, redis_url, "bypass", args)
     use = sorted(uses, key=lambda u: hit_latency(u).get("p99", 1e9))[len(uses) // 2]
-    md = (f"Machine: {machine()}\n\n" + table(use, bypass, args) + "\n\n" + runs_table(uses, bypass))
+    md = f"Machine: {machine()}\n\n" + table(use, bypass, args) + "\n\n" + runs_table(uses, bypass)
     plot(use, bypass, PLOTS / "cache_latency.png")
     md += "\n\n![latency over the run, by cache level](plots/cache_latency.png)"
     (OUT / "cache.json").write_text(json.dumps({"use": use, "uses": uses, "bypass": bypass}, indent=1))

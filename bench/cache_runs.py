@@ -52,16 +52,22 @@ def parse_variant(spec: str) -> tuple[str, Path | None, dict[str, str]]:
     return name, Path(root).resolve() if root else None, env
 
 
-def one_run(bootstrap: str, redis_url: str, root: Path | None, env: dict[str, str], seconds: float,
-            dump: Path | None = None) -> dict:
+def one_run(
+    bootstrap: str, redis_url: str, root: Path | None, env: dict[str, str], seconds: float, dump: Path | None = None
+) -> dict:
     prefix = new_prefix("cache-runs")
     topic_config = {k.removeprefix("topic."): v for k, v in env.items() if k.startswith("topic.")}
     env = {k: v for k, v in env.items() if not k.startswith("topic.")}
     results = int(env["SLUICE_RESULTS_PARTITIONS"]) if "SLUICE_RESULTS_PARTITIONS" in env else None
     create_topics(bootstrap, prefix, config=topic_config, results=results)
     redis.Redis.from_url(redis_url).flushdb()
-    settings = {"SLUICE_BOOTSTRAP_SERVERS": bootstrap, "SLUICE_TOPIC_PREFIX": prefix,
-                "SLUICE_GROUP_ID": f"{prefix}-workers", "SLUICE_REDIS_URL": redis_url, **env}
+    settings = {
+        "SLUICE_BOOTSTRAP_SERVERS": bootstrap,
+        "SLUICE_TOPIC_PREFIX": prefix,
+        "SLUICE_GROUP_ID": f"{prefix}-workers",
+        "SLUICE_REDIS_URL": redis_url,
+        **env,
+    }
     if root is not None:  # the other checkout has no models of its own: use ours
         settings.setdefault("SLUICE_MODELS_DIR", json.dumps([str(Path(".sluice/models").resolve())]))
     w = WorkerProcess(settings, log_path=OUT / f"worker-{prefix}.log", cwd=root)
@@ -79,13 +85,28 @@ def one_run(bootstrap: str, redis_url: str, root: Path | None, env: dict[str, st
 
     def keep(doc: dict, latency_ms: float) -> None:
         tm = doc.get("timings_ms") or {}
-        rows.append((doc["_received_at_ms"] - latency_ms, latency_ms, doc.get("cache") in ("l1", "l2"),
-                     tm.get("queue", 0), tm.get("total", 0)))
+        rows.append(
+            (
+                doc["_received_at_ms"] - latency_ms,
+                latency_ms,
+                doc.get("cache") in ("l1", "l2"),
+                tm.get("queue", 0),
+                tm.get("total", 0),
+            )
+        )
 
     try:
-        asyncio.run(run_load(KafkaConfig(bootstrap_servers=bootstrap, topic_prefix=prefix), rate=1000,
-                             duration_s=seconds, workload=Workload("zipf", 1000, 1.1, 7),
-                             progress=None, drain_timeout_s=120, on_answer=keep))
+        asyncio.run(
+            run_load(
+                KafkaConfig(bootstrap_servers=bootstrap, topic_prefix=prefix),
+                rate=1000,
+                duration_s=seconds,
+                workload=Workload("zipf", 1000, 1.1, 7),
+                progress=None,
+                drain_timeout_s=120,
+                on_answer=keep,
+            )
+        )
         cpu = {k: (cpu_seconds(pid) - cpu0[k]) * 1000 / len(rows) for k, pid in pids.items()}
         steal = (steal_seconds() - steal0) / ((time.monotonic() - wall0) * (os.cpu_count() or 1))
     finally:
@@ -99,12 +120,16 @@ def one_run(bootstrap: str, redis_url: str, root: Path | None, env: dict[str, st
     t = (a[:, 0] - a[:, 0].min()) / 1000
     hit, lat = a[:, 2] > 0, a[:, 1]
     slow = hit & (lat > 25)
-    return {"hit_p50": float(np.percentile(lat[hit], 50)), "hit_p99": float(np.percentile(lat[hit], 99)),
-            "hits": int(hit.sum()),
-            "over_25": [int((slow & (t < 1)).sum()), int((slow & (t >= 1) & (t < 8)).sum()),
-                        int((slow & (t >= 8)).sum())],
-            "model_p50": float(np.percentile(lat[~hit], 50)), "model_p99": float(np.percentile(lat[~hit], 99)),
-            "cpu_ms": cpu, "steal": steal}
+    return {
+        "hit_p50": float(np.percentile(lat[hit], 50)),
+        "hit_p99": float(np.percentile(lat[hit], 99)),
+        "hits": int(hit.sum()),
+        "over_25": [int((slow & (t < 1)).sum()), int((slow & (t >= 1) & (t < 8)).sum()), int((slow & (t >= 8)).sum())],
+        "model_p50": float(np.percentile(lat[~hit], 50)),
+        "model_p99": float(np.percentile(lat[~hit], 99)),
+        "cpu_ms": cpu,
+        "steal": steal,
+    }
 
 
 def main() -> None:
@@ -112,8 +137,11 @@ def main() -> None:
     ap.add_argument("--variant", action="append", required=True, metavar="NAME[@CHECKOUT]:SLUICE_X=V,...")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=20)
-    ap.add_argument("--dump", action="store_true",
-                    help="save each run's rows (send time, latency, hit, queue, total) to bench/out/cache-runs-NAME-I.npy")
+    ap.add_argument(
+        "--dump",
+        action="store_true",
+        help="save each run's rows (send time, latency, hit, queue, total) to bench/out/cache-runs-NAME-I.npy",
+    )
     args = ap.parse_args()
     variants = [parse_variant(v) for v in args.variant]
     OUT.mkdir(parents=True, exist_ok=True)
@@ -126,15 +154,19 @@ def main() -> None:
                 r = one_run(bootstrap, redis_url, root, env, args.seconds, dump)
                 o = r["over_25"]
                 c = r["cpu_ms"]
-                lines.append(f"| {name} | {i} | {r['hit_p50']:.0f} / {r['hit_p99']:.0f} | {sum(o)} of {r['hits']} | {o[0]} / {o[1]} / {o[2]} "
-                             f"| {r['model_p50']:.0f} / {r['model_p99']:.0f} "
-                             f"| {c['broker']:.2f} / {c['worker']:.2f} / {c['model']:.2f} / {c['loadgen']:.2f} "
-                             f"| {100 * r['steal']:.1f}% |")
+                lines.append(
+                    f"| {name} | {i} | {r['hit_p50']:.0f} / {r['hit_p99']:.0f} | {sum(o)} of {r['hits']} | {o[0]} / {o[1]} / {o[2]} "
+                    f"| {r['model_p50']:.0f} / {r['model_p99']:.0f} "
+                    f"| {c['broker']:.2f} / {c['worker']:.2f} / {c['model']:.2f} / {c['loadgen']:.2f} "
+                    f"| {100 * r['steal']:.1f}% |"
+                )
                 print(lines[-1], flush=True)
     print(f"\nMachine: {machine()}\n")
-    print("| variant | run | hit p50 / p99 ms | hits over 25 ms | of them in s 0-1 / 1-8 / 8- | "
-          "miss + coalesced p50 / p99 ms | CPU ms per request: broker / worker / model / load generator "
-          "| stolen by the hypervisor |\n|---|---|---|---|---|---|---|---|")
+    print(
+        "| variant | run | hit p50 / p99 ms | hits over 25 ms | of them in s 0-1 / 1-8 / 8- | "
+        "miss + coalesced p50 / p99 ms | CPU ms per request: broker / worker / model / load generator "
+        "| stolen by the hypervisor |\n|---|---|---|---|---|---|---|---|"
+    )
     print("\n".join(lines))
 
 

@@ -33,8 +33,15 @@ COMMIT_EVERY_S = 0.04  # the worker commits once per publish round: ~25 a second
 
 async def consume_aiokafka(bootstrap: str, topic: str, n: int) -> None:
     from aiokafka import AIOKafkaConsumer
-    c = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"{topic}-aiokafka",
-                         enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=100)
+
+    c = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=f"{topic}-aiokafka",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=100,
+    )
     await c.start()
     seen = 0
     next_commit = time.monotonic()
@@ -55,10 +62,18 @@ async def consume_aiokafka(bootstrap: str, topic: str, n: int) -> None:
 
 async def consume_librdkafka(bootstrap: str, topic: str, n: int) -> None:
     from confluent_kafka import Consumer
+
     loop = asyncio.get_running_loop()
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{topic}-librdkafka",
-                  "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                  "fetch.wait.max.ms": 100, "socket.nagle.disable": True})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"{topic}-librdkafka",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": 100,
+            "socket.nagle.disable": True,
+        }
+    )
     c.subscribe([topic])
     done = asyncio.Event()
     seen = [0]
@@ -100,6 +115,7 @@ async def consume_librdkafka(bootstrap: str, topic: str, n: int) -> None:
 
 def produce(bootstrap: str, topic: str, rate: float, n: int) -> None:
     from confluent_kafka import Producer
+
     p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1, "partitioner": "murmur2_random"})
     t0 = time.monotonic()
     for i in range(n):
@@ -131,10 +147,24 @@ def main() -> None:
             prefix = new_prefix(f"consumer-{role}")
             create_topics(bootstrap, prefix)
             topic = KafkaConfig(bootstrap_servers=bootstrap, topic_prefix=prefix).topics.requests
-            child = subprocess.Popen([sys.executable, "-m", "bench.consumer_cpu", "--as", role,
-                                      "--bootstrap", bootstrap, "--topic", topic,
-                                      "--rate", str(args.rate), "--seconds", str(args.seconds)],
-                                     cwd=os.getcwd())
+            child = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.consumer_cpu",
+                    "--as",
+                    role,
+                    "--bootstrap",
+                    bootstrap,
+                    "--topic",
+                    topic,
+                    "--rate",
+                    str(args.rate),
+                    "--seconds",
+                    str(args.seconds),
+                ],
+                cwd=os.getcwd(),
+            )
             time.sleep(3)  # joined its group, reading
             before = used = cpu_seconds(child.pid)
             produce(bootstrap, topic, args.rate, n)
@@ -144,8 +174,10 @@ def main() -> None:
             child.wait(60)
             rows.append((role, (used - before) * 1000 / n))
             print(f"{role}: {rows[-1][1]:.3f} ms CPU per record", flush=True)
-    print(f"\nMachine: {machine()}\n\n| consumer (one process, group, manual commits, JSON parse) | CPU ms per record at "
-          f"{args.rate:g}/s |\n|---|---|")
+    print(
+        f"\nMachine: {machine()}\n\n| consumer (one process, group, manual commits, JSON parse) | CPU ms per record at "
+        f"{args.rate:g}/s |\n|---|---|"
+    )
     for role, ms in rows:
         print(f"| {role} | {ms:.3f} |")
 

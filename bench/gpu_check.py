@@ -46,8 +46,12 @@ def throughput(rt: ModelRuntime, encoded: list, budget: int, rows: int, passes: 
 
 def gpu_name() -> str:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
-                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         return out.stdout.strip() or out.stderr.strip()
     except OSError as exc:
         return f"nvidia-smi: {exc}"
@@ -60,8 +64,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     import onnxruntime as ort
-    report: dict = {"gpu": gpu_name(), "onnxruntime": ort.__version__, "python": platform.python_version(),
-                    "available_providers": ort.get_available_providers()}
+
+    report: dict = {
+        "gpu": gpu_name(),
+        "onnxruntime": ort.__version__,
+        "python": platform.python_version(),
+        "available_providers": ort.get_available_providers(),
+    }
     t0 = time.perf_counter()
     cuda = ModelRuntime(args.model_dir, provider="cuda").load()
     report["cuda_load_s"] = round(time.perf_counter() - t0, 2)
@@ -72,8 +81,10 @@ def main() -> None:
 
     texts = [text(i, 11) for i in range(args.texts)]
     encoded = cuda.encode(texts)
-    report["tokens"] = {"median": int(np.median([e.tokens for e in encoded])),
-                        "max": int(max(e.tokens for e in encoded))}
+    report["tokens"] = {
+        "median": int(np.median([e.tokens for e in encoded])),
+        "max": int(max(e.tokens for e in encoded)),
+    }
     g, c = cuda.embed_encoded(encoded), cpu.embed_encoded(encoded)
     cos = np.sum(g * c, axis=1) / (np.linalg.norm(g, axis=1) * np.linalg.norm(c, axis=1))
     report["cosine_cuda_vs_cpu"] = {"min": float(cos.min()), "mean": float(cos.mean())}

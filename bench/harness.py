@@ -8,10 +8,10 @@ import asyncio
 import os
 import platform
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from sluice.supervisor import WorkerProcess
 
@@ -23,17 +23,21 @@ PLOTS = ROOT / "bench" / "plots"  # committed with RESULTS.md
 def machine() -> str:
     cpu = "unknown CPU"
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     import onnxruntime
-    return (f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, {platform.system()} "
-            f"{platform.release()}, Python {platform.python_version()}, "
-            f"onnxruntime {onnxruntime.__version__}")
+
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, {platform.system()} "
+        f"{platform.release()}, Python {platform.python_version()}, "
+        f"onnxruntime {onnxruntime.__version__}"
+    )
 
 
 def cpu_seconds(pid: int | None = None) -> float:
@@ -61,6 +65,7 @@ def broker_pid() -> int | None:
     """The local stack's running broker (benchmarks count its CPU time)."""
     from sluice.settings import load_settings
     from sluice.stack import LocalStack
+
     return LocalStack(load_settings().stack()).broker_pid()
 
 
@@ -69,11 +74,13 @@ def stack() -> Iterator[tuple[str, str]]:
     """The local stack (started if needed, stopped after if we started it)."""
     from sluice.settings import load_settings
     from sluice.stack import LocalStack
+
     s = load_settings()
     local = LocalStack(s.stack())
     outcome = local.up(s.topic_partitions())
     # this process is the load generator, as in `sluice loadtest`
     from sluice.cli import generator_slice
+
     generator_slice(s)
     try:
         yield local.bootstrap_servers, local.redis_url
@@ -83,14 +90,16 @@ def stack() -> Iterator[tuple[str, str]]:
         # makes its GC pauses longer and more frequent (measured: 6,000
         # partitions left 54 MB of a 512 MB heap to the young generation)
         from sluice.admin import delete_topics_with_prefix
+
         try:
             # on a thread of its own: `make bench` enters this from inside
             # its event loop, where asyncio.run() refuses to start
             with ThreadPoolExecutor(1) as pool:
-                gone = pool.submit(lambda: asyncio.run(delete_topics_with_prefix(
-                    local.bootstrap_servers, BENCH_TOPIC_PREFIX))).result()
+                gone = pool.submit(
+                    lambda: asyncio.run(delete_topics_with_prefix(local.bootstrap_servers, BENCH_TOPIC_PREFIX))
+                ).result()
             print(f"deleted {len(gone)} bench topics", flush=True)
-        except Exception as exc:  # noqa: BLE001 -- the figures are out already
+        except Exception as exc:
             print(f"bench topics left on the broker: {exc}", flush=True)
         if outcome == "started":
             local.down()
@@ -103,16 +112,20 @@ def new_prefix(name: str) -> str:
     return f"{BENCH_TOPIC_PREFIX}{name}-{uuid.uuid4().hex[:6]}"
 
 
-async def create_topics_async(bootstrap: str, prefix: str, partitions: int = 12,
-                               results: int | None = None, config: dict[str, str] | None = None) -> None:
+async def create_topics_async(
+    bootstrap: str, prefix: str, partitions: int = 12, results: int | None = None, config: dict[str, str] | None = None
+) -> None:
     from schemas.topics import Topics
     from sluice.admin import ensure_topics
-    await ensure_topics(bootstrap, Topics(prefix).partitions(requests=partitions, results=results or partitions),
-                        configs=config)
+
+    await ensure_topics(
+        bootstrap, Topics(prefix).partitions(requests=partitions, results=results or partitions), configs=config
+    )
 
 
-def create_topics(bootstrap: str, prefix: str, partitions: int = 12, config: dict[str, str] | None = None,
-                  results: int | None = None) -> None:
+def create_topics(
+    bootstrap: str, prefix: str, partitions: int = 12, config: dict[str, str] | None = None, results: int | None = None
+) -> None:
     """The prefix's topics (`results` partitions of results, else as many
     as of requests), with topic configs (e.g. segment.index.bytes)."""
     asyncio.run(create_topics_async(bootstrap, prefix, partitions, results, config))
@@ -121,9 +134,16 @@ def create_topics(bootstrap: str, prefix: str, partitions: int = 12, config: dic
 @contextmanager
 def worker(bootstrap: str, prefix: str, **settings: str) -> Iterator[WorkerProcess]:
     """`sluice worker` on its own topics, ready; stopped afterwards."""
-    w = WorkerProcess({"SLUICE_BOOTSTRAP_SERVERS": bootstrap, "SLUICE_TOPIC_PREFIX": prefix,
-                       "SLUICE_GROUP_ID": f"{prefix}-workers", **settings},
-                      log_path=OUT / f"worker-{prefix}.log", cwd=ROOT)
+    w = WorkerProcess(
+        {
+            "SLUICE_BOOTSTRAP_SERVERS": bootstrap,
+            "SLUICE_TOPIC_PREFIX": prefix,
+            "SLUICE_GROUP_ID": f"{prefix}-workers",
+            **settings,
+        },
+        log_path=OUT / f"worker-{prefix}.log",
+        cwd=ROOT,
+    )
     w.ready_s = w.start()  # type: ignore[attr-defined]
     try:
         yield w

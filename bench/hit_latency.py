@@ -34,19 +34,31 @@ async def run(config: KafkaConfig, rate: float, seconds: float) -> dict[str, np.
         if doc.get("cache") in ("l1", "l2"):
             rows.append((latency_ms, doc["timings_ms"]["queue"], doc["timings_ms"]["total"]))
 
-    await run_load(config, rate=rate, duration_s=seconds, workload=Workload("zipf", 1000, 1.1, 7),
-                   progress=None, drain_timeout_s=120, on_answer=keep_hit)
+    await run_load(
+        config,
+        rate=rate,
+        duration_s=seconds,
+        workload=Workload("zipf", 1000, 1.1, 7),
+        progress=None,
+        drain_timeout_s=120,
+        on_answer=keep_hit,
+    )
     a = np.asarray(rows, dtype=np.float64)
-    return {"end to end": a[:, 0], "scheduled send -> lookup at the worker": a[:, 1],
-            "scheduled send -> answered at the worker": a[:, 2], "answered -> result at the client": a[:, 0] - a[:, 2]}
+    return {
+        "end to end": a[:, 0],
+        "scheduled send -> lookup at the worker": a[:, 1],
+        "scheduled send -> answered at the worker": a[:, 2],
+        "answered -> result at the client": a[:, 0] - a[:, 2],
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rates", default="50,300,1000")
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--set", action="append", default=[], metavar="SLUICE_X=V",
-                    help="a worker setting for this run (repeatable)")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="SLUICE_X=V", help="a worker setting for this run (repeatable)"
+    )
     args = ap.parse_args()
     extra = dict(kv.split("=", 1) for kv in args.set)
     rates = [float(r) for r in args.rates.split(",")]
@@ -61,10 +73,12 @@ def main() -> None:
             for rate in rates:
                 before = {k: cpu_seconds(pid) for k, pid in pids.items()}
                 parts = asyncio.run(run(config, rate, args.seconds))
-                used = {k: (cpu_seconds(pid) - before[k]) * 1000 / (rate * args.seconds)
-                        for k, pid in pids.items()}
-                cpu.append(f"| {rate:g}/s | " + " | ".join(f"{v:.2f}" for v in used.values())
-                           + f" | {sum(used.values()):.2f} | {sum(used.values()) * rate / 1000:.2f} |")
+                used = {k: (cpu_seconds(pid) - before[k]) * 1000 / (rate * args.seconds) for k, pid in pids.items()}
+                cpu.append(
+                    f"| {rate:g}/s | "
+                    + " | ".join(f"{v:.2f}" for v in used.values())
+                    + f" | {sum(used.values()):.2f} | {sum(used.values()) * rate / 1000:.2f} |"
+                )
                 for name, v in parts.items():
                     p50, p95, p99 = np.percentile(v, [50, 95, 99])
                     out.append(f"| {rate:g}/s | {name} | {p50:.0f} | {p95:.0f} | {p99:.0f} |")
@@ -72,8 +86,10 @@ def main() -> None:
     print(f"\nMachine: {machine()}; worker settings: {extra or 'defaults'}\n")
     print("| rate | hits only: stage | p50 ms | p95 ms | p99 ms |\n|---|---|---|---|---|")
     print("\n".join(out))
-    print("\n| rate | CPU ms per request: broker | worker | load generator | all | cores busy |\n"
-          "|---|---|---|---|---|---|")
+    print(
+        "\n| rate | CPU ms per request: broker | worker | load generator | all | cores busy |\n"
+        "|---|---|---|---|---|---|"
+    )
     print("\n".join(cpu))
 
 

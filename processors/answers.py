@@ -21,9 +21,19 @@ YIELD_EVERY = 64
 
 
 class AnswerSender:
-    def __init__(self, *, topics: Topics, worker_id: str, results: Publisher, bulk: Publisher,
-                 metrics: WorkerMetrics, cache_metrics: CacheMetrics, prices: dict[str, float],
-                 default_model: str, slice_gap_ms: float) -> None:
+    def __init__(
+        self,
+        *,
+        topics: Topics,
+        worker_id: str,
+        results: Publisher,
+        bulk: Publisher,
+        metrics: WorkerMetrics,
+        cache_metrics: CacheMetrics,
+        prices: dict[str, float],
+        default_model: str,
+        slice_gap_ms: float,
+    ) -> None:
         self.topics = topics
         self.worker_id = worker_id
         self.results = results  # answers: latency matters
@@ -37,14 +47,26 @@ class AnswerSender:
     def result(self, it: Item) -> dict[str, Any]:
         req, model = it.request, it.model
         return result_doc(
-            id=it.request_id, status=it.status, task=req.task if req else None,
-            model=model.ref if model else None, cache=it.cache, sent_ms=it.sent_ms,
-            started_ms=it.started_ms, cache_ms=it.cache_ms, inference_start_ms=it.inference_start_ms,
-            inference_end_ms=it.inference_end_ms, done_ms=it.done_ms, tokens=it.tokens,
-            batch_size=it.batch_size, cost_usd=it.cost_usd, worker=self.worker_id,
-            truncated=it.truncated, output=it.out,
+            id=it.request_id,
+            status=it.status,
+            task=req.task if req else None,
+            model=model.ref if model else None,
+            cache=it.cache,
+            sent_ms=it.sent_ms,
+            started_ms=it.started_ms,
+            cache_ms=it.cache_ms,
+            inference_start_ms=it.inference_start_ms,
+            inference_end_ms=it.inference_end_ms,
+            done_ms=it.done_ms,
+            tokens=it.tokens,
+            batch_size=it.batch_size,
+            cost_usd=it.cost_usd,
+            worker=self.worker_id,
+            truncated=it.truncated,
+            output=it.out,
             error_code=it.error.code if it.error is not None else None,
-            error_message=it.error.message if it.error is not None else None)
+            error_message=it.error.message if it.error is not None else None,
+        )
 
     async def send(self, it: Item) -> asyncio.Future:
         """Send an item's result (or its DLQ record); return the ack future."""
@@ -53,21 +75,29 @@ class AnswerSender:
         if rid is None:
             err = it.error
             reason, code = (err.message, err.code) if err else ("unreadable record", "invalid")
-            doc = dlq_record(it.raw, it.key, reason, code, topic=topics.requests,
-                             partition=it.partition, offset=it.offset, worker=self.worker_id)
+            doc = dlq_record(
+                it.raw,
+                it.key,
+                reason,
+                code,
+                topic=topics.requests,
+                partition=it.partition,
+                offset=it.offset,
+                worker=self.worker_id,
+            )
             it.topic = topics.dlq
             self.metrics.dlq.inc()
             return await self.bulk.send(topics.dlq, encode(doc), key=it.key)
-        it.topic = (it.request.reply_to if it.request else None) or \
-            (it.error.reply_to if it.error else None) or topics.results
+        it.topic = (
+            (it.request.reply_to if it.request else None) or (it.error.reply_to if it.error else None) or topics.results
+        )
         return await self.results.send(it.topic, encode(self.result(it)), key=rid.encode())
 
     async def send_fallback(self, it: Item, failure: BaseException) -> asyncio.Future:
         """A reply_to topic refused the answer: say so on the results topic."""
         doc = self.result(it)
         doc.pop("output", None)
-        doc.update(status="error",
-                   error={"code": "reply_to_failed", "message": f"reply_to {it.topic}: {failure}"})
+        doc.update(status="error", error={"code": "reply_to_failed", "message": f"reply_to {it.topic}: {failure}"})
         return await self.results.send(self.topics.results, encode(doc), key=doc["id"].encode())
 
     async def answer_now(self, it: Item, lookup_ms: float, n: int) -> None:
@@ -88,4 +118,3 @@ class AnswerSender:
         large sends."""
         if sent and sent % YIELD_EVERY == 0:
             await asyncio.sleep(self.slice_gap_ms / 1000)
-

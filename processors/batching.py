@@ -27,7 +27,7 @@ class BatchPolicy:
         if self.max_wait_ms < 0:
             raise ValueError(f"batch_max_wait_ms={self.max_wait_ms}: must be >= 0")
 
-    def fits(self, batch: "PartitionBatch", tokens: int) -> bool:
+    def fits(self, batch: PartitionBatch, tokens: int) -> bool:
         """Whether one more record of `tokens` fits. An empty batch takes any
         record, so a record larger than the budget fails alone rather than
         stalling its partition."""
@@ -35,14 +35,14 @@ class BatchPolicy:
             return True
         return len(batch.items) < self.max_items and batch.tokens + tokens <= self.max_tokens
 
-    def full(self, batch: "PartitionBatch") -> bool:
+    def full(self, batch: PartitionBatch) -> bool:
         return len(batch.items) >= self.max_items or batch.tokens >= self.max_tokens
 
-    def due_at(self, batch: "PartitionBatch") -> float:
+    def due_at(self, batch: PartitionBatch) -> float:
         """Monotonic time (s) at which the batch must go, full or not."""
         return batch.first_at + self.max_wait_ms / 1000.0
 
-    def ready(self, batch: "PartitionBatch", now: float) -> bool:
+    def ready(self, batch: PartitionBatch, now: float) -> bool:
         return bool(batch.items) and (self.full(batch) or now >= self.due_at(batch))
 
 

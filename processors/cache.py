@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from cachetools import TTLCache
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -25,25 +26,26 @@ log = logging.getLogger(__name__)
 
 class CacheMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.hits = Counter("sluice_cache_hits_total", "Requests answered from cache, by level.",
-                            ["level"], registry=registry)
-        self.misses = Counter("sluice_cache_misses_total", "Lookups that found nothing.",
-                              registry=registry)
-        self.coalesced = Counter("sluice_cache_coalesced_total",
-                                 "Requests answered by an identical request's computation in the same hand-off.",
-                                 registry=registry)
-        self.evictions = Counter("sluice_cache_l1_evictions_total", "L1 entries evicted for room.",
-                                 registry=registry)
+        self.hits = Counter(
+            "sluice_cache_hits_total", "Requests answered from cache, by level.", ["level"], registry=registry
+        )
+        self.misses = Counter("sluice_cache_misses_total", "Lookups that found nothing.", registry=registry)
+        self.coalesced = Counter(
+            "sluice_cache_coalesced_total",
+            "Requests answered by an identical request's computation in the same hand-off.",
+            registry=registry,
+        )
+        self.evictions = Counter("sluice_cache_l1_evictions_total", "L1 entries evicted for room.", registry=registry)
         self.l1_bytes = Gauge("sluice_cache_l1_bytes", "Bytes held by L1.", registry=registry)
         self.l1_entries = Gauge("sluice_cache_l1_entries", "Entries held by L1.", registry=registry)
-        self.l2_errors = Counter("sluice_cache_l2_errors_total", "Failed or timed-out Redis calls.",
-                                 ["op"], registry=registry)
-        self.l2_up = Gauge("sluice_cache_l2_up", "1 while Redis answers, 0 during an outage.",
-                           registry=registry)
-        self.l2_outages = Counter("sluice_cache_l2_outages_total", "Times Redis went from up to down.",
-                                  registry=registry)
-        self.l2_writes = Counter("sluice_cache_l2_writes_total", "Entries written to Redis.",
-                                 registry=registry)
+        self.l2_errors = Counter(
+            "sluice_cache_l2_errors_total", "Failed or timed-out Redis calls.", ["op"], registry=registry
+        )
+        self.l2_up = Gauge("sluice_cache_l2_up", "1 while Redis answers, 0 during an outage.", registry=registry)
+        self.l2_outages = Counter(
+            "sluice_cache_l2_outages_total", "Times Redis went from up to down.", registry=registry
+        )
+        self.l2_writes = Counter("sluice_cache_l2_writes_total", "Entries written to Redis.", registry=registry)
 
 
 class _BoundedTTL(TTLCache):
@@ -54,7 +56,7 @@ class _BoundedTTL(TTLCache):
         super().__init__(maxsize=max_bytes, ttl=ttl_s, getsizeof=len)
         self._on_evict = on_evict
 
-    def popitem(self):  # type: ignore[override]
+    def popitem(self):
         item = super().popitem()
         self._on_evict()
         return item
@@ -103,15 +105,14 @@ _WRITE_CHUNK = 128
 class L2Cache:
     """Redis behind a timeout budget and a back-off breaker. `url=""` turns L2 off."""
 
-    def __init__(self, url: str, *, ttl_s: int, timeout_ms: float, backoff_max_s: float,
-                 metrics: CacheMetrics) -> None:
+    def __init__(self, url: str, *, ttl_s: int, timeout_ms: float, backoff_max_s: float, metrics: CacheMetrics) -> None:
         self.url = url
         self.ttl_s = ttl_s
         self.timeout_s = timeout_ms / 1000.0
         self.backoff_max_s = backoff_max_s
         self._metrics = metrics
-        self._redis = None
-        self._set_all = None
+        self._redis: Any = None  # a redis.asyncio client, once started
+        self._set_all: Any = None  # the write-back script, once registered
         self._retry_at = 0.0
         self._backoff_s = 0.0
         self.up = False
@@ -124,11 +125,17 @@ class L2Cache:
         if not self.url:
             return
         import redis.asyncio as aioredis
+
         # The client's own timeouts match the budget so a hung server frees
         # its connection; the budget itself is enforced around each call.
         self._redis = aioredis.Redis.from_url(
-            self.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
-            retry_on_timeout=False, health_check_interval=0, max_connections=8)
+            self.url,
+            socket_timeout=self.timeout_s,
+            socket_connect_timeout=self.timeout_s,
+            retry_on_timeout=False,
+            health_check_interval=0,
+            max_connections=8,
+        )
         # EVALSHA, and EVAL once more if the server lost its script cache (a restart)
         self._set_all = self._redis.register_script(_SET_ALL_EX)
         try:
@@ -156,8 +163,9 @@ class L2Cache:
         self._metrics.l2_errors.labels(op).inc()
         if self.up or self._backoff_s == 0.0:
             self._metrics.l2_outages.inc()
-            log.warning("L2 cache: redis %s failed (%s: %s); serving from L1 and the model",
-                        op, type(exc).__name__, exc)
+            log.warning(
+                "L2 cache: redis %s failed (%s: %s); serving from L1 and the model", op, type(exc).__name__, exc
+            )
         self.up = False
         self._metrics.l2_up.set(0)
         self._backoff_s = min(self.backoff_max_s, max(0.1, self._backoff_s * 2))
@@ -169,7 +177,7 @@ class L2Cache:
             return [None] * len(keys)
         try:
             async with asyncio.timeout(self.timeout_s):
-                values = await self._redis.mget(keys)  # type: ignore[union-attr]
+                values = await self._redis.mget(keys)
         except Exception as exc:
             self._mark_down("mget", exc)
             return [None] * len(keys)
@@ -184,10 +192,12 @@ class L2Cache:
             return
         try:
             for i in range(0, len(items), _WRITE_CHUNK):
-                chunk = items[i:i + _WRITE_CHUNK]
+                chunk = items[i : i + _WRITE_CHUNK]
                 async with asyncio.timeout(self.timeout_s):
-                    await self._set_all(keys=[k for k, _ in chunk],  # type: ignore[misc]
-                                        args=[self.ttl_s, *(v for _, v in chunk)])
+                    await self._set_all(
+                        keys=[k for k, _ in chunk],
+                        args=[self.ttl_s, *(v for _, v in chunk)],
+                    )
                 self._metrics.l2_writes.inc(len(chunk))
         except Exception as exc:
             self._mark_down("set", exc)

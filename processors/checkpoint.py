@@ -40,8 +40,16 @@ class Committer(Protocol):
 
 
 class Checkpoint:
-    def __init__(self, *, sender: AnswerSender, l2: L2Cache, committer: Committer,
-                 state: PartitionState, metrics: WorkerMetrics, publish_max_items: int) -> None:
+    def __init__(
+        self,
+        *,
+        sender: AnswerSender,
+        l2: L2Cache,
+        committer: Committer,
+        state: PartitionState,
+        metrics: WorkerMetrics,
+        publish_max_items: int,
+    ) -> None:
         self.sender = sender
         self.l2 = l2
         self.committer = committer
@@ -51,6 +59,7 @@ class Checkpoint:
 
     async def run(self, to_publish: Handoff[Group]) -> None:
         """Until the model stage closes `to_publish`."""
+
         def more(taken: list[Group], nxt: Group) -> bool:
             # every group ready now goes out together: one wait for acks, one
             # telemetry flush, one Redis write-back and one commit for all
@@ -92,15 +101,17 @@ class Checkpoint:
         published = now_ms()
         acked = []
         for n, it in enumerate((it for it in group.items if it.topic != topics.dlq), 1):
-            acked.append(await sender.bulk.send(topics.telemetry,
-                                                encode(self.telemetry(it, published))))
+            acked.append(await sender.bulk.send(topics.telemetry, encode(self.telemetry(it, published))))
             if n % YIELD_EVERY == 0:
                 await asyncio.sleep(0)
         await asyncio.gather(*acked)
         await self._observe(group.items, published, time.perf_counter() - t0)
         # 3. cache write-back
-        writes = [(storage_key(s.model.ref, s.key_hash), it.out) for it in group.computed
-                  if (s := it.serve) is not None and it.out is not None and s.request.cache != "bypass"]
+        writes = [
+            (storage_key(s.model.ref, s.key_hash), it.out)
+            for it in group.computed
+            if (s := it.serve) is not None and it.out is not None and s.request.cache != "bypass"
+        ]
         if writes:
             await self.l2.put_many(writes)
         # 4. commit
@@ -109,21 +120,35 @@ class Checkpoint:
     def telemetry(self, it: Item, published_ms: int) -> dict[str, Any]:
         req, model = it.request, it.model
         return telemetry_doc(
-            id=it.request_id or "", tenant=req.tenant if req else "",
+            id=it.request_id or "",
+            tenant=req.tenant if req else "",
             model=model.name if model else ((req.model or "") if req else ""),
-            model_version=model.version if model else "", task=req.task if req else "",
-            status=it.status, error_code=it.error.code if it.error is not None else "",
-            cache=it.cache, tokens=it.tokens, batch_size=it.batch_size, worker=self.sender.worker_id,
-            partition=it.partition, offset=it.offset, sent_at_ms=it.sent_ms,
-            received_at_ms=it.received_ms, started_ms=it.started_ms,
-            inference_start_ms=it.inference_start_ms, inference_end_ms=it.inference_end_ms,
-            published_at_ms=published_ms, cache_ms=it.cache_ms, compute_ms=it.compute_ms,
-            cost_usd=it.cost_usd)
+            model_version=model.version if model else "",
+            task=req.task if req else "",
+            status=it.status,
+            error_code=it.error.code if it.error is not None else "",
+            cache=it.cache,
+            tokens=it.tokens,
+            batch_size=it.batch_size,
+            worker=self.sender.worker_id,
+            partition=it.partition,
+            offset=it.offset,
+            sent_at_ms=it.sent_ms,
+            received_at_ms=it.received_ms,
+            started_ms=it.started_ms,
+            inference_start_ms=it.inference_start_ms,
+            inference_end_ms=it.inference_end_ms,
+            published_at_ms=published_ms,
+            cache_ms=it.cache_ms,
+            compute_ms=it.compute_ms,
+            cost_usd=it.cost_usd,
+        )
 
     async def _observe(self, items: list[Item], published: int, publish_s: float) -> None:
-        self.metrics.count_requests(((it.model.name if it.model else "unknown", it.status, it.cache)
-                                     for it in items),
-                                    (error_label(it.error) for it in items if it.error is not None))
+        self.metrics.count_requests(
+            ((it.model.name if it.model else "unknown", it.status, it.cache) for it in items),
+            (error_label(it.error) for it in items if it.error is not None),
+        )
         queue, total = self.metrics.stage("queue"), self.metrics.stage("total")
         for n, it in enumerate(items, 1):
             queue.observe(max(0, it.started_ms - it.sent_ms) / 1000)

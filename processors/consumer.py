@@ -63,19 +63,34 @@ Records = dict[int, list[Any]]  # partition -> confluent_kafka.Message, in offse
 class GroupConsumer:
     """One topic, one consumer group, manual commits, at-least-once."""
 
-    def __init__(self, bootstrap_servers: str, *, group_id: str, client_id: str, topic: str,
-                 session_timeout_ms: int, max_poll_interval_ms: int, fetch_max_wait_ms: int,
-                 fetch_min_bytes: int, max_buffered: int, on_assigned: Callable[[set[int]], None],
-                 on_revoked: Callable[[set[int]], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        *,
+        group_id: str,
+        client_id: str,
+        topic: str,
+        session_timeout_ms: int,
+        max_poll_interval_ms: int,
+        fetch_max_wait_ms: int,
+        fetch_min_bytes: int,
+        max_buffered: int,
+        on_assigned: Callable[[set[int]], None],
+        on_revoked: Callable[[set[int]], Awaitable[None]],
+    ) -> None:
         self.topic = topic
         self._conf = {
-            "bootstrap.servers": bootstrap_servers, "group.id": group_id, "client.id": client_id,
-            "enable.auto.commit": False, "enable.auto.offset.store": False,
+            "bootstrap.servers": bootstrap_servers,
+            "group.id": group_id,
+            "client.id": client_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
             "session.timeout.ms": session_timeout_ms,
             "heartbeat.interval.ms": max(1000, session_timeout_ms // 4),
             "max.poll.interval.ms": max_poll_interval_ms,
-            "fetch.wait.max.ms": fetch_max_wait_ms, "fetch.min.bytes": fetch_min_bytes,
+            "fetch.wait.max.ms": fetch_max_wait_ms,
+            "fetch.min.bytes": fetch_min_bytes,
             "max.partition.fetch.bytes": 4 << 20,
             # aiokafka's default assignor goes by this name too: workers of
             # an older release (aiokafka) and this one can share a group
@@ -109,6 +124,7 @@ class GroupConsumer:
     # -- the loop's side -----------------------------------------------------
     async def start(self) -> None:
         from confluent_kafka import Consumer, KafkaException
+
         self._loop = asyncio.get_running_loop()
         try:
             self._consumer = Consumer(self._conf)
@@ -193,8 +209,7 @@ class GroupConsumer:
         loop, c = self._loop, self._consumer
         assert loop is not None
         try:
-            c.subscribe([self.topic], on_assign=self._assigned, on_revoke=self._revoked,
-                        on_lost=self._revoked)
+            c.subscribe([self.topic], on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._revoked)
             while not self._stopping.is_set():
                 self._serve_commits()
                 room = self._max_buffered - (self._handed - self._taken)
@@ -222,7 +237,7 @@ class GroupConsumer:
             self._serve_commits()
             self._closing = True
             c.close()  # leaves the group (the revoke callback runs, unheard)
-        except BaseException as exc:  # noqa: BLE001 -- the loop must hear of it
+        except BaseException as exc:
             log.exception("consumer thread failed")
             loop.call_soon_threadsafe(self._fail, exc)
         finally:
@@ -235,6 +250,7 @@ class GroupConsumer:
     def _serve_commits(self) -> None:
         """Make every commit asked for so far, as one."""
         from confluent_kafka import KafkaException, TopicPartition
+
         asked: list[asyncio.Future] = []
         merged: dict[int, int] = {}
         while True:
@@ -250,8 +266,8 @@ class GroupConsumer:
         error: BaseException | None = None
         try:
             done = self._consumer.commit(
-                offsets=[TopicPartition(self.topic, p, off) for p, off in merged.items()],
-                asynchronous=False)
+                offsets=[TopicPartition(self.topic, p, off) for p, off in merged.items()], asynchronous=False
+            )
             refused = [f"{tp.partition}: {tp.error.str()}" for tp in done or () if tp.error is not None]
             if refused:
                 error = CommitError(f"commit refused for partitions {', '.join(refused)}")
@@ -284,7 +300,7 @@ class GroupConsumer:
                 drained.result(timeout=_POLL_S)
             except TimeoutError:
                 pass
-            except Exception:  # noqa: BLE001 -- a failed drain must not stop the hand-over
+            except Exception:
                 log.exception("revoke handler failed")
                 break
         self._serve_commits()

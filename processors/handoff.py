@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -31,7 +32,7 @@ class Handoff(Generic[T]):
     def __len__(self) -> int:
         return len(self._q)
 
-    def __iter__(self):  # noqa: ANN204 -- a plain iterator over what waits
+    def __iter__(self):
         return iter(self._q)
 
     @property

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from typing import AsyncIterator, Protocol
+from collections.abc import AsyncIterator
+from typing import Protocol
 
 from processors.answers import AnswerSender
 from processors.cache import L1Cache
@@ -30,9 +31,19 @@ class Model(Protocol):
 
 
 class ModelStage:
-    def __init__(self, *, model: Model, group_max_items: int, inference_max_items: int,
-                 l1: L1Cache, coalescer: Coalescer, sender: AnswerSender, state: PartitionState,
-                 metrics: WorkerMetrics, prices: dict[str, float]) -> None:
+    def __init__(
+        self,
+        *,
+        model: Model,
+        group_max_items: int,
+        inference_max_items: int,
+        l1: L1Cache,
+        coalescer: Coalescer,
+        sender: AnswerSender,
+        state: PartitionState,
+        metrics: WorkerMetrics,
+        prices: dict[str, float],
+    ) -> None:
         self.model = model
         self.group_max_items = group_max_items
         self.inference_max_items = inference_max_items
@@ -45,6 +56,7 @@ class ModelStage:
 
     async def run(self, model_queue: Handoff[Group], to_publish: Handoff[Group]) -> None:
         """Until lookup closes `model_queue`; then close `to_publish`."""
+
         def more(taken: list[Group], nxt: Group) -> bool:
             # groups queued while the model was busy go in one hand-off, up
             # to group_max_items misses
@@ -92,7 +104,7 @@ class ModelStage:
         # lengths pads little.
         todo.sort(key=lambda it: len(it.serve.request.input) if it.serve else 0)
         size = self.inference_max_items
-        pieces = [todo[i:i + size] for i in range(0, len(todo), size)]
+        pieces = [todo[i : i + size] for i in range(0, len(todo), size)]
         jobs = [[_job(it) for it in piece] for piece in pieces]
         done, answering = iter(pieces), 0.0
         async for computed in self.model.compute_pieces(jobs):

@@ -13,7 +13,8 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from processors.answers import AnswerSender
 from processors.batching import Batcher, PartitionBatch
@@ -37,9 +38,16 @@ class Source(Protocol):
 
 
 class Intake:
-    def __init__(self, config: WorkerConfig, models: dict[str, ModelCard], batcher: Batcher[Item],
-                 l1: L1Cache, state: PartitionState, pending: Handoff[PartitionBatch[Item]],
-                 sender: AnswerSender) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        models: dict[str, ModelCard],
+        batcher: Batcher[Item],
+        l1: L1Cache,
+        state: PartitionState,
+        pending: Handoff[PartitionBatch[Item]],
+        sender: AnswerSender,
+    ) -> None:
         self.config = config
         self.models = models
         self.batcher = batcher
@@ -101,8 +109,13 @@ class Intake:
             for it in its:
                 req = it.request
                 assert req is not None
-                key = cache_key(scope="*" if scope_all else req.tenant, model=card.ref, task=req.task,
-                                labels=req.labels, text=normalise(req.input, uncased=card.uncased))
+                key = cache_key(
+                    scope="*" if scope_all else req.tenant,
+                    model=card.ref,
+                    task=req.task,
+                    labels=req.labels,
+                    text=normalise(req.input, uncased=card.uncased),
+                )
                 # Tokenising waits for the model process, and only for misses
                 # (most requests are cache hits); the batch budget uses an
                 # estimate of ~4 characters per token, capped at the model's max.
@@ -126,14 +139,20 @@ class Intake:
         name = req.model or self.config.default_model
         model = self.models.get(name)
         if model is None:
-            item.error = RequestError(f"field 'model': unknown model {name!r} (known: "
-                                      f"{', '.join(sorted(self.models))})", code="unknown_model",
-                                      request_id=req.id, reply_to=req.reply_to)
+            item.error = RequestError(
+                f"field 'model': unknown model {name!r} (known: {', '.join(sorted(self.models))})",
+                code="unknown_model",
+                request_id=req.id,
+                reply_to=req.reply_to,
+            )
             return None
         if req.task not in model.tasks:
-            item.error = RequestError(f"field 'task': model {name!r} does not do {req.task!r}",
-                                      code="unsupported_task", request_id=req.id,
-                                      reply_to=req.reply_to)
+            item.error = RequestError(
+                f"field 'task': model {name!r} does not do {req.task!r}",
+                code="unsupported_task",
+                request_id=req.id,
+                reply_to=req.reply_to,
+            )
             return None
         return model
 

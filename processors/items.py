@@ -81,8 +81,11 @@ class Item:
         if req is None or req.deadline_ms is None or req.deadline_ms > now_ms:
             return False
         self.status = "expired"
-        self.error = RequestError(f"deadline {req.deadline_ms} passed before inference (now {now_ms})",
-                                  code="deadline_exceeded", request_id=req.id)
+        self.error = RequestError(
+            f"deadline {req.deadline_ms} passed before inference (now {now_ms})",
+            code="deadline_exceeded",
+            request_id=req.id,
+        )
         return True
 
 

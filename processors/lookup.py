@@ -20,9 +20,18 @@ from schemas.records import now_ms
 
 
 class Lookup:
-    def __init__(self, *, group_max_items: int, l1: L1Cache, l2: L2Cache, coalescer: Coalescer,
-                 sender: AnswerSender, state: PartitionState, metrics: WorkerMetrics,
-                 cache_metrics: CacheMetrics) -> None:
+    def __init__(
+        self,
+        *,
+        group_max_items: int,
+        l1: L1Cache,
+        l2: L2Cache,
+        coalescer: Coalescer,
+        sender: AnswerSender,
+        state: PartitionState,
+        metrics: WorkerMetrics,
+        cache_metrics: CacheMetrics,
+    ) -> None:
         self.group_max_items = group_max_items
         self.l1 = l1
         self.l2 = l2
@@ -34,6 +43,7 @@ class Lookup:
 
     async def run(self, pending: Handoff[PartitionBatch[Item]], model_queue: Handoff[Group]) -> None:
         """Until intake closes `pending`; then close `model_queue`."""
+
         def more(taken: list[PartitionBatch[Item]], nxt: PartitionBatch[Item]) -> bool:
             return sum(len(b) for b in taken) + len(nxt) <= self.group_max_items
 
@@ -76,9 +86,13 @@ class Lookup:
         for it in group.items:
             # an identical request already waiting for (or inside) the model
             # answers this one too: computed once, however many ask meanwhile
-            if it.cache == "miss" and it.serve is not None and it.serve.request.cache != "bypass":
-                if self.coalescer.join(it):
-                    self.cache_metrics.coalesced.inc()
+            if (
+                it.cache == "miss"
+                and it.serve is not None
+                and it.serve.request.cache != "bypass"
+                and self.coalescer.join(it)
+            ):
+                self.cache_metrics.coalesced.inc()
         lookup_ms = (time.perf_counter() - t0) * 1000
         for it in group.items:
             if it.sent is not None:

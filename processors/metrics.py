@@ -8,46 +8,64 @@ import asyncio
 import collections
 import gc
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from schemas.service import http as service_http
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_POW2 = tuple(float(2 ** i) for i in range(0, 14))
+_POW2 = tuple(float(2**i) for i in range(0, 14))
 
 
 class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
-        self.requests = Counter("sluice_requests_total", "Requests answered, by status and cache level.",
-                                ["model", "status", "cache"], registry=r)
-        self.errors = Counter("sluice_request_errors_total", "Error results and DLQ records, by code.",
-                              ["code"], registry=r)
+        self.requests = Counter(
+            "sluice_requests_total",
+            "Requests answered, by status and cache level.",
+            ["model", "status", "cache"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "sluice_request_errors_total", "Error results and DLQ records, by code.", ["code"], registry=r
+        )
         self.dlq = Counter("sluice_dlq_records_total", "Records sent to the DLQ.", registry=r)
-        self.latency = Histogram("sluice_stage_seconds", "Time per request in each stage.",
-                                 ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.batch_items = Histogram("sluice_batch_items", "Records per model hand-off.",
-                                     buckets=_POW2, registry=r)
-        self.batch_tokens = Histogram("sluice_inference_padded_tokens", "Padded tokens per ONNX Runtime call.",
-                                      buckets=_POW2, registry=r)
-        self.inference = Histogram("sluice_inference_seconds", "Model process time per hand-off (as the event loop waits for it).",
-                                   buckets=_LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram(
+            "sluice_stage_seconds", "Time per request in each stage.", ["stage"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.batch_items = Histogram("sluice_batch_items", "Records per model hand-off.", buckets=_POW2, registry=r)
+        self.batch_tokens = Histogram(
+            "sluice_inference_padded_tokens", "Padded tokens per ONNX Runtime call.", buckets=_POW2, registry=r
+        )
+        self.inference = Histogram(
+            "sluice_inference_seconds",
+            "Model process time per hand-off (as the event loop waits for it).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.compute_seconds = Counter("sluice_compute_seconds_total", "Model compute time.", registry=r)
         self.cost = Counter("sluice_cost_usd_total", "Cost attributed to requests.", ["model"], registry=r)
         self.pending = Gauge("sluice_pending_items", "Records read and not yet handed to the model.", registry=r)
-        self.inflight = Gauge("sluice_inflight_items", "Records handed to the model and not yet committed.",
-                              registry=r)
+        self.inflight = Gauge("sluice_inflight_items", "Records handed to the model and not yet committed.", registry=r)
         self.assigned = Gauge("sluice_assigned_partitions", "Partitions this worker owns.", registry=r)
         self.rebalances = Counter("sluice_rebalances_total", "Partition revocations handled.", registry=r)
         self.commits = Counter("sluice_commits_total", "Offset commits.", ["outcome"], registry=r)
 
-        self.gc_pause = Histogram("sluice_gc_pause_seconds", "Python garbage collection pauses, by generation.",
-                                  ["generation"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.loop_lag = Histogram("sluice_event_loop_lag_seconds",
-                                  "How late the event loop runs a timer: what a cache hit waits for CPU.",
-                                  buckets=_LATENCY_BUCKETS, registry=r)
+        self.gc_pause = Histogram(
+            "sluice_gc_pause_seconds",
+            "Python garbage collection pauses, by generation.",
+            ["generation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "sluice_event_loop_lag_seconds",
+            "How late the event loop runs a timer: what a cache hit waits for CPU.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self._gc_started = 0.0
         self._stages: dict[str, Any] = {}
 
@@ -97,8 +115,15 @@ class HealthServer(service_http.HealthServer):
     partitions assigned) on one port: the shared server
     (schemas/service/http.py) over a worker's metrics."""
 
-    def __init__(self, metrics: WorkerMetrics, host: str, port: int,
-                 ready: Callable[[], tuple[bool, str]], heartbeat_age_s: Callable[[], float],
-                 stale_after_s: float = 30.0) -> None:
-        super().__init__(metrics.registry, host, port, ready=ready, heartbeat_age_s=heartbeat_age_s,
-                         stale_after_s=stale_after_s)
+    def __init__(
+        self,
+        metrics: WorkerMetrics,
+        host: str,
+        port: int,
+        ready: Callable[[], tuple[bool, str]],
+        heartbeat_age_s: Callable[[], float],
+        stale_after_s: float = 30.0,
+    ) -> None:
+        super().__init__(
+            metrics.registry, host, port, ready=ready, heartbeat_age_s=heartbeat_age_s, stale_after_s=stale_after_s
+        )

@@ -28,12 +28,13 @@ import os
 import threading
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
 
 from processors.runtime import RunStats
 from processors.scheduling import group_problem, slice_problem
@@ -116,6 +117,7 @@ def _start_child(nice: int, parent_pid: int, check_every_s: float = 1.0) -> None
 
 def _load(folders: dict[str, Path], options: dict[str, Any]) -> tuple[int, dict[str, list[str]]]:
     from processors.runtime import ModelRuntime
+
     for name, folder in folders.items():
         _RUNTIMES[name] = ModelRuntime(folder, **options).load()
     return os.getpid(), {name: rt.providers for name, rt in _RUNTIMES.items()}
@@ -170,8 +172,12 @@ class ModelProcess:
         # executor's) by then, and a forked copy of a lock held by one of
         # them never opens
         self.pid: int | None = None  # known once loaded
-        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_start_child, initargs=(nice, os.getpid()))
+        self._pool = ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_child,
+            initargs=(nice, os.getpid()),
+        )
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         with _death_reported():

@@ -15,8 +15,7 @@ from processors.metrics import WorkerMetrics
 
 
 class PartitionState:
-    def __init__(self, metrics: WorkerMetrics, *, max_pending_items: int,
-                 max_uncommitted_items: int) -> None:
+    def __init__(self, metrics: WorkerMetrics, *, max_pending_items: int, max_uncommitted_items: int) -> None:
         self.metrics = metrics
         self.max_pending_items = max_pending_items
         self.max_uncommitted_items = max_uncommitted_items
@@ -30,8 +29,10 @@ class PartitionState:
 
     def full(self) -> bool:
         """Past either bound intake stops fetching; the backlog waits in Kafka."""
-        return (self.pending_items + self.awaiting_model >= self.max_pending_items
-                or self.pending_items + self.inflight_items >= self.max_uncommitted_items)
+        return (
+            self.pending_items + self.awaiting_model >= self.max_pending_items
+            or self.pending_items + self.inflight_items >= self.max_uncommitted_items
+        )
 
     def room_made(self) -> None:
         self.has_room.set()
@@ -60,9 +61,14 @@ class PartitionState:
             self.idle.set()
         self.has_room.set()
 
-    def drop(self, parts: set[int], batcher: Batcher[Item],
-             pending: Handoff[PartitionBatch[Item]], model_queue: Handoff[Group],
-             coalescer: Coalescer) -> int:
+    def drop(
+        self,
+        parts: set[int],
+        batcher: Batcher[Item],
+        pending: Handoff[PartitionBatch[Item]],
+        model_queue: Handoff[Group],
+        coalescer: Coalescer,
+    ) -> int:
         """Forget what of these partitions the model has not taken: it is
         uncommitted, so the partition's next owner reads it again (answers
         already sent from cache are then sent twice: at-least-once). Return

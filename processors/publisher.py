@@ -23,6 +23,7 @@ from functools import partial
 from typing import Any
 
 from schemas.errors import SluiceError
+from schemas.service.tasks import supervise
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +38,28 @@ class PublishError(SluiceError):
 class Publisher:
     """`fut = await pub.send(topic, value, key)`; `await fut` is the broker's ack."""
 
-    def __init__(self, bootstrap_servers: str, *, client_id: str, linger_ms: float,
-                 compression: str = "none", max_message_bytes: int = 4 << 20,
-                 delivery_timeout_ms: int = 30_000, ack_poll_s: float = 0.002) -> None:
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        *,
+        client_id: str,
+        linger_ms: float,
+        compression: str = "none",
+        max_message_bytes: int = 4 << 20,
+        delivery_timeout_ms: int = 30_000,
+        ack_poll_s: float = 0.002,
+    ) -> None:
         self.client_id = client_id
         self._conf = {
-            "bootstrap.servers": bootstrap_servers, "client.id": client_id,
+            "bootstrap.servers": bootstrap_servers,
+            "client.id": client_id,
             # acks from every in-sync replica, no duplicates on retry, order kept
-            "acks": "all", "enable.idempotence": True,
-            "linger.ms": linger_ms, "compression.type": compression,
-            "message.max.bytes": max_message_bytes, "batch.size": 1 << 20,
+            "acks": "all",
+            "enable.idempotence": True,
+            "linger.ms": linger_ms,
+            "compression.type": compression,
+            "message.max.bytes": max_message_bytes,
+            "batch.size": 1 << 20,
             "delivery.timeout.ms": delivery_timeout_ms,
             # Kafka's Java default, as aiokafka and the clients use: a key
             # lands on the same partition whichever client wrote it
@@ -59,27 +72,36 @@ class Publisher:
         self._unacked = 0
         self._wake = asyncio.Event()
         self._poller: asyncio.Task | None = None
+        self._failed: PublishError | None = None
 
     async def start(self) -> None:
         from confluent_kafka import KafkaException, Producer
+
         try:
             self._producer = Producer(self._conf)
         except KafkaException as exc:  # a bad option value: say which client
             raise PublishError(f"producer {self.client_id}: {exc}") from None
-        self._poller = asyncio.create_task(self._poll_acks(), name=f"acks-{self.client_id}")
+        self._poller = supervise(self._poll_acks(), name=f"acks-{self.client_id}", on_failure=self._poller_failed)
 
     async def partitions_for(self, topic: str) -> int:
         """Learn a topic's metadata now, so the first send does not wait for it."""
         meta = await asyncio.get_running_loop().run_in_executor(
-            None, partial(self._producer.list_topics, topic, timeout=10))
+            None, partial(self._producer.list_topics, topic, timeout=10)
+        )
         found = meta.topics.get(topic)
         if found is None or found.error is not None:
             raise PublishError(f"topic {topic}: {found.error if found else 'unknown'}")
         return len(found.partitions)
 
+    def _poller_failed(self, exc: BaseException) -> None:
+        self._failed = PublishError(f"producer {self.client_id}: its delivery reports stopped: {exc!r}")
+
     async def send(self, topic: str, value: bytes, key: bytes | None = None) -> asyncio.Future:
         """Queue one record; return the future of its ack (None, or PublishError)."""
         from confluent_kafka import KafkaException
+
+        if self._failed is not None:  # no ack would ever come: say so now
+            raise self._failed
         fut = asyncio.get_running_loop().create_future()
         report = partial(self._delivered, fut)
         while True:

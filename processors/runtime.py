@@ -12,9 +12,10 @@ import importlib.util
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import orjson
@@ -76,11 +77,12 @@ def _resolve(spec: str, folder: Path) -> Path:
     """`package:pkg/path` points into an installed Python package (models
     shipped on PyPI); anything else is relative to the card's folder."""
     if spec.startswith("package:"):
-        pkg, _, rel = spec[len("package:"):].partition("/")
+        pkg, _, rel = spec[len("package:") :].partition("/")
         found = importlib.util.find_spec(pkg)
         if found is None or not found.submodule_search_locations:
-            raise ConfigError(f"model file {spec}: Python package {pkg!r} is not installed "
-                              f"(pip install {pkg.replace('_', '-')})")
+            raise ConfigError(
+                f"model file {spec}: Python package {pkg!r} is not installed (pip install {pkg.replace('_', '-')})"
+            )
         return Path(list(found.submodule_search_locations)[0]) / rel
     return (folder / spec).resolve()
 
@@ -92,8 +94,7 @@ def load_card(folder: Path) -> ModelCard:
     except FileNotFoundError:
         raise ConfigError(f"model folder {folder}: no card.json") from None
     except (orjson.JSONDecodeError, ValidationError) as exc:
-        raise ConfigError(f"model card {path}: {str(exc).splitlines()[0]} "
-                          f"{str(exc).splitlines()[1:2]}") from None
+        raise ConfigError(f"model card {path}: {str(exc).splitlines()[0]} {str(exc).splitlines()[1:2]}") from None
 
 
 def discover_models(extra_dirs: Sequence[Path] = ()) -> dict[str, Path]:
@@ -116,8 +117,9 @@ def _cpu_only_under_cuda(onnx_path: Path) -> set[str]:
     back to the CPU (the sq8 file got 75 copy nodes between the two)."""
     try:
         import onnx
+
         graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    except Exception:  # noqa: BLE001 -- a hint only; the session already loaded
+    except Exception:
         return set()
     return {n.op_type for n in graph.node} & _INT8_OPS
 
@@ -165,9 +167,17 @@ def split_by_budget(lengths: Sequence[int], token_budget: int, max_items: int) -
 class ModelRuntime:
     """One model: tokenizer + ONNX Runtime session + pooling."""
 
-    def __init__(self, folder: Path, *, intra_op_threads: int = 0, provider: str = "auto",
-                 token_budget: int = 2048, max_items: int = 64,
-                 label_cache_entries: int = 4096, allow_spinning: bool = False) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        intra_op_threads: int = 0,
+        provider: str = "auto",
+        token_budget: int = 2048,
+        max_items: int = 64,
+        label_cache_entries: int = 4096,
+        allow_spinning: bool = False,
+    ) -> None:
         self.folder = folder
         self.card = load_card(folder)
         self.intra_op_threads = intra_op_threads
@@ -176,12 +186,12 @@ class ModelRuntime:
         self.max_items = min(max_items, self.card.max_rows_per_call or max_items)
         self.allow_spinning = allow_spinning
         self._labels: LRUCache[str, np.ndarray] = LRUCache(maxsize=label_cache_entries)
-        self._session = None
-        self._tokenizer = None
+        self._session: Any = None  # an onnxruntime InferenceSession, once loaded
+        self._tokenizer: Any = None  # a tokenizers Tokenizer, once loaded
         self.providers: list[str] = []
 
     # -- loading ---------------------------------------------------------------
-    def load(self) -> "ModelRuntime":
+    def load(self) -> ModelRuntime:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -194,8 +204,10 @@ class ModelRuntime:
         if card.onnx_sha256:
             digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
             if digest != card.onnx_sha256:
-                raise ConfigError(f"model {card.name}: {onnx_path} sha256 {digest[:12]}... does not "
-                                  f"match the card's {card.onnx_sha256[:12]}...")
+                raise ConfigError(
+                    f"model {card.name}: {onnx_path} sha256 {digest[:12]}... does not "
+                    f"match the card's {card.onnx_sha256[:12]}..."
+                )
         tok = Tokenizer.from_file(str(tok_path))
         # The shipped tokenizer.json pads everything to 128 tokens: ~6x the work
         # for typical inputs. Pad per sub-batch instead.
@@ -208,9 +220,11 @@ class ModelRuntime:
             wanted = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []
         elif self.provider == "cuda":
             if "CUDAExecutionProvider" not in available:
-                raise ConfigError("SLUICE_ORT_PROVIDER=cuda: onnxruntime has no CUDA provider "
-                                  f"here (available: {', '.join(available)}); "
-                                  "pip install 'sluice[gpu]'")
+                raise ConfigError(
+                    "SLUICE_ORT_PROVIDER=cuda: onnxruntime has no CUDA provider "
+                    f"here (available: {', '.join(available)}); "
+                    "pip install 'sluice[gpu]'"
+                )
             wanted = ["CUDAExecutionProvider"]
         else:
             wanted = []
@@ -223,8 +237,9 @@ class ModelRuntime:
             # and the client share with the model on a small machine.
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self._session = ort.InferenceSession(str(onnx_path), sess_options=opts,
-                                                 providers=[*wanted, "CPUExecutionProvider"])
+            self._session = ort.InferenceSession(
+                str(onnx_path), sess_options=opts, providers=[*wanted, "CPUExecutionProvider"]
+            )
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ConfigError(f"model {card.name}: ONNX Runtime cannot load {onnx_path}: {exc}") from None
         self.providers = self._session.get_providers()
@@ -233,16 +248,22 @@ class ModelRuntime:
             if slow or card.max_rows_per_call == 1:
                 # measured on an H200: the sq8 file ran 2.6-3.6k seq/s under
                 # CUDA, the fp32 file 29-40k (bench/RESULTS.md, GPU check)
-                log.warning("model %s on CUDA: %s; a GPU wants an fp32 model (`sluice model build "
-                            "--fp32`, SLUICE_DEFAULT_MODEL=all-minilm-l6-v2-fp32)", card.ref,
-                            f"it is dynamic int8 ({', '.join(sorted(slow))}), and ONNX Runtime copies "
-                            "between the GPU and the CPU around the nodes CUDA lacks" if slow
-                            else "one row per call (max_rows_per_call 1)")
+                log.warning(
+                    "model %s on CUDA: %s; a GPU wants an fp32 model (`sluice model build "
+                    "--fp32`, SLUICE_DEFAULT_MODEL=all-minilm-l6-v2-fp32)",
+                    card.ref,
+                    f"it is dynamic int8 ({', '.join(sorted(slow))}), and ONNX Runtime copies "
+                    "between the GPU and the CPU around the nodes CUDA lacks"
+                    if slow
+                    else "one row per call (max_rows_per_call 1)",
+                )
         self._input_names = {i.name for i in self._session.get_inputs()}
         outputs = [o.name for o in self._session.get_outputs()]
         if card.output is not None and card.output not in outputs:
-            raise ConfigError(f"model {card.name}: the card's output {card.output!r} is not among "
-                              f"the file's outputs ({', '.join(outputs)})")
+            raise ConfigError(
+                f"model {card.name}: the card's output {card.output!r} is not among "
+                f"the file's outputs ({', '.join(outputs)})"
+            )
         self._output_name = card.output or outputs[0]
         self.embed_encoded([self.encode(["warm up the session"])[0]] * 2)
         log.info("model %s loaded: %s, providers %s", card.ref, onnx_path, self.providers)
@@ -273,8 +294,8 @@ class ModelRuntime:
             ids = np.zeros((len(idx), width), dtype=np.int64)
             mask = np.zeros((len(idx), width), dtype=np.int64)
             for row, i in enumerate(idx):
-                ids[row, :lengths[i]] = items[i].ids
-                mask[row, :lengths[i]] = 1
+                ids[row, : lengths[i]] = items[i].ids
+                mask[row, : lengths[i]] = 1
             feeds = {"input_ids": ids, "attention_mask": mask}
             if "token_type_ids" in self._input_names:
                 feeds["token_type_ids"] = np.zeros_like(ids)
@@ -314,8 +335,7 @@ class ModelRuntime:
                 self._labels[lab] = vec
         return np.stack([self._labels[lab] for lab in labels])
 
-    def classify(self, embedding: np.ndarray, labels: Sequence[str],
-                 label_vectors: np.ndarray) -> dict:
+    def classify(self, embedding: np.ndarray, labels: Sequence[str], label_vectors: np.ndarray) -> dict:
         """Zero-shot: cosine to each label's embedding, softmax over scaled
         cosines (the scale is the card's temperature), best label."""
         emb = embedding / max(float(np.linalg.norm(embedding)), 1e-12)
@@ -324,5 +344,4 @@ class ModelRuntime:
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         best = int(np.argmax(probs))
-        return {"label": labels[best],
-                "scores": {lab: round(float(p), 6) for lab, p in zip(labels, probs)}}
+        return {"label": labels[best], "scores": {lab: round(float(p), 6) for lab, p in zip(labels, probs)}}

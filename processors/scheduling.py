@@ -36,7 +36,7 @@ import os
 import platform
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from schemas.errors import SluiceError
 
@@ -45,11 +45,18 @@ _SYSCALLS = {"x86_64": (314, 315), "aarch64": (274, 275)}
 
 
 class _SchedAttr(ctypes.Structure):
-    _fields_ = [("size", ctypes.c_uint32), ("sched_policy", ctypes.c_uint32),
-                ("sched_flags", ctypes.c_uint64), ("sched_nice", ctypes.c_int32),
-                ("sched_priority", ctypes.c_uint32), ("sched_runtime", ctypes.c_uint64),
-                ("sched_deadline", ctypes.c_uint64), ("sched_period", ctypes.c_uint64),
-                ("sched_util_min", ctypes.c_uint32), ("sched_util_max", ctypes.c_uint32)]
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("sched_policy", ctypes.c_uint32),
+        ("sched_flags", ctypes.c_uint64),
+        ("sched_nice", ctypes.c_int32),
+        ("sched_priority", ctypes.c_uint32),
+        ("sched_runtime", ctypes.c_uint64),
+        ("sched_deadline", ctypes.c_uint64),
+        ("sched_period", ctypes.c_uint64),
+        ("sched_util_min", ctypes.c_uint32),
+        ("sched_util_max", ctypes.c_uint32),
+    ]
 
 
 class SchedulingError(SluiceError, OSError):
@@ -100,6 +107,7 @@ def slices_supported() -> bool:
             seen.append(get_slice_us())
         except SchedulingError:
             pass
+
     t = threading.Thread(target=probe)
     t.start()
     t.join()
@@ -139,8 +147,10 @@ def group_problem(nice: int) -> str | None:
     thread that makes them."""
     try:
         os.setsid()
+
         def lower(tid: int) -> None:  # never above the priority it inherited
             os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+
         # every thread: some library may have made one already (OpenBLAS at import)
         _each_thread(None, lower)
     except OSError as exc:

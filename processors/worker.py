@@ -49,6 +49,7 @@ from processors.publisher import Publisher
 from processors.runtime import ModelCard, discover_models, load_card
 from processors.scheduling import slice_problem
 from schemas.errors import ConfigError
+from schemas.service.tasks import supervise
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,12 @@ class Worker:
         self.config = config
         self.topics = config.topics
         self.metrics = metrics or WorkerMetrics()
-        self._batcher: Batcher[Item] = Batcher(BatchPolicy(config.batch_max_items, config.batch_max_tokens,
-                                                           config.batch_max_wait_ms))
-        self._state = PartitionState(self.metrics, max_pending_items=config.max_pending_items,
-                                     max_uncommitted_items=config.max_uncommitted_items)
+        self._batcher: Batcher[Item] = Batcher(
+            BatchPolicy(config.batch_max_items, config.batch_max_tokens, config.batch_max_wait_ms)
+        )
+        self._state = PartitionState(
+            self.metrics, max_pending_items=config.max_pending_items, max_uncommitted_items=config.max_uncommitted_items
+        )
         self._coalescer = Coalescer()
         self._pending: Handoff[PartitionBatch[Item]] = Handoff("pending")
         self._model_queue: Handoff[Group] = Handoff("model")
@@ -78,8 +81,13 @@ class Worker:
         self._intake: Intake | None = None
         self._cache_metrics = CacheMetrics(self.metrics.registry)
         self._l1 = L1Cache(config.l1_max_bytes, config.l1_ttl_s, self._cache_metrics)
-        self._l2 = L2Cache(config.redis_url, ttl_s=config.l2_ttl_s, timeout_ms=config.redis_timeout_ms,
-                           backoff_max_s=config.redis_backoff_max_s, metrics=self._cache_metrics)
+        self._l2 = L2Cache(
+            config.redis_url,
+            ttl_s=config.l2_ttl_s,
+            timeout_ms=config.redis_timeout_ms,
+            backoff_max_s=config.redis_backoff_max_s,
+            metrics=self._cache_metrics,
+        )
 
     # -- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
@@ -88,11 +96,16 @@ class Worker:
         folders = discover_models(cfg.models_dir)
         if cfg.default_model not in folders:
             hint = "; `sluice model build` makes it" if cfg.default_model == "all-minilm-l6-v2-sq8" else ""
-            raise ConfigError(f"SLUICE_DEFAULT_MODEL={cfg.default_model}: no such model "
-                              f"(known: {', '.join(sorted(folders))}){hint}")
-        options = dict(intra_op_threads=cfg.ort_intra_op_threads, provider=cfg.ort_provider,
-                       token_budget=cfg.inference_token_budget, max_items=cfg.inference_max_items,
-                       allow_spinning=cfg.ort_allow_spinning)
+            raise ConfigError(
+                f"SLUICE_DEFAULT_MODEL={cfg.default_model}: no such model (known: {', '.join(sorted(folders))}){hint}"
+            )
+        options = dict(
+            intra_op_threads=cfg.ort_intra_op_threads,
+            provider=cfg.ort_provider,
+            token_budget=cfg.inference_token_budget,
+            max_items=cfg.inference_max_items,
+            allow_spinning=cfg.ort_allow_spinning,
+        )
         # the cards here (keys, tasks, prices); the sessions in the model process
         for name, folder in folders.items():
             card = self._models[name] = load_card(folder)
@@ -108,50 +121,81 @@ class Worker:
             loading.cancel()
         self._loaded = True
         for name, used in providers.items():
-            log.info("model %s loaded in the model process (pid %s, nice %d): providers %s",
-                     self._models[name].ref, self._model_process.pid, cfg.model_nice, used)
+            log.info(
+                "model %s loaded in the model process (pid %s, nice %d): providers %s",
+                self._models[name].ref,
+                self._model_process.pid,
+                cfg.model_nice,
+                used,
+            )
         self._consumer = GroupConsumer(
-            cfg.bootstrap_servers, group_id=cfg.group_id, client_id=f"sluice-worker-{cfg.worker_id}",
-            topic=self.topics.requests, session_timeout_ms=cfg.session_timeout_ms,
+            cfg.bootstrap_servers,
+            group_id=cfg.group_id,
+            client_id=f"sluice-worker-{cfg.worker_id}",
+            topic=self.topics.requests,
+            session_timeout_ms=cfg.session_timeout_ms,
             max_poll_interval_ms=max(300_000, int(cfg.drain_timeout_s * 2000)),
-            fetch_max_wait_ms=cfg.fetch_max_wait_ms, fetch_min_bytes=cfg.fetch_min_bytes,
+            fetch_max_wait_ms=cfg.fetch_max_wait_ms,
+            fetch_min_bytes=cfg.fetch_min_bytes,
             max_buffered=cfg.fetch_max_records,
-            on_assigned=self._on_assigned, on_revoked=self._on_revoked)
+            on_assigned=self._on_assigned,
+            on_revoked=self._on_revoked,
+        )
         await self._consumer.start()
         # What exists now (models, tokenizers, clients, modules) lives as long
         # as the worker: frozen out of the collector's reach, a full
         # collection scans only what requests made (one took 90 ms before).
         gc.freeze()
-        log.info("worker %s started in %.2f s: models %s, group %s, topic %s",
-                 cfg.worker_id, time.perf_counter() - t0,
-                 ", ".join(m.ref for m in self._models.values()), cfg.group_id,
-                 self.topics.requests)
+        log.info(
+            "worker %s started in %.2f s: models %s, group %s, topic %s",
+            cfg.worker_id,
+            time.perf_counter() - t0,
+            ", ".join(m.ref for m in self._models.values()),
+            cfg.group_id,
+            self.topics.requests,
+        )
 
     async def _connect(self) -> None:
         """The metrics server, Redis and the producers."""
         cfg = self.config
-        self._health = HealthServer(self.metrics, cfg.metrics_host, cfg.metrics_port,
-                                    ready=self._readiness, heartbeat_age_s=self._heartbeat_age_s)
+        self._health = HealthServer(
+            self.metrics,
+            cfg.metrics_host,
+            cfg.metrics_port,
+            ready=self._readiness,
+            heartbeat_age_s=self._heartbeat_age_s,
+        )
         await self._health.start()
         await self._l2.start()
         # Telemetry and DLQ records have their own producer: it lingers
         # longer (volume matters, latency does not), and a telemetry burst
         # never shares a produce request with answers.
         compression = cfg.publish_compression
-        self._producer = Publisher(cfg.bootstrap_servers, client_id=f"sluice-worker-{cfg.worker_id}",
-                                   linger_ms=cfg.publish_linger_ms, compression=compression)
-        self._bulk = Publisher(cfg.bootstrap_servers, client_id=f"sluice-worker-{cfg.worker_id}-bulk",
-                               linger_ms=max(20, cfg.publish_linger_ms), compression=compression)
+        self._producer = Publisher(
+            cfg.bootstrap_servers,
+            client_id=f"sluice-worker-{cfg.worker_id}",
+            linger_ms=cfg.publish_linger_ms,
+            compression=compression,
+        )
+        self._bulk = Publisher(
+            cfg.bootstrap_servers,
+            client_id=f"sluice-worker-{cfg.worker_id}-bulk",
+            linger_ms=max(20, cfg.publish_linger_ms),
+            compression=compression,
+        )
         await self._producer.start()
         await self._bulk.start()
         # A first send to a topic waits for its metadata, and the fetch loop
         # (which answers L1 hits at intake) would wait with it: a new
         # worker's first answers stalled ~300 ms. Learn the topics now.
-        for producer, topic in ((self._producer, self.topics.results),
-                                (self._bulk, self.topics.telemetry), (self._bulk, self.topics.dlq)):
+        for producer, topic in (
+            (self._producer, self.topics.results),
+            (self._bulk, self.topics.telemetry),
+            (self._bulk, self.topics.dlq),
+        ):
             try:
                 await asyncio.wait_for(producer.partitions_for(topic), timeout=15)
-            except Exception as exc:  # noqa: BLE001 -- the first send will try again
+            except Exception as exc:
                 log.warning("no metadata for topic %s yet (%s)", topic, exc)
 
     def _heartbeat_age_s(self) -> float:
@@ -183,20 +227,47 @@ class Worker:
         """The stages, wired to the clients that start() made."""
         cfg, m, state = self.config, self.metrics, self._state
         assert self._producer is not None and self._bulk is not None and self._consumer is not None
-        sender = AnswerSender(topics=self.topics, worker_id=cfg.worker_id, results=self._producer,
-                              bulk=self._bulk, metrics=m, cache_metrics=self._cache_metrics,
-                              prices=self._prices, default_model=cfg.default_model,
-                              slice_gap_ms=cfg.publish_slice_gap_ms)
+        sender = AnswerSender(
+            topics=self.topics,
+            worker_id=cfg.worker_id,
+            results=self._producer,
+            bulk=self._bulk,
+            metrics=m,
+            cache_metrics=self._cache_metrics,
+            prices=self._prices,
+            default_model=cfg.default_model,
+            slice_gap_ms=cfg.publish_slice_gap_ms,
+        )
         intake = Intake(cfg, self._models, self._batcher, self._l1, state, self._pending, sender)
-        lookup = Lookup(group_max_items=cfg.group_max_items, l1=self._l1, l2=self._l2,
-                        coalescer=self._coalescer, sender=sender, state=state, metrics=m,
-                        cache_metrics=self._cache_metrics)
-        model = ModelStage(model=self._model_process, group_max_items=cfg.group_max_items,
-                           inference_max_items=cfg.inference_max_items, l1=self._l1,
-                           coalescer=self._coalescer, sender=sender, state=state, metrics=m,
-                           prices=self._prices)
-        checkpoint = Checkpoint(sender=sender, l2=self._l2, committer=self._consumer, state=state,
-                                metrics=m, publish_max_items=cfg.publish_max_items)
+        lookup = Lookup(
+            group_max_items=cfg.group_max_items,
+            l1=self._l1,
+            l2=self._l2,
+            coalescer=self._coalescer,
+            sender=sender,
+            state=state,
+            metrics=m,
+            cache_metrics=self._cache_metrics,
+        )
+        model = ModelStage(
+            model=self._model_process,
+            group_max_items=cfg.group_max_items,
+            inference_max_items=cfg.inference_max_items,
+            l1=self._l1,
+            coalescer=self._coalescer,
+            sender=sender,
+            state=state,
+            metrics=m,
+            prices=self._prices,
+        )
+        checkpoint = Checkpoint(
+            sender=sender,
+            l2=self._l2,
+            committer=self._consumer,
+            state=state,
+            metrics=m,
+            publish_max_items=cfg.publish_max_items,
+        )
         return intake, lookup, model, checkpoint
 
     async def run(self) -> None:
@@ -205,7 +276,8 @@ class Worker:
         intake, lookup, model, checkpoint = self._stages()
         self._intake = intake
         self.metrics.watch_gc(True)
-        lag = asyncio.create_task(self.metrics.watch_loop(), name="loop-lag")
+        # a metric only: if it fails, it is logged and the worker goes on
+        lag = supervise(self.metrics.watch_loop(), name="loop-lag")
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(intake.run(self._consumer, self._stopping, self._drop_all), name="fetch")
@@ -233,13 +305,15 @@ class Worker:
 
     # -- rebalance -----------------------------------------------------------
     def _drop(self, parts: set[int]) -> int:
-        return self._state.drop(parts, self._batcher, self._pending, self._model_queue,
-                                self._coalescer)
+        return self._state.drop(parts, self._batcher, self._pending, self._model_queue, self._coalescer)
 
     def _drop_all(self) -> int:
         """At stop: every partition's records that only wait in batches."""
-        parts = set(self._state.assigned) | {b.partition for b in self._pending} \
+        parts = (
+            set(self._state.assigned)
+            | {b.partition for b in self._pending}
             | {b.partition for g in self._model_queue for b in g.batches}
+        )
         return self._drop(parts)
 
     async def _on_revoked(self, parts: set[int]) -> None:

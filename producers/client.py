@@ -13,7 +13,8 @@ import itertools
 import logging
 import os
 import uuid
-from typing import Any, AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -21,6 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from schemas.errors import SluiceError
 from schemas.keys import partition_key
 from schemas.records import Result, now_ms
+from schemas.service.tasks import supervise
 from schemas.topics import KafkaConfig
 
 log = logging.getLogger(__name__)
@@ -35,14 +37,28 @@ class ResultTimeout(ClientError):
     retriable = True
 
 
-def make_request(text: str, *, id: str | None = None, task: str = "embed", model: str | None = None,
-                 tenant: str = "default", labels: Iterable[str] | None = None,
-                 reply_to: str | None = None, deadline_ms: int | None = None,
-                 cache: str = "use") -> dict[str, Any]:
+def make_request(
+    text: str,
+    *,
+    id: str | None = None,
+    task: str = "embed",
+    model: str | None = None,
+    tenant: str = "default",
+    labels: Iterable[str] | None = None,
+    reply_to: str | None = None,
+    deadline_ms: int | None = None,
+    cache: str = "use",
+) -> dict[str, Any]:
     """A request record with the contract's field names (no validation here:
     the worker validates, and answers a bad request with an error result)."""
-    doc: dict[str, Any] = {"v": 1, "id": id or uuid.uuid4().hex, "input": text, "task": task,
-                           "tenant": tenant, "cache": cache}
+    doc: dict[str, Any] = {
+        "v": 1,
+        "id": id or uuid.uuid4().hex,
+        "input": text,
+        "task": task,
+        "tenant": tenant,
+        "cache": cache,
+    }
     for name, value in (("model", model), ("reply_to", reply_to), ("deadline_ms", deadline_ms)):
         if value is not None:
             doc[name] = value
@@ -57,17 +73,28 @@ def request_key(doc: dict[str, Any]) -> bytes:
     text = doc.get("input")
     if not isinstance(text, str):
         return str(doc.get("id", "")).encode()
-    return partition_key(tenant=str(doc.get("tenant", "default")), model=doc.get("model"),
-                         task=str(doc.get("task", "embed")),
-                         labels=tuple(labels) if isinstance(labels, list) else None, text=text)
+    return partition_key(
+        tenant=str(doc.get("tenant", "default")),
+        model=doc.get("model"),
+        task=str(doc.get("task", "embed")),
+        labels=tuple(labels) if isinstance(labels, list) else None,
+        text=text,
+    )
 
 
 class SluiceClient:
     """Async client. `async with SluiceClient(KafkaConfig(...)) as c: await c.submit("text")`."""
 
-    def __init__(self, config: KafkaConfig | None = None, *, results_topic: str | None = None,
-                 timeout_s: float = 60.0, linger_ms: int = 2, fetch_max_wait_ms: int = 5,
-                 fetch_min_bytes: int = 65536) -> None:
+    def __init__(
+        self,
+        config: KafkaConfig | None = None,
+        *,
+        results_topic: str | None = None,
+        timeout_s: float = 60.0,
+        linger_ms: int = 2,
+        fetch_max_wait_ms: int = 5,
+        fetch_min_bytes: int = 65536,
+    ) -> None:
         self.config = config or KafkaConfig()
         self.topics = self.config.topics
         self.results_topic = results_topic or self.topics.results
@@ -84,11 +111,11 @@ class SluiceClient:
         self._consumer: AIOKafkaConsumer | None = None
         self._reader: asyncio.Task | None = None
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._streams: list[asyncio.Queue[dict[str, Any]]] = []
+        self._streams: list[asyncio.Queue[dict[str, Any] | ClientError]] = []
         self._ids = itertools.count()
         self._prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
 
-    async def __aenter__(self) -> "SluiceClient":
+    async def __aenter__(self) -> SluiceClient:
         await self.start()
         return self
 
@@ -97,15 +124,19 @@ class SluiceClient:
 
     async def start(self) -> None:
         cfg = self.config
-        self._producer = AIOKafkaProducer(bootstrap_servers=cfg.bootstrap_servers, acks="all",
-                                          enable_idempotence=True, linger_ms=self._linger_ms)
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=cfg.bootstrap_servers, acks="all", enable_idempotence=True, linger_ms=self._linger_ms
+        )
         await self._producer.start()
         await self._producer.partitions_for(self.topics.requests)  # metadata now, not at the first send
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap_servers,
-                                          enable_auto_commit=False, group_id=None,
-                                          isolation_level="read_committed",
-                                          fetch_max_wait_ms=self._fetch_max_wait_ms,
-                                          fetch_min_bytes=self._fetch_min_bytes)
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=cfg.bootstrap_servers,
+            enable_auto_commit=False,
+            group_id=None,
+            isolation_level="read_committed",
+            fetch_max_wait_ms=self._fetch_max_wait_ms,
+            fetch_min_bytes=self._fetch_min_bytes,
+        )
         await self._consumer.start()
         parts = await self._wait_partitions(self.results_topic)
         tps = [TopicPartition(self.results_topic, p) for p in parts]
@@ -113,7 +144,7 @@ class SluiceClient:
         await self._consumer.seek_to_end(*tps)
         for tp in tps:  # materialise the positions now, before any request is sent
             await self._consumer.position(tp)
-        self._reader = asyncio.create_task(self._read_results(), name="sluice-client-results")
+        self._reader = supervise(self._read_results(), name="sluice-client-results", on_failure=self._reader_failed)
 
     async def _wait_partitions(self, topic: str, timeout_s: float = 30.0) -> set[int]:
         assert self._consumer is not None
@@ -123,8 +154,10 @@ class SluiceClient:
             if parts:
                 return parts
             if asyncio.get_running_loop().time() > deadline:
-                raise ClientError(f"results topic {topic!r} not found on {self.config.bootstrap_servers}"
-                                  " (is the stack up? `sluice up`)")
+                raise ClientError(
+                    f"results topic {topic!r} not found on {self.config.bootstrap_servers}"
+                    " (is the stack up? `sluice up`)"
+                )
             await self._consumer._client.force_metadata_update()  # aiokafka has no public refresh
             await asyncio.sleep(0.2)
 
@@ -142,6 +175,16 @@ class SluiceClient:
         for part in (self._producer, self._consumer):
             if part is not None:
                 await part.stop()
+
+    def _reader_failed(self, exc: BaseException) -> None:
+        """No result can arrive any more: every waiting call fails now
+        instead of at its timeout."""
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(ClientError(f"the results reader stopped: {exc!r}"))
+        self._waiting.clear()
+        for q in self._streams:
+            q.put_nowait(ClientError(f"the results reader stopped: {exc!r}"))
 
     async def _read_results(self) -> None:
         assert self._consumer is not None
@@ -197,16 +240,16 @@ class SluiceClient:
         fut = await self.send(make_request(text, **fields))
         return Result.model_validate(await self._await(fut, timeout_s))
 
-    async def submit_many(self, texts: Iterable[str], *, timeout_s: float | None = None,
-                          **fields: Any) -> list[Result]:
+    async def submit_many(self, texts: Iterable[str], *, timeout_s: float | None = None, **fields: Any) -> list[Result]:
         """Send many requests at once; results in the order of `texts`."""
         futs = [await self.send(make_request(t, **fields)) for t in texts]
         await self.flush()
         docs = await asyncio.gather(*(self._await(f, timeout_s) for f in futs))
         return [Result.model_validate(d) for d in docs]
 
-    async def stream(self, requests: Iterable[dict[str, Any] | str], *,
-                     timeout_s: float | None = None) -> AsyncIterator[Result]:
+    async def stream(
+        self, requests: Iterable[dict[str, Any] | str], *, timeout_s: float | None = None
+    ) -> AsyncIterator[Result]:
         """Send requests and yield each result as it arrives (arrival order)."""
         pending: set[asyncio.Future[dict[str, Any]]] = set()
         for r in requests:
@@ -214,8 +257,7 @@ class SluiceClient:
         await self.flush()
         limit = timeout_s or self.timeout_s
         while pending:
-            done, pending = await asyncio.wait(pending, timeout=limit,
-                                               return_when=asyncio.FIRST_COMPLETED)
+            done, pending = await asyncio.wait(pending, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
             if not done:
                 raise ResultTimeout(f"{len(pending)} results did not arrive within {limit} s")
             for fut in done:
@@ -223,11 +265,14 @@ class SluiceClient:
 
     async def results(self) -> AsyncIterator[dict[str, Any]]:
         """Every result on the results topic from now on (for `subscribe`)."""
-        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        q: asyncio.Queue[dict[str, Any] | ClientError] = asyncio.Queue()
         self._streams.append(q)
         try:
             while True:
-                yield await q.get()
+                got = await q.get()
+                if isinstance(got, ClientError):
+                    raise got
+                yield got
         finally:
             self._streams.remove(q)
 

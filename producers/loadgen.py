@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -40,6 +41,7 @@ def kafka_transport(config: KafkaConfig, kind: str = "librdkafka") -> Any:
     and on one machine the generator's CPU is taken from what it measures."""
     if kind == "librdkafka":
         from producers.rdkafka_client import RdKafkaClient
+
         return RdKafkaClient(config)
     if kind == "aiokafka":
         return SluiceClient(config)
@@ -86,8 +88,11 @@ class LoadReport:
         if self.cache:
             total = sum(self.cache.values()) or 1
             hits = sum(v for k, v in self.cache.items() if k in ("l1", "l2", "coalesced"))
-            lines.append(f"cache: hit rate {hits / total:.1%} ("
-                         + ", ".join(f"{k} {v}" for k, v in sorted(self.cache.items())) + ")")
+            lines.append(
+                f"cache: hit rate {hits / total:.1%} ("
+                + ", ".join(f"{k} {v}" for k, v in sorted(self.cache.items()))
+                + ")"
+            )
             for level, q in sorted(self.latency_by_cache_ms.items()):
                 lines.append(f"  {level:>9}: p50 {q['p50']:.1f}  p95 {q['p95']:.1f}  p99 {q['p99']:.1f} ms")
         lines.append(f"cost ${self.cost_usd:.6f} (${self.cost_usd / max(1, self.answered) * 1e6:.3f} per million)")
@@ -99,32 +104,39 @@ def percentiles(values: list[float] | np.ndarray) -> dict[str, float]:
         return {}
     a = np.asarray(values, dtype=np.float64)
     p50, p95, p99 = np.percentile(a, [50, 95, 99])
-    return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "max": float(a.max()),
-            "mean": float(a.mean())}
+    return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "max": float(a.max()), "mean": float(a.mean())}
 
 
-async def run_load(config: KafkaConfig | None, *, rate: float, duration_s: float,
-                   workload: Workload = Workload(), task: str = "embed",
-                   labels: list[str] | None = None, tenant: str = "loadtest", cache: str = "use",
-                   drain_timeout_s: float = 30.0,
-                   progress: Callable[[str], None] | None = print,
-                   client: Transport | None = None, keep_samples: bool = False,
-                   on_answer: Callable[[dict[str, Any], float], None] | None = None,
-                   transport: str = "librdkafka") -> LoadReport:
+async def run_load(
+    config: KafkaConfig | None,
+    *,
+    rate: float,
+    duration_s: float,
+    workload: Workload | None = None,
+    task: str = "embed",
+    labels: list[str] | None = None,
+    tenant: str = "loadtest",
+    cache: str = "use",
+    drain_timeout_s: float = 30.0,
+    progress: Callable[[str], None] | None = print,
+    client: Transport | None = None,
+    keep_samples: bool = False,
+    on_answer: Callable[[dict[str, Any], float], None] | None = None,
+    transport: str = "librdkafka",
+) -> LoadReport:
     """One open-loop run, through `client` or else a Kafka client of the
     `transport` kind made here. `on_answer(result, latency_ms)` sees every
     result as it arrives (for figures the report does not keep)."""
     if rate <= 0 or duration_s <= 0:
         raise ValueError(f"rate={rate}, duration_s={duration_s}: both must be > 0")
     n = max(1, int(rate * duration_s))
-    texts = workload.texts(n)
-    own = client is None
-    if own:
+    texts = (workload or Workload()).texts(n)
+    own: Any = None  # a Kafka client made here, started and stopped here
+    if client is None:
         if config is None:
             raise ValueError("run_load needs a KafkaConfig or a client")
-        client = kafka_transport(config, transport)
-        await client.start()  # type: ignore[union-attr]
-    assert client is not None
+        client = own = kafka_transport(config, transport)
+        await own.start()
     report = LoadReport(rate=rate, duration_s=duration_s)
     scheduled: dict[str, int] = {}
     latencies: list[float] = []
@@ -182,17 +194,19 @@ async def run_load(config: KafkaConfig | None, *, rate: float, duration_s: float
             if progress and time.monotonic() >= next_progress:
                 next_progress += 2.0
                 q = percentiles(latencies[-2000:])
-                progress(f"  t={time.monotonic() - t0:5.1f}s sent {report.sent} answered "
-                         f"{len(latencies)} p99(recent) {q.get('p99', 0):.0f} ms")
+                progress(
+                    f"  t={time.monotonic() - t0:5.1f}s sent {report.sent} answered "
+                    f"{len(latencies)} p99(recent) {q.get('p99', 0):.0f} ms"
+                )
         await client.flush()
         deadline = time.monotonic() + drain_timeout_s
-        while pending and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        if pending:
+            await asyncio.wait(set(pending), timeout=max(0.0, deadline - time.monotonic()))
     finally:
         for f in list(pending):
             f.cancel()
-        if own:
-            await client.stop()  # type: ignore[union-attr]
+        if own is not None:
+            await own.stop()
     report.answered = len(latencies)
     report.unanswered = report.sent - report.answered
     report.statuses = dict(statuses)
@@ -225,42 +239,60 @@ class RateSearch:
     def table(self) -> str:
         rows = ["| offered/s | answered/s | p50 ms | p99 ms | unanswered | p99 < SLO |", "|---|---|---|---|---|---|"]
         for s in self.steps:
-            rows.append(f"| {s['rate']:.0f} | {s['throughput_rps']:.0f} | {s['p50_ms']:.0f} | "
-                        f"{s['p99_ms']:.0f} | {s['unanswered']} | {'pass' if s['pass'] else 'FAIL'} |")
+            rows.append(
+                f"| {s['rate']:.0f} | {s['throughput_rps']:.0f} | {s['p50_ms']:.0f} | "
+                f"{s['p99_ms']:.0f} | {s['unanswered']} | {'pass' if s['pass'] else 'FAIL'} |"
+            )
         return "\n".join(rows)
 
 
 def step_passes(report: LoadReport, slo_ms: float) -> bool:
     """Every request answered, none failed, and p99 (from scheduled send) under the SLO."""
-    return (report.unanswered == 0 and report.errors == 0
-            and report.latency_ms.get("p99", float("inf")) < slo_ms)
+    return report.unanswered == 0 and report.errors == 0 and report.latency_ms.get("p99", float("inf")) < slo_ms
 
 
-async def find_max_rate(run_step: Callable[[float, int], Awaitable[LoadReport]], *, slo_ms: float = 500.0,
-                        start_rate: float = 50.0, factor: float = 1.5, max_rate: float = 10_000.0,
-                        refine: int = 1,
-                        progress: Callable[[str], None] | None = print) -> RateSearch:
+async def find_max_rate(
+    run_step: Callable[[float, int], Awaitable[LoadReport]],
+    *,
+    slo_ms: float = 500.0,
+    start_rate: float = 50.0,
+    factor: float = 1.5,
+    max_rate: float = 10_000.0,
+    refine: int = 1,
+    progress: Callable[[str], None] | None = print,
+) -> RateSearch:
     """Raise the offered rate by `factor` from `start_rate` until a step fails
     or `max_rate` (tried last) passes, then bisect `refine` times between the last pass and the
     first failure. `run_step(rate, step_number)` runs one open-loop step; the
     step number lets it send texts no earlier step sent."""
     if start_rate <= 0 or factor <= 1 or slo_ms <= 0:
-        raise ValueError(f"start_rate={start_rate}, factor={factor}, slo_ms={slo_ms}: "
-                         "need start_rate > 0, factor > 1, slo_ms > 0")
+        raise ValueError(
+            f"start_rate={start_rate}, factor={factor}, slo_ms={slo_ms}: need start_rate > 0, factor > 1, slo_ms > 0"
+        )
     search = RateSearch(slo_ms=slo_ms)
 
     async def step(rate: float) -> bool:
         report = await run_step(rate, len(search.steps))
         ok = step_passes(report, slo_ms)
-        search.steps.append({"rate": rate, "pass": ok, "throughput_rps": report.throughput_rps,
-                             "p50_ms": report.latency_ms.get("p50", float("nan")),
-                             "p99_ms": report.latency_ms.get("p99", float("nan")),
-                             "sent": report.sent, "unanswered": report.unanswered,
-                             "errors": report.errors, "cache": report.cache})
+        search.steps.append(
+            {
+                "rate": rate,
+                "pass": ok,
+                "throughput_rps": report.throughput_rps,
+                "p50_ms": report.latency_ms.get("p50", float("nan")),
+                "p99_ms": report.latency_ms.get("p99", float("nan")),
+                "sent": report.sent,
+                "unanswered": report.unanswered,
+                "errors": report.errors,
+                "cache": report.cache,
+            }
+        )
         if progress:
-            progress(f"  step {rate:7.0f}/s: answered {report.throughput_rps:6.0f}/s, p99 "
-                     f"{report.latency_ms.get('p99', float('nan')):7.0f} ms, unanswered {report.unanswered}"
-                     f" -> {'pass' if ok else 'FAIL'} (SLO p99 < {slo_ms:g} ms)")
+            progress(
+                f"  step {rate:7.0f}/s: answered {report.throughput_rps:6.0f}/s, p99 "
+                f"{report.latency_ms.get('p99', float('nan')):7.0f} ms, unanswered {report.unanswered}"
+                f" -> {'pass' if ok else 'FAIL'} (SLO p99 < {slo_ms:g} ms)"
+            )
         return ok
 
     rate, failed = min(start_rate, max_rate), None
@@ -273,6 +305,7 @@ async def find_max_rate(run_step: Callable[[float, int], Awaitable[LoadReport]],
         rate = min(rate * factor, max_rate)
     low = search.max_rate
     for _ in range(refine if failed is not None and low > 0 else 0):
+        assert failed is not None
         mid = (low + failed) / 2
         if await step(mid):
             low = mid

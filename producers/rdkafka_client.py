@@ -26,7 +26,6 @@ from producers.client import ClientError, request_key
 from schemas.records import now_ms
 from schemas.topics import KafkaConfig
 
-
 _HAND_OVER = 32  # answers parsed and handed to the event loop at a time
 
 
@@ -34,17 +33,24 @@ def _confluent():
     try:
         import confluent_kafka
     except ImportError as exc:  # an optional extra: say which
-        raise ClientError("the librdkafka transport needs confluent-kafka: "
-                          "pip install 'sluice[bench]' (or confluent-kafka)") from exc
+        raise ClientError(
+            "the librdkafka transport needs confluent-kafka: pip install 'sluice[bench]' (or confluent-kafka)"
+        ) from exc
     return confluent_kafka
 
 
 class RdKafkaClient:
     """`async with RdKafkaClient(KafkaConfig(...)) as c: fut = await c.send(doc)`."""
 
-    def __init__(self, config: KafkaConfig | None = None, *, linger_ms: float = 0.0,
-                 poll_timeout_s: float = 0.05, fetch_max_wait_ms: int = 5,
-                 fetch_min_bytes: int = 65536) -> None:
+    def __init__(
+        self,
+        config: KafkaConfig | None = None,
+        *,
+        linger_ms: float = 0.0,
+        poll_timeout_s: float = 0.05,
+        fetch_max_wait_ms: int = 5,
+        fetch_min_bytes: int = 65536,
+    ) -> None:
         self.config = config or KafkaConfig()
         self.topics = self.config.topics
         self._linger_ms = linger_ms
@@ -62,7 +68,7 @@ class RdKafkaClient:
         self._ready = threading.Event()
         self._error: BaseException | None = None
 
-    async def __aenter__(self) -> "RdKafkaClient":
+    async def __aenter__(self) -> RdKafkaClient:
         await self.start()
         return self
 
@@ -73,29 +79,43 @@ class RdKafkaClient:
         ck = _confluent()
         self._loop = asyncio.get_running_loop()
         servers = self.config.bootstrap_servers
-        self._producer = ck.Producer({
-            "bootstrap.servers": servers, "acks": "all", "enable.idempotence": True,
-            "linger.ms": self._linger_ms, "partitioner": "murmur2_random",
-            "delivery.report.only.error": True, "socket.nagle.disable": True,
-            "error_cb": self._on_error,
-        })
-        self._consumer = ck.Consumer({
-            "bootstrap.servers": servers, "group.id": f"sluice-loadgen-{now_ms()}",
-            "enable.auto.commit": False, "isolation.level": "read_committed",
-            "enable.partition.eof": False, "socket.nagle.disable": True, **self._fetch,
-        })
+        self._producer = ck.Producer(
+            {
+                "bootstrap.servers": servers,
+                "acks": "all",
+                "enable.idempotence": True,
+                "linger.ms": self._linger_ms,
+                "partitioner": "murmur2_random",
+                "delivery.report.only.error": True,
+                "socket.nagle.disable": True,
+                "error_cb": self._on_error,
+            }
+        )
+        self._consumer = ck.Consumer(
+            {
+                "bootstrap.servers": servers,
+                "group.id": f"sluice-loadgen-{now_ms()}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "enable.partition.eof": False,
+                "socket.nagle.disable": True,
+                **self._fetch,
+            }
+        )
         # metadata for the requests topic now, not at the first send
         await asyncio.get_running_loop().run_in_executor(
-            None, lambda: self._producer.list_topics(self.topics.requests, timeout=10))
-        self._reader = threading.Thread(target=self._read_results, name="sluice-rdkafka-results",
-                                        daemon=True)
+            None, lambda: self._producer.list_topics(self.topics.requests, timeout=10)
+        )
+        self._reader = threading.Thread(target=self._read_results, name="sluice-rdkafka-results", daemon=True)
         self._reader.start()
         ready = await asyncio.get_running_loop().run_in_executor(None, self._ready.wait, 30.0)
         if self._error is not None:
             raise ClientError(f"results topic {self.topics.results!r}: {self._error}")
         if not ready:
-            raise ClientError(f"results topic {self.topics.results!r} not readable on {servers} "
-                              "within 30 s (is the stack up? `sluice up`)")
+            raise ClientError(
+                f"results topic {self.topics.results!r} not readable on {servers} "
+                "within 30 s (is the stack up? `sluice up`)"
+            )
 
     def _on_error(self, err: Any) -> None:
         if err.fatal():
@@ -113,8 +133,7 @@ class RdKafkaClient:
             # the end offsets, resolved now: before any request goes out
             tps = []
             for p in parts:
-                _, high = self._consumer.get_watermark_offsets(
-                    ck.TopicPartition(self.topics.results, p), timeout=10)
+                _, high = self._consumer.get_watermark_offsets(ck.TopicPartition(self.topics.results, p), timeout=10)
                 tps.append(ck.TopicPartition(self.topics.results, p, high))
             self._consumer.assign(tps)
         except Exception as exc:  # reported by start()
@@ -138,7 +157,7 @@ class RdKafkaClient:
             # loop's sends and the answers take turns.
             for i in range(0, len(msgs), _HAND_OVER):
                 docs = []
-                for m in msgs[i:i + _HAND_OVER]:
+                for m in msgs[i : i + _HAND_OVER]:
                     if m.error() is not None:
                         continue
                     try:

@@ -38,8 +38,7 @@ class RequestError(SluiceError):
 
     code = "invalid_request"
 
-    def __init__(self, message: str, *, code: str, request_id: str | None = None,
-                 reply_to: str | None = None) -> None:
+    def __init__(self, message: str, *, code: str, request_id: str | None = None, reply_to: str | None = None) -> None:
         super().__init__(message, code=code)
         self.request_id = request_id
         self.reply_to = reply_to

@@ -24,8 +24,7 @@ def normalise(text: str, *, uncased: bool) -> str:
     return folded.lower() if uncased else folded
 
 
-def cache_key(*, scope: str, model: str, task: str, labels: tuple[str, ...] | None,
-              text: str) -> str:
+def cache_key(*, scope: str, model: str, task: str, labels: tuple[str, ...] | None, text: str) -> str:
     """Hash of (tenant scope, model@version, task, canonical params, normalised input).
 
     `scope` is the tenant, or "*" when the operator shares a model's cache
@@ -40,8 +39,7 @@ def cache_key(*, scope: str, model: str, task: str, labels: tuple[str, ...] | No
     return h.hexdigest()
 
 
-def partition_key(*, tenant: str, model: str | None, task: str,
-                  labels: tuple[str, ...] | None, text: str) -> bytes:
+def partition_key(*, tenant: str, model: str | None, task: str, labels: tuple[str, ...] | None, text: str) -> bytes:
     """What producers key request records by.
 
     Producers do not know the model version or whether it is cased, so they
@@ -49,5 +47,6 @@ def partition_key(*, tenant: str, model: str | None, task: str,
     on the same partition, which costs nothing and keeps every cache key of a
     text on one worker.
     """
-    return cache_key(scope=tenant, model=model or "", task=task, labels=labels,
-                     text=normalise(text, uncased=True)).encode()
+    return cache_key(
+        scope=tenant, model=model or "", task=task, labels=labels, text=normalise(text, uncased=True)
+    ).encode()

@@ -161,8 +161,9 @@ def parse_request(raw: bytes | None, limits: Limits) -> Request:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         rid, reply_to = _salvage(raw)
-        raise RequestError(f"record is not valid UTF-8 (byte {exc.start})", code="invalid_utf8",
-                           request_id=rid, reply_to=reply_to) from None
+        raise RequestError(
+            f"record is not valid UTF-8 (byte {exc.start})", code="invalid_utf8", request_id=rid, reply_to=reply_to
+        ) from None
     try:
         doc = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
@@ -174,15 +175,17 @@ def parse_request(raw: bytes | None, limits: Limits) -> Request:
     if not isinstance(rid, str) or not rid.strip():
         raise RequestError("field 'id': must be a non-empty string", code="invalid_id")
     if len(rid) > limits.max_id_chars:
-        raise RequestError(f"field 'id': longer than {limits.max_id_chars} characters "
-                           "(SLUICE_MAX_ID_CHARS)", code="invalid_id")
+        raise RequestError(
+            f"field 'id': longer than {limits.max_id_chars} characters (SLUICE_MAX_ID_CHARS)", code="invalid_id"
+        )
     reply_to = doc.get("reply_to")
     if reply_to is not None:
         try:
             check_topic_name(reply_to if isinstance(reply_to, str) else "")
         except ValueError:
-            raise RequestError("field 'reply_to': must be a valid topic name", code="invalid_field",
-                               request_id=rid) from None
+            raise RequestError(
+                "field 'reply_to': must be a valid topic name", code="invalid_field", request_id=rid
+            ) from None
 
     def fail(message: str, code: str = "invalid_field") -> RequestError:
         return RequestError(message, code=code, request_id=rid, reply_to=reply_to)
@@ -193,12 +196,16 @@ def parse_request(raw: bytes | None, limits: Limits) -> Request:
     if not inp.strip():
         raise fail("field 'input': is empty", "empty_input")
     if len(inp) > limits.max_input_chars:
-        raise fail(f"field 'input': {len(inp)} characters, more than the limit "
-                   f"{limits.max_input_chars} (SLUICE_MAX_INPUT_CHARS)", "input_too_large")
+        raise fail(
+            f"field 'input': {len(inp)} characters, more than the limit "
+            f"{limits.max_input_chars} (SLUICE_MAX_INPUT_CHARS)",
+            "input_too_large",
+        )
     v = doc.get("v", SCHEMA_VERSION)
     if v != SCHEMA_VERSION:
-        raise fail(f"field 'v': version {v!r} is not supported (this worker speaks {SCHEMA_VERSION})",
-                   "unsupported_version")
+        raise fail(
+            f"field 'v': version {v!r} is not supported (this worker speaks {SCHEMA_VERSION})", "unsupported_version"
+        )
     task = doc.get("task", "embed")
     if task not in ("embed", "classify"):
         raise fail(f"field 'task': unknown task {task!r} (embed, classify)", "unknown_task")
@@ -207,14 +214,18 @@ def parse_request(raw: bytes | None, limits: Limits) -> Request:
         if not isinstance(labels, list) or not labels:
             raise fail("field 'labels': classify needs a non-empty list of labels", "missing_labels")
         if len(labels) > limits.max_labels:
-            raise fail(f"field 'labels': {len(labels)} labels, more than the limit "
-                       f"{limits.max_labels} (SLUICE_MAX_LABELS)", "too_many_labels")
+            raise fail(
+                f"field 'labels': {len(labels)} labels, more than the limit {limits.max_labels} (SLUICE_MAX_LABELS)",
+                "too_many_labels",
+            )
         for lab in labels:
             if not isinstance(lab, str) or not lab.strip():
                 raise fail("field 'labels': every label must be a non-empty string")
             if len(lab) > limits.max_label_chars:
-                raise fail(f"field 'labels': a label is longer than {limits.max_label_chars} "
-                           "characters (SLUICE_MAX_LABEL_CHARS)")
+                raise fail(
+                    f"field 'labels': a label is longer than {limits.max_label_chars} "
+                    "characters (SLUICE_MAX_LABEL_CHARS)"
+                )
         if len(set(labels)) != len(labels):
             raise fail("field 'labels': labels must be distinct")
     try:
@@ -228,11 +239,28 @@ def encode(doc: dict[str, Any]) -> bytes:
     return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def result_doc(*, id: str | None, status: str, task: str | None, model: str | None, cache: str,
-               sent_ms: int, started_ms: int, cache_ms: float, inference_start_ms: int,
-               inference_end_ms: int, done_ms: int, tokens: int, batch_size: int, cost_usd: float,
-               worker: str, truncated: bool = False, output: bytes | None = None,
-               error_code: str | None = None, error_message: str | None = None) -> dict[str, Any]:
+def result_doc(
+    *,
+    id: str | None,
+    status: str,
+    task: str | None,
+    model: str | None,
+    cache: str,
+    sent_ms: int,
+    started_ms: int,
+    cache_ms: float,
+    inference_start_ms: int,
+    inference_end_ms: int,
+    done_ms: int,
+    tokens: int,
+    batch_size: int,
+    cost_usd: float,
+    worker: str,
+    truncated: bool = False,
+    output: bytes | None = None,
+    error_code: str | None = None,
+    error_message: str | None = None,
+) -> dict[str, Any]:
     """A result as the worker publishes it. `model` is the model's ref
     (name@version); `output` the serialised output (what the cache stores),
     sent when the status is ok; otherwise the error, when there is one.
@@ -264,11 +292,31 @@ def result_doc(*, id: str | None, status: str, task: str | None, model: str | No
     return doc
 
 
-def telemetry_doc(*, id: str, tenant: str, model: str, model_version: str, task: str, status: str,
-                  error_code: str, cache: str, tokens: int, batch_size: int, worker: str,
-                  partition: int, offset: int, sent_at_ms: int, received_at_ms: int, started_ms: int,
-                  inference_start_ms: int, inference_end_ms: int, published_at_ms: int,
-                  cache_ms: float, compute_ms: float, cost_usd: float) -> dict[str, Any]:
+def telemetry_doc(
+    *,
+    id: str,
+    tenant: str,
+    model: str,
+    model_version: str,
+    task: str,
+    status: str,
+    error_code: str,
+    cache: str,
+    tokens: int,
+    batch_size: int,
+    worker: str,
+    partition: int,
+    offset: int,
+    sent_at_ms: int,
+    received_at_ms: int,
+    started_ms: int,
+    inference_start_ms: int,
+    inference_end_ms: int,
+    published_at_ms: int,
+    cache_ms: float,
+    compute_ms: float,
+    cost_usd: float,
+) -> dict[str, Any]:
     """One telemetry record (the sink's row), for a request of any status.
     `started_ms` is when the worker took the request up (queue time ends);
     durations are derived from the timestamps, never negative."""
@@ -301,8 +349,17 @@ def telemetry_doc(*, id: str, tenant: str, model: str, model_version: str, task:
     }
 
 
-def dlq_record(raw: bytes | None, key: bytes | None, reason: str, code: str, *, topic: str,
-               partition: int, offset: int, worker: str) -> dict[str, Any]:
+def dlq_record(
+    raw: bytes | None,
+    key: bytes | None,
+    reason: str,
+    code: str,
+    *,
+    topic: str,
+    partition: int,
+    offset: int,
+    worker: str,
+) -> dict[str, Any]:
     return {
         "v": SCHEMA_VERSION,
         "code": code,

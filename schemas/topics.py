@@ -20,9 +20,12 @@ class KafkaConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     bootstrap_servers: str = Field(
-        "127.0.0.1:9092", description="Kafka bootstrap servers, as comma-separated host:port pairs.")
+        "127.0.0.1:9092", description="Kafka bootstrap servers, as comma-separated host:port pairs."
+    )
     topic_prefix: str = Field(
-        "sluice", description="Prefix of every topic name (PREFIX.requests, PREFIX.results, PREFIX.telemetry, PREFIX.dlq).")
+        "sluice",
+        description="Prefix of every topic name (PREFIX.requests, PREFIX.results, PREFIX.telemetry, PREFIX.dlq).",
+    )
 
     @field_validator("topic_prefix")
     @classmethod
@@ -30,7 +33,7 @@ class KafkaConfig(BaseModel):
         return check_topic_name(v)
 
     @property
-    def topics(self) -> "Topics":
+    def topics(self) -> Topics:
         return Topics(self.topic_prefix)
 
 
@@ -47,8 +50,6 @@ class Topics:
         self.telemetry = f"{prefix}.telemetry"
         self.dlq = f"{prefix}.dlq"
 
-    def partitions(self, requests: int = 12, results: int = 12, telemetry: int = 3,
-                   dlq: int = 1) -> dict[str, int]:
+    def partitions(self, requests: int = 12, results: int = 12, telemetry: int = 3, dlq: int = 1) -> dict[str, int]:
         """Topic -> partition count, as `sluice up` creates them."""
-        return {self.requests: requests, self.results: results,
-                self.telemetry: telemetry, self.dlq: dlq}
+        return {self.requests: requests, self.results: results, self.telemetry: telemetry, self.dlq: dlq}

@@ -23,8 +23,10 @@ class SinkSettings(BaseSettings, SinkConfig):
 
 
 def main() -> int:
-    logging.basicConfig(level=os.environ.get("SLUICE_LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("SLUICE_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         config = SinkSettings()
     except ValidationError as exc:
@@ -33,6 +35,7 @@ def main() -> int:
             print(f"error: {name}: {err['msg']}", file=sys.stderr)
         return 2
     from sinks.sink import serve
+
     try:
         asyncio.run(serve(config))
     except SluiceError as exc:

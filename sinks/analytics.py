@@ -11,9 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import orjson
 
@@ -61,8 +62,9 @@ def parse_since(text: str) -> int:
     return int(float(m.group(1)) * _UNIT_S[m.group(2)])
 
 
-def run(name: str, runner: Runner, *, db: str = "sluice", since_s: int = 3600,
-        slo_ms: float = 500.0) -> tuple[list[str], list[Sequence[Any]]]:
+def run(
+    name: str, runner: Runner, *, db: str = "sluice", since_s: int = 3600, slo_ms: float = 500.0
+) -> tuple[list[str], list[Sequence[Any]]]:
     queries = load_queries()
     if name not in queries:
         raise AnalyticsError(f"unknown query {name!r} (known: {', '.join(queries)})")

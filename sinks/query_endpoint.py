@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -25,16 +26,16 @@ from sinks.store import Store
 class QueryEndpoint:
     """`handle` answers POST /query; `close` drops queries still running."""
 
-    def __init__(self, config: SinkConfig, store: Store, outcomes: Counter,
-                 store_ready: Callable[[], bool]) -> None:
+    def __init__(self, config: SinkConfig, store: Store, outcomes: Counter, store_ready: Callable[[], bool]) -> None:
         self._store = store
         self._outcomes = outcomes  # sluice_sink_queries_total, by outcome
         self._store_ready = store_ready
         self._concurrency = config.sink_query_concurrency
         # User queries run on threads (and store connections) of their own, so
         # a scan never holds up an insert; past this many at once: 429.
-        self._queries = ThreadPoolExecutor(max_workers=config.sink_query_concurrency,
-                                           thread_name_prefix="sluice-sink-query")
+        self._queries = ThreadPoolExecutor(
+            max_workers=config.sink_query_concurrency, thread_name_prefix="sluice-sink-query"
+        )
         self._queries_running = 0
         self._token = config.sink_query_token.get_secret_value().encode()
 
@@ -44,13 +45,18 @@ class QueryEndpoint:
     async def handle(self, request: web.Request) -> web.Response:
         """User SQL, answered read-only within the query budget (sinks.query_guard)."""
         if self._token and not _bearer_matches(request, self._token):
-            return _json({"error": "POST /query needs 'Authorization: Bearer <SLUICE_SINK_QUERY_TOKEN>'"},
-                         401, {"WWW-Authenticate": 'Bearer realm="sluice-sink"'})
+            return _json(
+                {"error": "POST /query needs 'Authorization: Bearer <SLUICE_SINK_QUERY_TOKEN>'"},
+                401,
+                {"WWW-Authenticate": 'Bearer realm="sluice-sink"'},
+            )
         if self._queries_running >= self._concurrency:
             self._outcomes.labels("busy").inc()
-            return _json({"error": f"{self._queries_running} queries running "
-                                   "(SLUICE_SINK_QUERY_CONCURRENCY); retry shortly"},
-                         429, {"Retry-After": "1"})
+            return _json(
+                {"error": f"{self._queries_running} queries running (SLUICE_SINK_QUERY_CONCURRENCY); retry shortly"},
+                429,
+                {"Retry-After": "1"},
+            )
         self._queries_running += 1
         try:
             doc = await request.json(loads=orjson.loads)
@@ -79,5 +85,4 @@ def _bearer_matches(request: web.Request, token: bytes) -> bool:
 
 
 def _json(doc: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json",
-                        headers=headers)
+    return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json", headers=headers)

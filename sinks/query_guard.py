@@ -27,26 +27,47 @@ ClickHouse's own machinery:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from sinks.errors import QueryError
 
 # Table functions that invent rows or read tables of this server, nothing else.
-ALLOWED_TABLE_FUNCTIONS = frozenset({
-    "numbers", "numbers_mt", "zeros", "zeros_mt", "generate_series", "generateseries",
-    "generaterandom", "values", "view", "merge", "null", "format",
-})
+ALLOWED_TABLE_FUNCTIONS = frozenset(
+    {
+        "numbers",
+        "numbers_mt",
+        "zeros",
+        "zeros_mt",
+        "generate_series",
+        "generateseries",
+        "generaterandom",
+        "values",
+        "view",
+        "merge",
+        "null",
+        "format",
+    }
+)
 # Families of scalar functions (system.functions.categories) that call out of
 # the query: a model provider (AI), dictionary sources (files, HTTP, other
 # databases), the server's binary (Introspection), model files (Machine Learning).
-DENIED_CATEGORIES = ("AI", "Dictionary", "Embedded Dictionary", "Introspection",
-                     "Machine Learning")
+DENIED_CATEGORIES = ("AI", "Dictionary", "Embedded Dictionary", "Introspection", "Machine Learning")
 # Scalar functions outside those families that read files, open connections
 # or write state: `file` reads any file the sink's user can, `hasColumnInTable`
 # takes a host to connect to, `generateSerialID` writes to Keeper.
-DENIED_FUNCTIONS = frozenset({"file", "hascolumnintable", "generateserialid", "showcertificate",
-                              "catboostevaluate", "getclienthttpheader", "zookeepersessionuptime"})
+DENIED_FUNCTIONS = frozenset(
+    {
+        "file",
+        "hascolumnintable",
+        "generateserialid",
+        "showcertificate",
+        "catboostevaluate",
+        "getclienthttpheader",
+        "zookeepersessionuptime",
+    }
+)
 
 _CATALOG_SQL = (
     "SELECT 't', name FROM system.table_functions UNION ALL "
@@ -70,14 +91,16 @@ class QueryBudget:
 
     def settings(self) -> dict[str, Any]:
         """ClickHouse settings, `readonly` last: once it is 1 no setting can change."""
-        return {"max_execution_time": self.max_execution_s,
-                "max_rows_to_read": self.max_rows_to_read,
-                "max_bytes_to_read": self.max_bytes_to_read,
-                "max_memory_usage": self.max_memory_bytes,
-                "max_result_rows": self.max_result_rows,
-                "result_overflow_mode": "throw",
-                "max_threads": self.max_threads,
-                "readonly": 1}
+        return {
+            "max_execution_time": self.max_execution_s,
+            "max_rows_to_read": self.max_rows_to_read,
+            "max_bytes_to_read": self.max_bytes_to_read,
+            "max_memory_usage": self.max_memory_bytes,
+            "max_result_rows": self.max_result_rows,
+            "result_overflow_mode": "throw",
+            "max_threads": self.max_threads,
+            "readonly": 1,
+        }
 
 
 class QueryGuard:
@@ -90,7 +113,7 @@ class QueryGuard:
         self.denied_scalars = {n.lower() for n in denied_scalars} | DENIED_FUNCTIONS
 
     @classmethod
-    def from_catalog(cls, rows: Iterable[tuple[Any, ...]]) -> "QueryGuard":
+    def from_catalog(cls, rows: Iterable[tuple[Any, ...]]) -> QueryGuard:
         """From the rows of CATALOG_SQL: ('t', table function) and ('f', denied scalar)."""
         rows = list(rows)
         return cls([str(n) for k, n in rows if k == "t"], [str(n) for k, n in rows if k == "f"])
@@ -106,12 +129,10 @@ class QueryGuard:
             raise QueryError("SETTINGS are not allowed: the query budget is fixed by the sink")
         for name in _FUNCTION.findall(ast):
             if name.lower() in self.denied_tables or name.lower() in self.denied_scalars:
-                raise QueryError(f"{name}() is not allowed here: it can read files or reach "
-                                 "the network")
+                raise QueryError(f"{name}() is not allowed here: it can read files or reach the network")
 
 
-def vet(sql: str, canonical: Callable[[str], str], explain: Callable[[str], str],
-        guard: QueryGuard) -> str:
+def vet(sql: str, canonical: Callable[[str], str], explain: Callable[[str], str], guard: QueryGuard) -> str:
     """The canonical text of `sql` once it passed the guard; QueryError otherwise."""
     if not sql.strip():
         raise QueryError("empty query")

@@ -8,9 +8,10 @@ import base64
 import html
 import io
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from sinks.analytics import Runner, format_result, load_queries, run
 
@@ -29,9 +30,9 @@ def _rows(cols: list[str], rows: list[Sequence[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(cols, r)) for r in rows]
 
 
-def build_report(runner: Runner, *, db: str = "sluice", since_s: int = 3600,
-                 slo_ms: float = 500.0) -> str:
+def build_report(runner: Runner, *, db: str = "sluice", since_s: int = 3600, slo_ms: float = 500.0) -> str:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -44,7 +45,8 @@ def build_report(runner: Runner, *, db: str = "sluice", since_s: int = 3600,
         pts = [r for r in latency if r["model"] == model]
         xs = [_dt(r["minute"]) for r in pts]
         for q, style in (("p50_ms", "-"), ("p95_ms", "--"), ("p99_ms", ":")):
-            ax.plot(xs, [r[q] for r in pts], style, label=f"{model} {q[:3]}")
+            # datetimes go through matplotlib's date converter (its stubs say numbers only)
+            ax.plot(xs, [r[q] for r in pts], style, label=f"{model} {q[:3]}")  # type: ignore[arg-type]
     ax.axhline(slo_ms, color="grey", lw=0.8)
     ax.set_ylabel("latency, ms")
     ax.set_yscale("log")
@@ -53,10 +55,13 @@ def build_report(runner: Runner, *, db: str = "sluice", since_s: int = 3600,
     plt.close(fig)
 
     xs = [_dt(r["minute"]) for r in traffic]
-    for key, label, fmt in (("requests_per_s", "requests/s", None), ("hit_rate", "cache hit rate", None),
-                            ("cost_usd", "cost per minute, USD", None)):
+    for key, label in (
+        ("requests_per_s", "requests/s"),
+        ("hit_rate", "cache hit rate"),
+        ("cost_usd", "cost per minute, USD"),
+    ):
         fig, ax = plt.subplots(figsize=(9, 2.6))
-        ax.plot(xs, [r[key] for r in traffic], "-o", ms=3)
+        ax.plot(xs, [r[key] for r in traffic], "-o", ms=3)  # type: ignore[arg-type]
         ax.set_ylabel(label)
         if key == "hit_rate":
             ax.set_ylim(0, 1)
@@ -68,11 +73,13 @@ def build_report(runner: Runner, *, db: str = "sluice", since_s: int = 3600,
         cols, rows = run(name, runner, db=db, since_s=since_s, slo_ms=slo_ms)
         tables.append((name, load_queries()[name].answers, format_result(cols, rows)))
 
-    parts = ["<!doctype html><meta charset='utf-8'><title>Sluice report</title>",
-             "<style>body{font-family:sans-serif;max-width:980px;margin:2em auto}"
-             "pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:12px}</style>",
-             f"<h1>Sluice report</h1><p>Last {since_s // 60} minutes, made "
-             f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}.</p>"]
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>Sluice report</title>",
+        "<style>body{font-family:sans-serif;max-width:980px;margin:2em auto}"
+        "pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:12px}</style>",
+        f"<h1>Sluice report</h1><p>Last {since_s // 60} minutes, made "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}.</p>",
+    ]
     for title, png in figures:
         parts.append(f"<h2>{html.escape(title)}</h2><img src='data:image/png;base64,{png}'>")
     for name, answers, text in tables:

@@ -11,12 +11,34 @@ from schemas.errors import SluiceError
 from schemas.records import Telemetry
 
 # epoch-ms fields of the record -> DateTime64(3) columns of the table
-_TIMESTAMPS = (("sent_at_ms", "sent_at"), ("received_at_ms", "received_at"),
-               ("inference_start_ms", "inference_start"), ("inference_end_ms", "inference_end"),
-               ("published_at_ms", "published_at"))
-_PLAIN = ("id", "tenant", "model", "model_version", "task", "status", "error_code", "cache",
-          "tokens", "batch_size", "worker", "partition", "offset",
-          "queue_ms", "cache_ms", "inference_ms", "total_ms", "compute_ms", "cost_usd")
+_TIMESTAMPS = (
+    ("sent_at_ms", "sent_at"),
+    ("received_at_ms", "received_at"),
+    ("inference_start_ms", "inference_start"),
+    ("inference_end_ms", "inference_end"),
+    ("published_at_ms", "published_at"),
+)
+_PLAIN = (
+    "id",
+    "tenant",
+    "model",
+    "model_version",
+    "task",
+    "status",
+    "error_code",
+    "cache",
+    "tokens",
+    "batch_size",
+    "worker",
+    "partition",
+    "offset",
+    "queue_ms",
+    "cache_ms",
+    "inference_ms",
+    "total_ms",
+    "compute_ms",
+    "cost_usd",
+)
 _UNSIGNED = {"tokens": 1 << 32, "batch_size": 1 << 32, "partition": 1 << 16, "offset": 1 << 64}
 
 

@@ -39,9 +39,10 @@ import logging
 import random
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -66,20 +67,27 @@ class SinkMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
         self.rows = Counter("sluice_sink_rows_total", "Telemetry rows inserted.", registry=r)
-        self.inserts = Counter("sluice_sink_inserts_total", "Blocks inserted (one per partition and flush).",
-                               registry=r)
-        self.insert_seconds = Histogram("sluice_sink_insert_seconds", "Time of one flush's inserts.",
-                                        buckets=_INSERT_BUCKETS, registry=r)
-        self.errors = Counter("sluice_sink_errors_total",
-                              "Failures: bad_record (skipped), insert (retried), commit.",
-                              ["kind"], registry=r)
-        self.lag = Gauge("sluice_sink_lag_records", "Telemetry records in the topic not yet stored.",
-                         registry=r)
+        self.inserts = Counter(
+            "sluice_sink_inserts_total", "Blocks inserted (one per partition and flush).", registry=r
+        )
+        self.insert_seconds = Histogram(
+            "sluice_sink_insert_seconds", "Time of one flush's inserts.", buckets=_INSERT_BUCKETS, registry=r
+        )
+        self.errors = Counter(
+            "sluice_sink_errors_total",
+            "Failures: bad_record (skipped), insert (retried), commit.",
+            ["kind"],
+            registry=r,
+        )
+        self.lag = Gauge("sluice_sink_lag_records", "Telemetry records in the topic not yet stored.", registry=r)
         self.buffered = Gauge("sluice_sink_buffered_rows", "Records read and not yet inserted.", registry=r)
         self.assigned = Gauge("sluice_sink_assigned_partitions", "Partitions this sink owns.", registry=r)
-        self.queries = Counter("sluice_sink_queries_total",
-                               "POST /query calls: ok, refused (not allowed or failed), busy, error.",
-                               ["outcome"], registry=r)
+        self.queries = Counter(
+            "sluice_sink_queries_total",
+            "POST /query calls: ok, refused (not allowed or failed), busy, error.",
+            ["outcome"],
+            registry=r,
+        )
 
 
 @dataclass(slots=True)
@@ -113,7 +121,7 @@ class PartBuf:
 
 
 class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, sink: "TelemetrySink") -> None:
+    def __init__(self, sink: TelemetrySink) -> None:
         self._sink = sink
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
@@ -124,8 +132,7 @@ class _Rebalance(ConsumerRebalanceListener):
 
 
 class TelemetrySink:
-    def __init__(self, config: SinkConfig, metrics: SinkMetrics | None = None,
-                 store: Store | None = None) -> None:
+    def __init__(self, config: SinkConfig, metrics: SinkMetrics | None = None, store: Store | None = None) -> None:
         self.config = config
         self.topic = config.topics.telemetry
         self.metrics = metrics or SinkMetrics()
@@ -156,18 +163,26 @@ class TelemetrySink:
         await self._in_db(self.store.start)
         self._store_ready = True
         await self._start_http()
-        self._admin = AIOKafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers,
-                                          client_id="sluice-sink-admin")
+        self._admin = AIOKafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers, client_id="sluice-sink-admin")
         await self._admin.start()
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=cfg.bootstrap_servers, group_id=cfg.sink_group_id,
-            client_id="sluice-sink", enable_auto_commit=False, auto_offset_reset="earliest",
-            max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20)
+            bootstrap_servers=cfg.bootstrap_servers,
+            group_id=cfg.sink_group_id,
+            client_id="sluice-sink",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=8 << 20,
+            fetch_max_bytes=64 << 20,
+        )
         await self._consumer.start()
         self._consumer.subscribe([self.topic], listener=_Rebalance(self))
-        log.info("sink started in %.2f s: %s, group %s, topic %s", time.perf_counter() - t0,
-                 "chDB " + str(cfg.chdb_path) if cfg.embedded else "ClickHouse server",
-                 cfg.sink_group_id, self.topic)
+        log.info(
+            "sink started in %.2f s: %s, group %s, topic %s",
+            time.perf_counter() - t0,
+            "chDB " + str(cfg.chdb_path) if cfg.embedded else "ClickHouse server",
+            cfg.sink_group_id,
+            self.topic,
+        )
 
     def stop(self) -> None:
         """Ask the sink to finish: stop reading, insert what was read, commit."""
@@ -231,8 +246,7 @@ class TelemetrySink:
             except BadRecord as exc:
                 row = None
                 self.metrics.errors.labels(error_label(exc)).inc()
-                log.warning("skipping telemetry record %s:%d:%d: %s", self.topic, partition,
-                            rec.offset, exc)
+                log.warning("skipping telemetry record %s:%d:%d: %s", self.topic, partition, rec.offset, exc)
             buf.add(rec.offset, row, now)
 
     def _update_lag(self) -> None:
@@ -282,8 +296,9 @@ class TelemetrySink:
             if not await self._commit({p: (starts[p], f"{CUT_PREFIX}{end}") for p, end in plan.items()}):
                 return
             # 2. insert, one block per partition
-            blocks = {p: self._bufs[p].rows[:sum(1 for o, _ in self._bufs[p].rows if o <= end)]
-                      for p, end in plan.items()}
+            blocks = {
+                p: self._bufs[p].rows[: sum(1 for o, _ in self._bufs[p].rows if o <= end)] for p, end in plan.items()
+            }
             if not await self._insert_with_retry(plan, starts, blocks):
                 return
             # 3. commit what was stored
@@ -293,8 +308,9 @@ class TelemetrySink:
             await self._commit({p: (end + 1, "") for p, end in plan.items()})
             self.metrics.buffered.set(self._buffered())
 
-    async def _insert_with_retry(self, plan: dict[int, int], starts: dict[int, int],
-                                 blocks: dict[int, list[tuple[int, bytes | None]]]) -> bool:
+    async def _insert_with_retry(
+        self, plan: dict[int, int], starts: dict[int, int], blocks: dict[int, list[tuple[int, bytes | None]]]
+    ) -> bool:
         delay = 0.1
         done: set[int] = set()
         drain_deadline: float | None = None
@@ -318,8 +334,12 @@ class TelemetrySink:
                     # a drain does not wait forever for a store that is gone
                     drain_deadline = drain_deadline or time.monotonic() + min(30.0, 2 * self.config.sink_retry_max_s)
                     if time.monotonic() > drain_deadline:
-                        log.error("giving up on the insert while stopping: %s; %d partitions left "
-                                  "uncommitted (replayed by the next run)", exc, len(plan) - len(done))
+                        log.error(
+                            "giving up on the insert while stopping: %s; %d partitions left "
+                            "uncommitted (replayed by the next run)",
+                            exc,
+                            len(plan) - len(done),
+                        )
                         return False
                 log.warning("insert failed (retry in %.1f s): %s", delay, exc)
                 await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
@@ -355,12 +375,16 @@ class TelemetrySink:
     async def _start_http(self) -> None:
         cfg = self.config
         # a flush retrying a store that is down is alive; only a silent loop is not
-        self._http = HealthServer(self.metrics.registry, cfg.sink_host, cfg.sink_port,
-                                  ready=self._readiness,
-                                  heartbeat_age_s=lambda: time.monotonic() - self._last_fetch,
-                                  stale_after_s=30 + 2 * cfg.sink_retry_max_s,
-                                  routes=[("POST", "/query", self._query.handle)],
-                                  banner="sink HTTP on http://{host}:{port} (/metrics, /readyz, POST /query)")
+        self._http = HealthServer(
+            self.metrics.registry,
+            cfg.sink_host,
+            cfg.sink_port,
+            ready=self._readiness,
+            heartbeat_age_s=lambda: time.monotonic() - self._last_fetch,
+            stale_after_s=30 + 2 * cfg.sink_retry_max_s,
+            routes=[("POST", "/query", self._query.handle)],
+            banner="sink HTTP on http://{host}:{port} (/metrics, /readyz, POST /query)",
+        )
         await self._http.start()
         self.port = self._http.port
 
@@ -384,8 +408,7 @@ class TelemetrySink:
         cuts: dict[int, int] = {}
         if tps and self._admin is not None:
             try:
-                offsets = await self._admin.list_consumer_group_offsets(self.config.sink_group_id,
-                                                                        partitions=tps)
+                offsets = await self._admin.list_consumer_group_offsets(self.config.sink_group_id, partitions=tps)
             except KafkaError as exc:
                 log.error("cannot read committed offsets of %s: %s", self.config.sink_group_id, exc)
                 raise
@@ -395,7 +418,7 @@ class TelemetrySink:
                 self._committed[tp.partition] = om.offset
                 meta = om.metadata or ""
                 if meta.startswith(CUT_PREFIX):
-                    cuts[tp.partition] = int(meta[len(CUT_PREFIX):])
+                    cuts[tp.partition] = int(meta[len(CUT_PREFIX) :])
         self._assigned = {tp.partition for tp in self._consumer.assignment() if tp.topic == self.topic}
         for tp in tps:
             self._bufs[tp.partition] = PartBuf(cut=cuts.get(tp.partition))
@@ -403,6 +426,7 @@ class TelemetrySink:
             log.info("replaying planned blocks (partition -> last offset): %s", cuts)
         self.metrics.assigned.set(len(self._assigned))
         log.info("assigned partitions %s", sorted(self._assigned))
+
 
 async def serve(config: SinkConfig, on_ready: Callable[[TelemetrySink], None] | None = None) -> None:
     """Run the sink until SIGTERM or SIGINT, then drain (insert what was read,

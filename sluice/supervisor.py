@@ -29,8 +29,15 @@ def free_port() -> int:
 class WorkerProcess:
     """A `sluice worker` (or, with command="sink", a `sluice sink`) process."""
 
-    def __init__(self, settings: dict[str, str], *, log_path: Path | None = None,
-                 cwd: Path | None = None, inherit_env: bool = True, command: str = "worker") -> None:
+    def __init__(
+        self,
+        settings: dict[str, str],
+        *,
+        log_path: Path | None = None,
+        cwd: Path | None = None,
+        inherit_env: bool = True,
+        command: str = "worker",
+    ) -> None:
         self.command = command
         port_setting = "SLUICE_SINK_PORT" if command == "sink" else "SLUICE_METRICS_PORT"
         self.port = int(settings.get(port_setting) or 0) or free_port()
@@ -45,15 +52,22 @@ class WorkerProcess:
         """Start and wait for /readyz; return the seconds it took."""
         out = None
         if self.log_path is not None:
-            self._log = open(self.log_path, "wb")
+            self._log = open(self.log_path, "wb")  # noqa: SIM115 -- closed in stop()
             out = self._log
         t0 = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "sluice", self.command], env=self.env,
-                                     cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT if out else None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sluice", self.command],
+            env=self.env,
+            cwd=self.cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+        )
         while time.monotonic() - t0 < ready_timeout_s:
             if self.proc.poll() is not None:
-                raise SluiceError(f"{self.command} exited with code {self.proc.returncode} before it was ready"
-                                  + (f"; see {self.log_path}" if self.log_path else ""))
+                raise SluiceError(
+                    f"{self.command} exited with code {self.proc.returncode} before it was ready"
+                    + (f"; see {self.log_path}" if self.log_path else "")
+                )
             if self.ready():
                 return time.monotonic() - t0
             time.sleep(0.1)
@@ -72,8 +86,7 @@ class WorkerProcess:
         multiprocessing's resource tracker (Linux: read from /proc)."""
         assert self.proc is not None
         pid = self.proc.pid
-        kids = [int(k) for task in Path(f"/proc/{pid}/task").iterdir()
-                for k in (task / "children").read_text().split()]
+        kids = [int(k) for task in Path(f"/proc/{pid}/task").iterdir() for k in (task / "children").read_text().split()]
         found = [k for k in kids if b"resource_tracker" not in Path(f"/proc/{k}/cmdline").read_bytes()]
         if len(found) != 1:
             raise SluiceError(f"{self.command} {pid}: {len(found)} model processes among its children {kids}")
@@ -117,7 +130,7 @@ class WorkerProcess:
             self._log = None
         return code
 
-    def __enter__(self) -> "WorkerProcess":
+    def __enter__(self) -> WorkerProcess:
         self.start()
         return self
 

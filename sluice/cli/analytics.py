@@ -16,6 +16,7 @@ from sluice.settings import Settings
 
 def cmd_sink(s: Settings, args: argparse.Namespace) -> int:
     from sinks.sink import serve
+
     asyncio.run(serve(s.sink()))
     return 0
 
@@ -27,14 +28,14 @@ def sink_runner(host: str, port: int, token: str = ""):
         headers["Authorization"] = f"Bearer {token}"
 
     def via_sink(sql: str):
-        req = urllib.request.Request(f"http://{host}:{port}/query", data=orjson.dumps({"sql": sql}),
-                                     headers=headers)
+        req = urllib.request.Request(f"http://{host}:{port}/query", data=orjson.dumps({"sql": sql}), headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
                 doc = orjson.loads(r.read())
         except urllib.error.HTTPError as exc:
             raise SluiceError(f"sink refused the query: {exc.read().decode(errors='replace')}") from None
         return doc["columns"], doc["rows"]
+
     return via_sink
 
 
@@ -46,8 +47,7 @@ def _query_runner(s: Settings):
     if not s.clickhouse_url:
         try:
             with socket.create_connection((s.sink_host, s.sink_port), timeout=0.5):
-                return sink_runner(s.sink_host, s.sink_port,
-                                    s.sink_query_token.get_secret_value()), None
+                return sink_runner(s.sink_host, s.sink_port, s.sink_query_token.get_secret_value()), None
         except OSError:
             pass
     store = open_store(s.sink())
@@ -57,14 +57,16 @@ def _query_runner(s: Settings):
 
 def cmd_analytics(s: Settings, args: argparse.Namespace) -> int:
     from sinks.analytics import format_result, load_queries, parse_since, run
+
     if args.list or not args.name:
         for name, q in load_queries().items():
             print(f"{name:26} {q.answers}")
         return 0
     runner, store = _query_runner(s)
     try:
-        cols, rows = run(args.name, runner, db=s.clickhouse_database, since_s=parse_since(args.since),
-                         slo_ms=args.slo_ms)
+        cols, rows = run(
+            args.name, runner, db=s.clickhouse_database, since_s=parse_since(args.since), slo_ms=args.slo_ms
+        )
     finally:
         if store is not None:
             store.close()
@@ -77,10 +79,12 @@ def cmd_report(s: Settings, args: argparse.Namespace) -> int:
 
     from sinks.analytics import parse_since
     from sinks.report import write_report
+
     runner, store = _query_runner(s)
     try:
-        path = write_report(Path(args.out), runner, db=s.clickhouse_database,
-                            since_s=parse_since(args.since), slo_ms=args.slo_ms)
+        path = write_report(
+            Path(args.out), runner, db=s.clickhouse_database, since_s=parse_since(args.since), slo_ms=args.slo_ms
+        )
     finally:
         if store is not None:
             store.close()

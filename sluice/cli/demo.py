@@ -19,6 +19,7 @@ def cmd_demo(s: Settings, args: argparse.Namespace) -> int:
     from sinks.analytics import format_result, run
     from sluice.stack import LocalStack
     from sluice.supervisor import WorkerProcess
+
     stack = LocalStack(s.stack())
     started_stack = stack.up(s.topic_partitions()) == "started"
     generator_slice(s)
@@ -30,12 +31,23 @@ def cmd_demo(s: Settings, args: argparse.Namespace) -> int:
         ready_s = worker.start()
         sink.start()
         runner = sink_runner(s.sink_host, sink.port, s.sink_query_token.get_secret_value())
-        count_sql = (f"SELECT count() FROM {s.clickhouse_database}.telemetry "
-                     f"WHERE published_at >= toDateTime64({time.time():.3f}, 3)")
-        print(f"worker ready in {ready_s:.1f} s; sending {int(args.rate * args.duration)} requests "
-              f"at {args.rate:g}/s ({args.distribution} over {args.distinct} inputs)")
-        report = asyncio.run(run_load(s.kafka(), rate=args.rate, duration_s=args.duration,
-                                      workload=workload_of(args), transport=args.transport))
+        count_sql = (
+            f"SELECT count() FROM {s.clickhouse_database}.telemetry "
+            f"WHERE published_at >= toDateTime64({time.time():.3f}, 3)"
+        )
+        print(
+            f"worker ready in {ready_s:.1f} s; sending {int(args.rate * args.duration)} requests "
+            f"at {args.rate:g}/s ({args.distribution} over {args.distinct} inputs)"
+        )
+        report = asyncio.run(
+            run_load(
+                s.kafka(),
+                rate=args.rate,
+                duration_s=args.duration,
+                workload=workload_of(args),
+                transport=args.transport,
+            )
+        )
         print("\n== demo summary ==")
         print(report.summary())
         deadline = time.monotonic() + 30
@@ -48,8 +60,8 @@ def cmd_demo(s: Settings, args: argparse.Namespace) -> int:
         from pathlib import Path
 
         from sinks.report import write_report
-        path = write_report(Path(s.state_dir) / "report.html", runner, db=s.clickhouse_database,
-                            since_s=600)
+
+        path = write_report(Path(s.state_dir) / "report.html", runner, db=s.clickhouse_database, since_s=600)
         print(f"\nreport written: {path} (open it in a browser)")
         return 0 if report.unanswered == 0 and report.errors == 0 else 1
     finally:

@@ -9,5 +9,6 @@ from sluice.settings import Settings
 
 def cmd_settings(s: Settings, args: argparse.Namespace) -> int:
     from sluice.settings import settings_table
+
     print(settings_table())
     return 0

@@ -22,6 +22,7 @@ def print_json(doc: Any) -> None:
 
 def _requests_from(args: argparse.Namespace) -> list[dict[str, Any]]:
     from producers.client import make_request
+
     labels = args.labels.split(",") if args.labels else None
     common = dict(task=args.task, model=args.model, tenant=args.tenant, labels=labels, cache=args.cache)
     if args.text:
@@ -48,6 +49,7 @@ def _requests_from(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 async def _produce(s: Settings, args: argparse.Namespace) -> int:
     from producers.client import SluiceClient
+
     reqs = _requests_from(args)
     async with SluiceClient(s.kafka(), timeout_s=args.timeout) as client:
         futs = [await client.send(r) for r in reqs]
@@ -79,6 +81,7 @@ def cmd_produce(s: Settings, args: argparse.Namespace) -> int:
 
 async def _subscribe(s: Settings, args: argparse.Namespace) -> int:
     from producers.client import SluiceClient
+
     async with SluiceClient(s.kafka(), results_topic=args.topic) as client:
         n = 0
         async for doc in client.results():
@@ -99,22 +102,39 @@ def cmd_subscribe(s: Settings, args: argparse.Namespace) -> int:
 
 def workload_of(args: argparse.Namespace):
     from producers.corpus import Workload
-    return Workload(args.distribution, args.distinct, args.exponent, args.seed,
-                    hot_fraction=args.hot_fraction)
+
+    return Workload(args.distribution, args.distinct, args.exponent, args.seed, hot_fraction=args.hot_fraction)
 
 
 async def _find_max(s: Settings, args: argparse.Namespace, labels: list[str] | None):
     from producers.loadgen import find_max_rate, kafka_transport, run_load
+
     workload = workload_of(args)
     async with kafka_transport(s.kafka(), args.transport) as client:
+
         async def step(rate: float, n: int):
-            return await run_load(None, rate=rate, duration_s=args.duration, workload=workload.step(n),
-                                  task=args.task,
-                                  labels=labels, cache=args.cache, client=client, progress=None,
-                                  drain_timeout_s=max(30.0, 3 * args.duration))
-        return await find_max_rate(step, slo_ms=args.slo_ms, start_rate=args.rate, factor=args.step_factor,
-                                   max_rate=args.max_rate, refine=args.refine,
-                                   progress=None if args.json else print)
+            return await run_load(
+                None,
+                rate=rate,
+                duration_s=args.duration,
+                workload=workload.step(n),
+                task=args.task,
+                labels=labels,
+                cache=args.cache,
+                client=client,
+                progress=None,
+                drain_timeout_s=max(30.0, 3 * args.duration),
+            )
+
+        return await find_max_rate(
+            step,
+            slo_ms=args.slo_ms,
+            start_rate=args.rate,
+            factor=args.step_factor,
+            max_rate=args.max_rate,
+            refine=args.refine,
+            progress=None if args.json else print,
+        )
 
 
 def generator_slice(s: Settings) -> None:
@@ -129,6 +149,7 @@ def generator_slice(s: Settings) -> None:
 
 def cmd_loadtest(s: Settings, args: argparse.Namespace) -> int:
     from producers.loadgen import run_load
+
     generator_slice(s)
     labels = args.labels.split(",") if args.labels else None
     if args.find_max:
@@ -139,10 +160,19 @@ def cmd_loadtest(s: Settings, args: argparse.Namespace) -> int:
             print(search.table())
             print(f"highest rate with p99 < {search.slo_ms:g} ms: {search.max_rate:.0f} requests/s")
         return 0 if search.max_rate > 0 else 1
-    report = asyncio.run(run_load(s.kafka(), rate=args.rate, duration_s=args.duration,
-                                  workload=workload_of(args), task=args.task, labels=labels,
-                                  cache=args.cache, progress=None if args.json else print,
-                                  transport=args.transport))
+    report = asyncio.run(
+        run_load(
+            s.kafka(),
+            rate=args.rate,
+            duration_s=args.duration,
+            workload=workload_of(args),
+            task=args.task,
+            labels=labels,
+            cache=args.cache,
+            progress=None if args.json else print,
+            transport=args.transport,
+        )
+    )
     if args.json:
         print_json(report.as_dict())
     else:

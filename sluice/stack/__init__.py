@@ -29,8 +29,7 @@ from sluice.admin import ensure_topics
 from sluice.errors import StackError
 from sluice.stack.config import StackConfig, _setting
 from sluice.stack.kafka_broker import KafkaBroker
-from sluice.stack.processes import (_CHILDREN, _pid_alive, _port_answers, _port_free, _rotate, _run_sync,
-                                    _Service, _tail)
+from sluice.stack.processes import _CHILDREN, _pid_alive, _port_answers, _port_free, _rotate, _run_sync, _Service, _tail
 from sluice.stack.redis_server import RedisServer
 
 __all__ = ["LocalStack", "StackConfig"]
@@ -52,14 +51,24 @@ class LocalStack(KafkaBroker, RedisServer):
         kafka_dir = self._state / "kafka"
         redis_dir = self._state / "redis"
         self._kafka = _Service(
-            name="kafka", dir=kafka_dir, pid_file=kafka_dir / "broker.pid",
-            log_file=kafka_dir / "broker.log", marker="kafka.Kafka",
-            ports=((config.kafka_port, _setting("kafka_port")),
-                   (config.kafka_controller_port, _setting("kafka_controller_port"))))
+            name="kafka",
+            dir=kafka_dir,
+            pid_file=kafka_dir / "broker.pid",
+            log_file=kafka_dir / "broker.log",
+            marker="kafka.Kafka",
+            ports=(
+                (config.kafka_port, _setting("kafka_port")),
+                (config.kafka_controller_port, _setting("kafka_controller_port")),
+            ),
+        )
         self._redis = _Service(
-            name="redis", dir=redis_dir, pid_file=redis_dir / "redis.pid",
-            log_file=redis_dir / "redis.log", marker="redis-server",
-            ports=((config.redis_port, _setting("redis_port")),))
+            name="redis",
+            dir=redis_dir,
+            pid_file=redis_dir / "redis.pid",
+            log_file=redis_dir / "redis.log",
+            marker="redis-server",
+            ports=((config.redis_port, _setting("redis_port")),),
+        )
 
     @property
     def bootstrap_servers(self) -> str:
@@ -80,11 +89,9 @@ class LocalStack(KafkaBroker, RedisServer):
         with self._lock():
             running = {svc.name: self._running_pid(svc) for svc in (self._kafka, self._redis)}
             to_start = [svc for svc in (self._kafka, self._redis) if running[svc.name] is None]
-            result: Literal["started", "already running"] = (
-                "started" if to_start else "already running")
+            result: Literal["started", "already running"] = "started" if to_start else "already running"
             if not to_start:
-                self._log(f"kafka (pid {running['kafka']}) and redis (pid {running['redis']}) "
-                          "are already running")
+                self._log(f"kafka (pid {running['kafka']}) and redis (pid {running['redis']}) are already running")
 
             # Everything that can fail fast is checked before anything starts
             # (or Maven spends a minute), so a failure leaves nothing behind.
@@ -92,12 +99,9 @@ class LocalStack(KafkaBroker, RedisServer):
                 self._clear_stale(svc)
                 for port, setting in svc.ports:
                     if not _port_free(port):
-                        raise StackError(
-                            f"port {port} ({setting}) is in use by another process")
-            redis_bin = (self._which("redis-server", "apt-get install redis-server")
-                         if self._redis in to_start else "")
-            java_bin = (self._which("java", "apt-get install openjdk-17-jre-headless")
-                        if self._kafka in to_start else "")
+                        raise StackError(f"port {port} ({setting}) is in use by another process")
+            redis_bin = self._which("redis-server", "apt-get install redis-server") if self._redis in to_start else ""
+            java_bin = self._which("java", "apt-get install openjdk-17-jre-headless") if self._kafka in to_start else ""
 
             started: list[tuple[_Service, int]] = []
             try:
@@ -107,12 +111,12 @@ class LocalStack(KafkaBroker, RedisServer):
                     libs = self._ensure_jars()
                     server_properties = self._write_kafka_config()
                     self._format_storage(java_bin, libs, server_properties)
-                    started.append((self._kafka, self._start_kafka(java_bin, libs,
-                                                                   server_properties)))
+                    started.append((self._kafka, self._start_kafka(java_bin, libs, server_properties)))
                 # Also when already running: it may still be starting up.
                 self._wait_redis(running["redis"] or self._pid_of(started, self._redis))
-                self._wait_kafka(running["kafka"] or self._pid_of(started, self._kafka),
-                                 announce=running["kafka"] is None)
+                self._wait_kafka(
+                    running["kafka"] or self._pid_of(started, self._kafka), announce=running["kafka"] is None
+                )
                 for svc in (self._redis, self._kafka):
                     self._shorten_slices(svc, running[svc.name] or self._pid_of(started, svc))
             except BaseException:
@@ -124,11 +128,10 @@ class LocalStack(KafkaBroker, RedisServer):
                 raise
 
             if topics:
-                created = _run_sync(ensure_topics(
-                    self.bootstrap_servers, topics,
-                    timeout_s=self.config.stack_start_timeout_s))
-                self._log("kafka: created topics " + ", ".join(created) if created
-                          else "kafka: topics already exist")
+                created = _run_sync(
+                    ensure_topics(self.bootstrap_servers, topics, timeout_s=self.config.stack_start_timeout_s)
+                )
+                self._log("kafka: created topics " + ", ".join(created) if created else "kafka: topics already exist")
             return result
 
     def _shorten_slices(self, svc: _Service, pid: int) -> None:
@@ -227,11 +230,15 @@ class LocalStack(KafkaBroker, RedisServer):
         _rotate(svc.log_file)
         with open(svc.log_file, "ab") as out:
             proc = subprocess.Popen(
-                argv, cwd=svc.dir, stdin=subprocess.DEVNULL, stdout=out,
+                argv,
+                cwd=svc.dir,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
                 stderr=subprocess.STDOUT,
                 # Own session: Ctrl-C in the terminal that ran `sluice up` and
                 # that terminal closing must not reach the services.
-                start_new_session=True)
+                start_new_session=True,
+            )
         _CHILDREN[proc.pid] = proc
         svc.pid_file.write_text(f"{proc.pid}\n")
         return proc.pid
@@ -264,22 +271,23 @@ class LocalStack(KafkaBroker, RedisServer):
             time.sleep(0.1)
         return left
 
-    def _wait_until(self, svc: _Service, pid: int, ready: Callable[[float], bool],
-                    what: str) -> None:
+    def _wait_until(self, svc: _Service, pid: int, ready: Callable[[float], bool], what: str) -> None:
         """Poll `ready(attempt_timeout_s)` until it holds; fail early if the process dies."""
         timeout_s = self.config.stack_start_timeout_s
         start = time.monotonic()
         next_progress = start + _PROGRESS_EVERY_S
         while True:
             if not _pid_alive(pid, svc.marker):
-                raise StackError(f"{svc.name} (pid {pid}) exited during start; last lines of "
-                                 f"{svc.log_file}:\n{_tail(svc.log_file)}")
+                raise StackError(
+                    f"{svc.name} (pid {pid}) exited during start; last lines of {svc.log_file}:\n{_tail(svc.log_file)}"
+                )
             remaining = start + timeout_s - time.monotonic()
             if remaining <= 0:
                 raise StackError(
                     f"{svc.name} (pid {pid}) did not answer within {timeout_s:g} s "
                     f"({_setting('stack_start_timeout_s')}); last lines of "
-                    f"{svc.log_file}:\n{_tail(svc.log_file)}")
+                    f"{svc.log_file}:\n{_tail(svc.log_file)}"
+                )
             if ready(min(remaining, 2.0)):
                 return
             now = time.monotonic()

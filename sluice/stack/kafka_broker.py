@@ -7,7 +7,9 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sluice.admin import wait_for_broker
 from sluice.errors import StackError
@@ -29,8 +31,12 @@ _MAVEN_TIMEOUT_S = 900.0  # a cold ~/.m2 downloads ~60 MB (about 45 s measured)
 # two hours apart (bench/RESULTS.md).
 _GC_OPTIONS: dict[str, tuple[str, ...]] = {
     "parallel": ("-XX:+UseParallelGC",),
-    "g1": ("-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:InitiatingHeapOccupancyPercent=35",
-           "-XX:+ExplicitGCInvokesConcurrent"),
+    "g1": (
+        "-XX:+UseG1GC",
+        "-XX:MaxGCPauseMillis=20",
+        "-XX:InitiatingHeapOccupancyPercent=35",
+        "-XX:+ExplicitGCInvokesConcurrent",
+    ),
 }
 
 
@@ -38,8 +44,18 @@ class KafkaBroker:
     """LocalStack's Kafka part (a mixin: it uses the stack's config,
     `_kafka` service, `_log`, `_which`, `_spawn` and `_wait_until`)."""
 
-    config: StackConfig
-    _kafka: _Service
+    if TYPE_CHECKING:  # what LocalStack provides
+        config: StackConfig
+        _kafka: _Service
+        _log: Callable[[str], None]
+
+        @property
+        def bootstrap_servers(self) -> str: ...
+
+        @staticmethod
+        def _which(program: str, hint: str) -> str: ...
+        def _spawn(self, svc: _Service, argv: list[str]) -> int: ...
+        def _wait_until(self, svc: _Service, pid: int, ready: Callable[[float], bool], what: str) -> None: ...
 
     def _ensure_jars(self) -> Path:
         kafka_dir = self._kafka.dir
@@ -58,17 +74,26 @@ class KafkaBroker:
         start = time.monotonic()
         try:
             done = subprocess.run(
-                [mvn, "-q", "-B", "-f", str(_POM), "dependency:copy-dependencies",
-                 "-DincludeScope=runtime", f"-DoutputDirectory={partial}"],
-                stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                timeout=_MAVEN_TIMEOUT_S)
+                [
+                    mvn,
+                    "-q",
+                    "-B",
+                    "-f",
+                    str(_POM),
+                    "dependency:copy-dependencies",
+                    "-DincludeScope=runtime",
+                    f"-DoutputDirectory={partial}",
+                ],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=_MAVEN_TIMEOUT_S,
+            )
         except subprocess.TimeoutExpired as exc:
-            raise StackError(f"Maven did not resolve the Kafka jars within "
-                             f"{_MAVEN_TIMEOUT_S:g} s") from exc
+            raise StackError(f"Maven did not resolve the Kafka jars within {_MAVEN_TIMEOUT_S:g} s") from exc
         if done.returncode != 0 or not any(partial.glob(_KAFKA_JAR_GLOB)):
             output = "\n".join((done.stdout + done.stderr).splitlines()[-_LOG_TAIL_LINES:])
-            raise StackError(f"Maven could not resolve the Kafka jars "
-                             f"(exit {done.returncode}):\n{output}")
+            raise StackError(f"Maven could not resolve the Kafka jars (exit {done.returncode}):\n{output}")
         shutil.rmtree(libs, ignore_errors=True)
         partial.rename(libs)
         self._log(f"kafka: jars resolved in {time.monotonic() - start:.0f} s")
@@ -120,12 +145,14 @@ class KafkaBroker:
         server_properties = kafka_dir / "server.properties"
         server_properties.write_text(
             "# Written by sluice.stack on every start; edits are overwritten.\n"
-            + "".join(f"{key}={value}\n" for key, value in settings.items()))
+            + "".join(f"{key}={value}\n" for key, value in settings.items())
+        )
         (kafka_dir / "log4j.properties").write_text(
             "log4j.rootLogger=WARN, stdout\n"
             "log4j.appender.stdout=org.apache.log4j.ConsoleAppender\n"
             "log4j.appender.stdout.layout=org.apache.log4j.PatternLayout\n"
-            "log4j.appender.stdout.layout.ConversionPattern=[%d] %p %m (%c)%n\n")
+            "log4j.appender.stdout.layout.ConversionPattern=[%d] %p %m (%c)%n\n"
+        )
         return server_properties
 
     def _format_storage(self, java_bin: str, libs: Path, server_properties: Path) -> None:
@@ -135,26 +162,46 @@ class KafkaBroker:
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
         self._log(f"kafka: formatting storage in {data} (cluster id {cluster_id})")
         done = subprocess.run(
-            [java_bin, "-cp", f"{libs}/*", "kafka.tools.StorageTool", "format",
-             "--cluster-id", cluster_id, "--standalone", "--config", str(server_properties)],
-            cwd=self._kafka.dir, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-            timeout=120)
+            [
+                java_bin,
+                "-cp",
+                f"{libs}/*",
+                "kafka.tools.StorageTool",
+                "format",
+                "--cluster-id",
+                cluster_id,
+                "--standalone",
+                "--config",
+                str(server_properties),
+            ],
+            cwd=self._kafka.dir,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if done.returncode != 0:
             output = "\n".join((done.stdout + done.stderr).splitlines()[-_LOG_TAIL_LINES:])
             raise StackError(f"formatting Kafka storage failed (exit {done.returncode}):\n{output}")
 
     def _start_kafka(self, java_bin: str, libs: Path, server_properties: Path) -> int:
-        pid = self._spawn(self._kafka, [
-            java_bin,
-            f"-Xmx{self.config.kafka_heap_mb}m", f"-Xms{self.config.kafka_heap_mb}m",
-            *_GC_OPTIONS[self.config.kafka_gc],
-            # Die rather than limp along; the log tail then says why.
-            "-XX:+ExitOnOutOfMemoryError",
-            *self.config.kafka_jvm_options.split(),
-            f"-Dlog4j.configuration=file:{self._kafka.dir / 'log4j.properties'}",
-            "-cp", f"{libs}/*",
-            "kafka.Kafka", str(server_properties),
-        ])
+        pid = self._spawn(
+            self._kafka,
+            [
+                java_bin,
+                f"-Xmx{self.config.kafka_heap_mb}m",
+                f"-Xms{self.config.kafka_heap_mb}m",
+                *_GC_OPTIONS[self.config.kafka_gc],
+                # Die rather than limp along; the log tail then says why.
+                "-XX:+ExitOnOutOfMemoryError",
+                *self.config.kafka_jvm_options.split(),
+                f"-Dlog4j.configuration=file:{self._kafka.dir / 'log4j.properties'}",
+                "-cp",
+                f"{libs}/*",
+                "kafka.Kafka",
+                str(server_properties),
+            ],
+        )
         self._log(f"kafka: started pid {pid} on {self.bootstrap_servers}")
         return pid
 
@@ -169,5 +216,4 @@ class KafkaBroker:
         start = time.monotonic()
         self._wait_until(self._kafka, pid, answers, "the broker to answer")
         if announce:
-            self._log(f"kafka: answering on {self.bootstrap_servers} "
-                      f"(after {time.monotonic() - start:.1f} s)")
+            self._log(f"kafka: answering on {self.bootstrap_servers} (after {time.monotonic() - start:.1f} s)")

@@ -67,8 +67,7 @@ def _pid_alive(pid: int, marker: str) -> bool:
         return False  # another user's process: the pid was reused, ours is gone
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except FileNotFoundError:
         return False  # exited between the kill and the read
     except OSError:

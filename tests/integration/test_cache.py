@@ -13,10 +13,10 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
-from producers.client import make_request
-from producers.corpus import text
 from processors.cache import CacheMetrics, L2Cache, storage_key
 from processors.runtime import BUILTIN_MODELS, load_card
+from producers.client import make_request
+from producers.corpus import text
 from schemas.keys import cache_key, normalise
 from tests.conftest import free_port
 
@@ -34,8 +34,7 @@ def metric(worker, name: str) -> float:
 
 
 def redis_key(tenant: str, s: str) -> str:
-    h = cache_key(scope=tenant, model=CARD.ref, task="embed", labels=None,
-                  text=normalise(s, uncased=CARD.uncased))
+    h = cache_key(scope=tenant, model=CARD.ref, task="embed", labels=None, text=normalise(s, uncased=CARD.uncased))
     return storage_key(CARD.ref, h)
 
 
@@ -61,9 +60,20 @@ class OwnRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port",
-                                      str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                shutil.which("redis-server") or "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         client = redis.Redis(port=self.port)
         for _ in range(100):
             try:
@@ -107,7 +117,7 @@ async def test_second_pass_is_l1_and_after_restart_l2(worker_factory, client, ow
     third = await client.submit_many(texts, tenant="acme")
     assert [r.cache for r in third] == ["l2"] * len(texts)
     assert [r.output for r in third] == [r.output for r in first]
-    assert metric(w2, "sluice_cache_hits_total{level=\"l2\"}") == len(texts)
+    assert metric(w2, 'sluice_cache_hits_total{level="l2"}') == len(texts)
 
 
 async def test_normalised_variants_share_one_entry_and_one_answer(worker_factory, client, own_redis):
@@ -131,8 +141,7 @@ async def test_tenants_never_share_by_default(worker_factory, client, own_redis)
 
 
 async def test_shared_cache_is_opt_in_per_model(worker_factory, client, own_redis):
-    worker_factory(SLUICE_REDIS_URL=own_redis.url,
-                   SLUICE_SHARED_CACHE_MODELS=f'["{CARD.name}"]')
+    worker_factory(SLUICE_REDIS_URL=own_redis.url, SLUICE_SHARED_CACHE_MODELS=f'["{CARD.name}"]')
     s = "a sentence any tenant may share"
     a = await client.submit(s, tenant="tenant-a")
     b = await client.submit(s, tenant="tenant-b")
@@ -162,8 +171,7 @@ async def test_bypass_skips_lookup_and_write_refresh_overwrites(worker_factory, 
 
 
 async def test_redis_down_or_hung_mid_run_fails_no_request(worker_factory, client, own_redis):
-    w = worker_factory(SLUICE_REDIS_URL=own_redis.url, SLUICE_REDIS_TIMEOUT_MS="50",
-                       SLUICE_REDIS_BACKOFF_MAX_S="0.5")
+    w = worker_factory(SLUICE_REDIS_URL=own_redis.url, SLUICE_REDIS_TIMEOUT_MS="50", SLUICE_REDIS_BACKOFF_MAX_S="0.5")
     n, per_phase = 900, 300
     futs = []
 
@@ -200,6 +208,7 @@ async def test_redis_down_or_hung_mid_run_fails_no_request(worker_factory, clien
 
 async def _committed(bootstrap: str, group: str, topic: str) -> int | None:
     from aiokafka import AIOKafkaConsumer, TopicPartition
+
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     await consumer.start()
     try:
@@ -215,10 +224,12 @@ async def test_an_l1_hit_is_answered_before_its_batch_is_ready_and_committed_wit
     from producers.client import SluiceClient
     from sluice.admin import ensure_topics
     from tests.conftest import Env, WorkerProcess
+
     env = Env(stack, f"t{time.time_ns() % 10**10}", partitions=1)
     await ensure_topics(stack.bootstrap_servers, env.topics.partitions(requests=1, results=1, telemetry=1))
-    w = WorkerProcess(env, SLUICE_REDIS_URL=own_redis.url, SLUICE_BATCH_MAX_ITEMS="4",
-                      SLUICE_BATCH_MAX_WAIT_MS="60000").start()
+    w = WorkerProcess(
+        env, SLUICE_REDIS_URL=own_redis.url, SLUICE_BATCH_MAX_ITEMS="4", SLUICE_BATCH_MAX_WAIT_MS="60000"
+    ).start()
     group = f"{env.prefix}-workers"
     try:
         async with SluiceClient(env.kafka, timeout_s=20) as client:  # well inside the 60 s window

@@ -25,6 +25,7 @@ async def _produce(env, n: int) -> dict[int, int]:
     finally:
         await pub.stop()
     from tests.conftest import read_topic
+
     per: dict[int, int] = defaultdict(int)
     for r in await read_topic(env.stack.bootstrap_servers, env.topics.requests, expect=n):
         per[r.partition] += 1
@@ -35,11 +36,19 @@ def _consumer(env, name: str, *, max_buffered: int = 1000, assigned=None, revoke
     async def nothing(parts: set[int]) -> None:
         return None
 
-    return GroupConsumer(env.stack.bootstrap_servers, group_id=f"{env.prefix}-consumers",
-                         client_id=name, topic=env.topics.requests, session_timeout_ms=6000,
-                         max_poll_interval_ms=300_000, fetch_max_wait_ms=5, fetch_min_bytes=65536,
-                         max_buffered=max_buffered,
-                         on_assigned=assigned or (lambda parts: None), on_revoked=revoked or nothing)
+    return GroupConsumer(
+        env.stack.bootstrap_servers,
+        group_id=f"{env.prefix}-consumers",
+        client_id=name,
+        topic=env.topics.requests,
+        session_timeout_ms=6000,
+        max_poll_interval_ms=300_000,
+        fetch_max_wait_ms=5,
+        fetch_min_bytes=65536,
+        max_buffered=max_buffered,
+        on_assigned=assigned or (lambda parts: None),
+        on_revoked=revoked or nothing,
+    )
 
 
 async def _read(c: GroupConsumer, want: int, timeout_s: float = 30.0) -> dict[int, list[int]]:

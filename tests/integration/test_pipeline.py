@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -12,9 +13,9 @@ import orjson
 import pytest
 from tokenizers import Tokenizer
 
+from processors.runtime import BUILTIN_MODELS, _resolve, load_card
 from producers.client import make_request
 from producers.corpus import text
-from processors.runtime import BUILTIN_MODELS, _resolve, load_card
 from schemas.records import Result, Telemetry, now_ms
 from tests.conftest import AUTOGROUPS, autogroup, read_topic
 
@@ -31,14 +32,14 @@ class DirectModel:
         self.tok = Tokenizer.from_file(str(_resolve(card.tokenizer, folder)))
         self.tok.no_padding()
         self.tok.enable_truncation(max_length=card.max_tokens)
-        self.sess = ort.InferenceSession(str(_resolve(card.onnx, folder)),
-                                         providers=["CPUExecutionProvider"])
+        self.sess = ort.InferenceSession(str(_resolve(card.onnx, folder)), providers=["CPUExecutionProvider"])
 
     def embed(self, s: str) -> np.ndarray:
         ids = np.array([self.tok.encode(s).ids], dtype=np.int64)
         mask = np.ones_like(ids)
-        hidden = self.sess.run(None, {"input_ids": ids, "attention_mask": mask,
-                                      "token_type_ids": np.zeros_like(ids)})[0]
+        hidden = self.sess.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})[
+            0
+        ]
         v = hidden[0].mean(axis=0)
         return v / np.linalg.norm(v)
 
@@ -78,6 +79,7 @@ async def test_the_built_int8_model_answers_the_same_batched_or_alone(env, worke
 
     from processors.runtime import ModelRuntime
     from sluice.models import FAST_MODEL
+
     folder = Path(__file__).resolve().parents[2] / ".sluice" / "models" / FAST_MODEL
     assert (folder / "card.json").is_file(), "run `make setup` (sluice model build) first"
     alone = ModelRuntime(folder, intra_op_threads=1).load()
@@ -132,8 +134,13 @@ BAD_CASES = [
     (b'{"id": "bad-task", "input": "hello", "task": "translate"}', "unknown_task", True),
     (b'{"id": "bad-model", "input": "hello", "model": "gpt-17"}', "unknown_model", True),
     (b'{"id": "bad-nolabels", "input": "hello", "task": "classify"}', "missing_labels", True),
-    (b'{"id": "bad-manylabels", "input": "hello", "task": "classify", "labels": ['
-     + b",".join(b'"l%d"' % i for i in range(65)) + b"]}", "too_many_labels", True),
+    (
+        b'{"id": "bad-manylabels", "input": "hello", "task": "classify", "labels": ['
+        + b",".join(b'"l%d"' % i for i in range(65))
+        + b"]}",
+        "too_many_labels",
+        True,
+    ),
     (b'{"id": "bad-utf8", "input": "caf\xe9 \xff"}', "invalid_utf8", True),
     (b'{"id": "bad-cache", "input": "hello", "cache": "sometimes"}', "invalid_field", True),
 ]
@@ -172,6 +179,7 @@ async def test_every_bad_input_gets_its_error_and_spares_its_batch(env, worker_f
     dlq = await read_topic(env.stack.bootstrap_servers, env.topics.dlq, expect=len(no_id))
     docs = [orjson.loads(r.value) for r in dlq]
     import base64
+
     assert sorted((base64.b64decode(d["value_b64"]), d["code"]) for d in docs) == sorted(no_id)
     for d in docs:
         assert d["reason"] and d["topic"] == env.topics.requests and d["offset"] >= 0
@@ -230,11 +238,19 @@ async def test_the_librdkafka_load_generator_is_answered_and_partitions_like_aio
     on the partition aiokafka (SluiceClient) would pick for its key, so the
     cache affinity of keyed requests holds whichever client sent them."""
     from aiokafka.partitioner import DefaultPartitioner
+
     from producers.corpus import Workload
     from producers.loadgen import run_load
+
     worker_factory()
-    report = await run_load(env.kafka, rate=100, duration_s=1.0, workload=Workload("uniform", 20, seed=3),
-                            progress=None, transport="librdkafka")
+    report = await run_load(
+        env.kafka,
+        rate=100,
+        duration_s=1.0,
+        workload=Workload("uniform", 20, seed=3),
+        progress=None,
+        transport="librdkafka",
+    )
     assert report.sent == report.answered == 100 and report.statuses == {"ok": 100}
     records = await read_topic(env.stack.bootstrap_servers, env.topics.requests, expect=100)
     assert len(records) == 100
@@ -254,6 +270,7 @@ async def test_the_librdkafka_load_generator_hands_over_a_burst_of_answers_in_sl
 
     from producers import rdkafka_client
     from producers.rdkafka_client import RdKafkaClient
+
     n = 10 * rdkafka_client._HAND_OVER + 5
     handed: list[int] = []
     async with RdKafkaClient(env.kafka) as c:
@@ -262,8 +279,9 @@ async def test_the_librdkafka_load_generator_hands_over_a_burst_of_answers_in_sl
         futs = [await c.send(make_request(f"burst {i}", id=f"burst-{i}")) for i in range(n)]
         p = Producer({"bootstrap.servers": env.stack.bootstrap_servers})
         for i in range(n):
-            p.produce(env.topics.results, orjson.dumps({"id": f"burst-{i}", "status": "ok", "n": i}),
-                      f"burst-{i}".encode())
+            p.produce(
+                env.topics.results, orjson.dumps({"id": f"burst-{i}", "status": "ok", "n": i}), f"burst-{i}".encode()
+            )
         assert p.flush(10) == 0
         docs = await asyncio.wait_for(asyncio.gather(*futs), timeout=30)
     assert [d["n"] for d in docs] == list(range(n))
@@ -280,11 +298,16 @@ async def test_a_burst_of_answers_leaves_the_worker_in_slices_with_a_pause_betwe
     the model, and come back from it, together; a record's timestamp is when
     the worker's producer was handed it."""
     from confluent_kafka import Producer
+
     gap_ms, n = 300, 192
     # one piece for the model (SLUICE_INFERENCE_MAX_ITEMS): its 192 answers leave together
-    worker_factory(SLUICE_PUBLISH_SLICE_GAP_MS=str(gap_ms), SLUICE_BATCH_MAX_ITEMS="1000",
-                   SLUICE_BATCH_MAX_TOKENS="100000", SLUICE_BATCH_MAX_WAIT_MS="2000",
-                   SLUICE_INFERENCE_MAX_ITEMS="256")
+    worker_factory(
+        SLUICE_PUBLISH_SLICE_GAP_MS=str(gap_ms),
+        SLUICE_BATCH_MAX_ITEMS="1000",
+        SLUICE_BATCH_MAX_TOKENS="100000",
+        SLUICE_BATCH_MAX_WAIT_MS="2000",
+        SLUICE_INFERENCE_MAX_ITEMS="256",
+    )
     p = Producer({"bootstrap.servers": env.stack.bootstrap_servers, "linger.ms": 20})
     for i in range(n):
         doc = make_request(f"{env.prefix}: {text(i, seed=41)}", id=f"slice-{i}")  # inputs no cache holds
@@ -306,9 +329,15 @@ async def test_a_large_hand_off_is_answered_piece_by_piece_as_the_model_computes
     before the last piece has been computed. Telemetry says which piece
     computed a request (its inference window)."""
     from confluent_kafka import Producer
+
     n = 192
-    worker_factory(SLUICE_INFERENCE_MAX_ITEMS="64", SLUICE_PUBLISH_SLICE_GAP_MS="0", SLUICE_BATCH_MAX_ITEMS="1000",
-                   SLUICE_BATCH_MAX_TOKENS="100000", SLUICE_BATCH_MAX_WAIT_MS="2000")
+    worker_factory(
+        SLUICE_INFERENCE_MAX_ITEMS="64",
+        SLUICE_PUBLISH_SLICE_GAP_MS="0",
+        SLUICE_BATCH_MAX_ITEMS="1000",
+        SLUICE_BATCH_MAX_TOKENS="100000",
+        SLUICE_BATCH_MAX_WAIT_MS="2000",
+    )
     p = Producer({"bootstrap.servers": env.stack.bootstrap_servers, "linger.ms": 20})
     for i in range(n):
         # ~50 words each, so that every piece keeps the model busy for a while
@@ -331,8 +360,10 @@ async def test_a_large_hand_off_is_answered_piece_by_piece_as_the_model_computes
 
 
 async def test_the_model_runs_in_a_nice_child_whose_death_stops_the_worker_and_loses_nothing(
-        env, worker_factory, client):
+    env, worker_factory, client
+):
     import os
+
     w1 = worker_factory(SLUICE_MODEL_NICE="7")
     assert (await client.submit("warm: the model answers from its own process", timeout_s=60)).status == "ok"
     child = w1.model_pid()
@@ -362,6 +393,7 @@ async def test_the_model_runs_in_a_nice_child_whose_death_stops_the_worker_and_l
 async def test_a_worker_killed_outright_takes_its_model_process_with_it(env, worker_factory):
     import os
     import time
+
     w = worker_factory()
     child = w.model_pid()
     w.signal(signal.SIGKILL)
@@ -373,5 +405,5 @@ async def test_a_worker_killed_outright_takes_its_model_process_with_it(env, wor
         except ChildProcessError:
             pass
         await asyncio.sleep(0.2)
-    status = open(f"/proc/{child}/status").read() if os.path.exists(f"/proc/{child}") else "gone"
+    status = Path(f"/proc/{child}/status").read_text() if os.path.exists(f"/proc/{child}") else "gone"
     assert status == "gone" or "State:\tZ" in status, f"model process {child} outlived its worker"

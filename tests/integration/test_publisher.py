@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from processors.publisher import PublishError, Publisher
+from processors.publisher import Publisher, PublishError
 from tests.conftest import read_topic
 
 pytestmark = pytest.mark.integration
@@ -27,13 +27,12 @@ async def test_acks_resolve_and_records_arrive_keyed_and_in_order(env):
     for r in records:
         by_key.setdefault(r.key, []).append(int(r.value[1:]))
     assert sorted(by_key) == [f"k{i}".encode() for i in range(5)]
-    for key, seq in by_key.items():
+    for seq in by_key.values():
         assert seq == sorted(seq) and len(seq) == 100  # one partition per key, in send order
 
 
 async def test_a_record_the_broker_refuses_fails_its_own_future_only(env):
-    pub = Publisher(env.stack.bootstrap_servers, client_id="test-publisher", linger_ms=2,
-                    max_message_bytes=10_000)
+    pub = Publisher(env.stack.bootstrap_servers, client_id="test-publisher", linger_ms=2, max_message_bytes=10_000)
     await pub.start()
     try:
         bad_topic = await pub.send("not a topic!", b"x")

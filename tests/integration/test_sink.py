@@ -35,15 +35,31 @@ def telemetry(i: int, base_ms: int) -> dict:
     cache = rnd.choice(["l1", "l2", "coalesced", "miss", "none"])
     sent = base_ms + i
     doc = {
-        "v": 1, "id": f"req-{uuid.uuid4().hex}", "tenant": rnd.choice(["acme", "beta", "corp", "default"]),
-        "model": rnd.choice(["all-minilm-l6-v2", "all-minilm-l6-v2-sq8"]), "model_version": "1",
-        "task": rnd.choice(["embed", "classify"]), "status": status,
-        "error_code": "model_error" if status == "error" else "", "cache": cache,
-        "tokens": rnd.randint(1, 200), "batch_size": rnd.randint(1, 64), "worker": f"w{rnd.randint(1, 3)}",
-        "partition": rnd.randint(0, 11), "offset": i, "sent_at_ms": sent, "received_at_ms": sent + 1,
-        "inference_start_ms": sent + 2, "inference_end_ms": sent + 9, "published_at_ms": sent + 10,
-        "queue_ms": 2.0, "cache_ms": 0.3, "inference_ms": 7.0, "total_ms": 10.0 + rnd.random() * 50,
-        "compute_ms": 1.5, "cost_usd": rnd.random() * 1e-5,
+        "v": 1,
+        "id": f"req-{uuid.uuid4().hex}",
+        "tenant": rnd.choice(["acme", "beta", "corp", "default"]),
+        "model": rnd.choice(["all-minilm-l6-v2", "all-minilm-l6-v2-sq8"]),
+        "model_version": "1",
+        "task": rnd.choice(["embed", "classify"]),
+        "status": status,
+        "error_code": "model_error" if status == "error" else "",
+        "cache": cache,
+        "tokens": rnd.randint(1, 200),
+        "batch_size": rnd.randint(1, 64),
+        "worker": f"w{rnd.randint(1, 3)}",
+        "partition": rnd.randint(0, 11),
+        "offset": i,
+        "sent_at_ms": sent,
+        "received_at_ms": sent + 1,
+        "inference_start_ms": sent + 2,
+        "inference_end_ms": sent + 9,
+        "published_at_ms": sent + 10,
+        "queue_ms": 2.0,
+        "cache_ms": 0.3,
+        "inference_ms": 7.0,
+        "total_ms": 10.0 + rnd.random() * 50,
+        "compute_ms": 1.5,
+        "cost_usd": rnd.random() * 1e-5,
     }
     Telemetry.model_validate(doc)
     return doc
@@ -65,12 +81,20 @@ class SinkProcess(supervisor.WorkerProcess):
 
     def __init__(self, env, chdb_path: Path, group: str, **settings: str) -> None:
         log = Path(os.environ.get("TMPDIR", "/tmp")) / f"sluice-sink-{env.prefix}-{uuid.uuid4().hex[:6]}.log"
-        super().__init__({"SLUICE_BOOTSTRAP_SERVERS": env.stack.bootstrap_servers,
-                          "SLUICE_TOPIC_PREFIX": env.prefix, "SLUICE_SINK_GROUP_ID": group,
-                          "SLUICE_CHDB_PATH": str(chdb_path), **settings},
-                         log_path=log, cwd=ROOT, command="sink")
+        super().__init__(
+            {
+                "SLUICE_BOOTSTRAP_SERVERS": env.stack.bootstrap_servers,
+                "SLUICE_TOPIC_PREFIX": env.prefix,
+                "SLUICE_SINK_GROUP_ID": group,
+                "SLUICE_CHDB_PATH": str(chdb_path),
+                **settings,
+            },
+            log_path=log,
+            cwd=ROOT,
+            command="sink",
+        )
 
-    def start(self, timeout_s: float = 30.0) -> "SinkProcess":  # type: ignore[override]
+    def start(self, timeout_s: float = 30.0) -> SinkProcess:  # type: ignore[override]
         try:
             super().start(timeout_s)
         except Exception as exc:
@@ -78,8 +102,12 @@ class SinkProcess(supervisor.WorkerProcess):
         return self
 
     def query(self, sql: str) -> tuple[list[str], list[list]]:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/query", data=orjson.dumps({"sql": sql}),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/query",
+            data=orjson.dumps({"sql": sql}),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         with urllib.request.urlopen(req, timeout=10) as r:
             doc = orjson.loads(r.read())
         return doc["columns"], doc["rows"]
@@ -140,8 +168,10 @@ async def test_n_records_become_exactly_n_rows(env, sinks, tmp_path):
     rows, ids = await asyncio.to_thread(sink.wait_rows, N)
     assert (rows, ids) == (N, N)
     # the same figures as the records say
-    cols, got = sink.query("SELECT tenant, count(), round(sum(cost_usd), 9), sum(tokens) FROM sluice.telemetry "
-                           "GROUP BY tenant ORDER BY tenant")
+    cols, got = sink.query(
+        "SELECT tenant, count(), round(sum(cost_usd), 9), sum(tokens) FROM sluice.telemetry "
+        "GROUP BY tenant ORDER BY tenant"
+    )
     assert len(cols) == 4
     want = {}
     for d in docs:
@@ -169,8 +199,9 @@ def post_query(port: int, sql: str, token: str | None = None) -> tuple[int, dict
     headers = {"Content-Type": "application/json"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/query", data=orjson.dumps({"sql": sql}),
-                                 headers=headers, method="POST")
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/query", data=orjson.dumps({"sql": sql}), headers=headers, method="POST"
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, orjson.loads(r.read()), dict(r.headers)
@@ -189,8 +220,9 @@ async def test_the_query_endpoint_refuses_files_network_writes_and_runaway_scans
     secret = tmp_path / "secret.txt"
     secret.write_text("do-not-leak-7f3a\n")
     out = tmp_path / "written.txt"
-    sink = sinks(env, tmp_path / "chdb", f"{env.prefix}-sink", SLUICE_SINK_QUERY_TIMEOUT_S="6",
-                 SLUICE_SINK_BATCH_MAX_S="0.2")
+    sink = sinks(
+        env, tmp_path / "chdb", f"{env.prefix}-sink", SLUICE_SINK_QUERY_TIMEOUT_S="6", SLUICE_SINK_BATCH_MAX_S="0.2"
+    )
     for attack, sql in ATTACKS.items():
         status, doc, _ = post_query(sink.port, sql.format(secret=secret, out=out, db="sluice"))
         assert status == 400, (attack, doc)
@@ -207,8 +239,9 @@ async def test_the_query_endpoint_refuses_files_network_writes_and_runaway_scans
     scan = asyncio.create_task(asyncio.to_thread(post_query, sink.port, HEAVY_SCAN.format(rows=30_000_000)))
     await asyncio.sleep(0.5)
     started = time.monotonic()
-    await produce(env.stack.bootstrap_servers, env.topics.telemetry,
-                  [telemetry(i, now_ms() - 60_000) for i in range(N)])
+    await produce(
+        env.stack.bootstrap_servers, env.topics.telemetry, [telemetry(i, now_ms() - 60_000) for i in range(N)]
+    )
     rows, _ = await asyncio.to_thread(sink.wait_rows, N, 20.0)
     stored_s = time.monotonic() - started
     assert not scan.done(), "the scan ended before the inserts could be seen to pass it"
@@ -222,19 +255,25 @@ async def test_the_query_endpoint_refuses_files_network_writes_and_runaway_scans
 async def test_the_query_endpoint_asks_for_its_token_and_sheds_excess_queries(env, sinks, tmp_path):
     from tests.unit.test_store import HEAVY_SCAN
 
-    sink = sinks(env, tmp_path / "chdb", f"{env.prefix}-sink", SLUICE_SINK_QUERY_TOKEN="t0ken-9c1e",
-                 SLUICE_SINK_QUERY_CONCURRENCY="1", SLUICE_SINK_QUERY_TIMEOUT_S="4")
+    sink = sinks(
+        env,
+        tmp_path / "chdb",
+        f"{env.prefix}-sink",
+        SLUICE_SINK_QUERY_TOKEN="t0ken-9c1e",
+        SLUICE_SINK_QUERY_CONCURRENCY="1",
+        SLUICE_SINK_QUERY_TIMEOUT_S="4",
+    )
     for token in (None, "wrong", ""):
         status, doc, headers = post_query(sink.port, "SELECT 1 AS one", token)
         assert status == 401 and headers.get("WWW-Authenticate", "").startswith("Bearer"), doc
-    assert post_query(sink.port, "SELECT 1 AS one", "t0ken-9c1e")[:2] == (200, {"columns": ["one"],
-                                                                               "rows": [[1]]})
+    assert post_query(sink.port, "SELECT 1 AS one", "t0ken-9c1e")[:2] == (200, {"columns": ["one"], "rows": [[1]]})
     # health and metrics stay open to probes and Prometheus
     with urllib.request.urlopen(f"http://127.0.0.1:{sink.port}/readyz", timeout=5) as r:
         assert r.status == 200
     # one query at a time: a second one while a scan runs is told to come back
-    scan = asyncio.create_task(asyncio.to_thread(post_query, sink.port, HEAVY_SCAN.format(rows=30_000_000),
-                                                 "t0ken-9c1e"))
+    scan = asyncio.create_task(
+        asyncio.to_thread(post_query, sink.port, HEAVY_SCAN.format(rows=30_000_000), "t0ken-9c1e")
+    )
     await asyncio.sleep(1.0)
     status, doc, headers = post_query(sink.port, "SELECT 1 AS one", "t0ken-9c1e")
     assert status == 429 and headers.get("Retry-After") == "1", doc
@@ -247,10 +286,20 @@ async def test_the_query_endpoint_asks_for_its_token_and_sheds_excess_queries(en
 def test_a_sink_listening_beyond_loopback_without_a_token_does_not_start(tmp_path):
     import subprocess
     import sys
-    proc = subprocess.run([sys.executable, "-m", "sluice", "sink"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60,
-                          env={**os.environ, "SLUICE_SINK_HOST": "0.0.0.0", "SLUICE_SINK_PORT": "0",
-                               "SLUICE_CHDB_PATH": str(tmp_path / "chdb")})
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "sluice", "sink"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            **os.environ,
+            "SLUICE_SINK_HOST": "0.0.0.0",
+            "SLUICE_SINK_PORT": "0",
+            "SLUICE_CHDB_PATH": str(tmp_path / "chdb"),
+        },
+    )
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "SLUICE_SINK_QUERY_TOKEN" in lines[0], proc.stderr
@@ -263,8 +312,7 @@ async def test_sigkill_mid_stream_and_restart_leaves_exactly_n_rows(env, sinks, 
     await produce(env.stack.bootstrap_servers, env.topics.telemetry, docs)
     group = f"{env.prefix}-sink"
     # small, frequent blocks: the kill lands between inserts and commits
-    first = sinks(env, tmp_path / "chdb", group, SLUICE_SINK_BATCH_MAX_ROWS="100",
-                  SLUICE_SINK_BATCH_MAX_S="0.05")
+    first = sinks(env, tmp_path / "chdb", group, SLUICE_SINK_BATCH_MAX_ROWS="100", SLUICE_SINK_BATCH_MAX_S="0.05")
     deadline = time.monotonic() + 30
     stored = 0
     while time.monotonic() < deadline:
@@ -310,6 +358,7 @@ async def test_a_crash_between_insert_and_commit_is_replayed_as_the_same_block(e
     100 and dies before committing; the second run reads bigger batches, yet
     its first block is cut where the planned cut says, and ClickHouse drops it."""
     from aiokafka.admin import AIOKafkaAdminClient
+
     from sinks.config import SinkConfig
     from sinks.sink import CUT_PREFIX, TelemetrySink
     from sinks.store import ChdbStore
@@ -317,9 +366,15 @@ async def test_a_crash_between_insert_and_commit_is_replayed_as_the_same_block(e
     base = now_ms() - 60_000
     await produce(env.stack.bootstrap_servers, env.topics.telemetry, [telemetry(i, base) for i in range(N)])
     group = f"{env.prefix}-sink"
-    cfg = SinkConfig(bootstrap_servers=env.stack.bootstrap_servers, topic_prefix=env.prefix,
-                     sink_group_id=group, chdb_path=tmp_path / "chdb", sink_port=0,
-                     sink_batch_max_rows=100, sink_batch_max_s=0.05)
+    cfg = SinkConfig(
+        bootstrap_servers=env.stack.bootstrap_servers,
+        topic_prefix=env.prefix,
+        sink_group_id=group,
+        chdb_path=tmp_path / "chdb",
+        sink_port=0,
+        sink_batch_max_rows=100,
+        sink_batch_max_s=0.05,
+    )
     first = TelemetrySink(cfg, store=CrashAfterInsert(ChdbStore(cfg.chdb_path, "sluice")))
     await first.start()
     with pytest.raises(KeyboardInterrupt):
@@ -345,8 +400,7 @@ async def test_a_crash_between_insert_and_commit_is_replayed_as_the_same_block(e
                 break
             await asyncio.sleep(0.1)
         await asyncio.sleep(1.0)
-        _, rows = await asyncio.to_thread(
-            second.store.query, "SELECT count(), uniqExact(id) FROM sluice.telemetry")
+        _, rows = await asyncio.to_thread(second.store.query, "SELECT count(), uniqExact(id) FROM sluice.telemetry")
         _, minute = await asyncio.to_thread(second.store.query, "SELECT sum(requests) FROM sluice.telemetry_minute")
         assert rows[0] == (N, N)
         assert minute[0][0] == N
@@ -357,7 +411,8 @@ async def test_a_crash_between_insert_and_commit_is_replayed_as_the_same_block(e
 
 @pytest.mark.timeout(180)
 async def test_requests_through_the_pipeline_land_once_and_queries_match_python(
-        env, worker_factory, client, sinks, tmp_path):
+    env, worker_factory, client, sinks, tmp_path
+):
     """End to end: client -> worker -> telemetry -> sink -> SQL, checked
     against the same figures computed from the telemetry records."""
     from collections import Counter
@@ -379,8 +434,10 @@ async def test_requests_through_the_pipeline_land_once_and_queries_match_python(
     _, ids = sink.query("SELECT id FROM sluice.telemetry")
     assert sorted(i for [i] in ids) == sorted(r.id for r in results)
 
-    records = [Telemetry.model_validate(orjson.loads(r.value))
-               for r in await read_topic(env.stack.bootstrap_servers, env.topics.telemetry, expect=n)]
+    records = [
+        Telemetry.model_validate(orjson.loads(r.value))
+        for r in await read_topic(env.stack.bootstrap_servers, env.topics.telemetry, expect=n)
+    ]
 
     def rows(name):
         cols, out = run(name, sink.query, since_s=3600)
@@ -393,8 +450,12 @@ async def test_requests_through_the_pipeline_land_once_and_queries_match_python(
         assert per_tenant[tenant]["cost_usd"] == pytest.approx(sum(t.cost_usd for t in mine), rel=1e-6)
     [hit] = rows("cache_hit_rate")
     levels = Counter(t.cache for t in records)
-    assert (hit["l1"], hit["l2"], hit["coalesced"], hit["misses"]) == \
-        (levels["l1"], levels["l2"], levels["coalesced"], levels["miss"])
+    assert (hit["l1"], hit["l2"], hit["coalesced"], hit["misses"]) == (
+        levels["l1"],
+        levels["l2"],
+        levels["coalesced"],
+        levels["miss"],
+    )
     assert levels["l1"] + levels["coalesced"] > 0 and levels["miss"] > 0
     [w] = rows("worker_throughput")
     assert w["requests"] == n and w["computed"] == levels["miss"]

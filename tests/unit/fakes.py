@@ -6,7 +6,8 @@ run the same stages on the real broker, Redis and model."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 
@@ -21,8 +22,7 @@ from schemas.topics import Topics
 class Message:
     """A record as librdkafka hands it over."""
 
-    def __init__(self, offset: int, value: bytes | None, key: bytes | None = None,
-                 ts_ms: int = 1_000) -> None:
+    def __init__(self, offset: int, value: bytes | None, key: bytes | None = None, ts_ms: int = 1_000) -> None:
         self._offset, self._value, self._key, self._ts = offset, value, key, ts_ms
 
     def offset(self) -> int:
@@ -79,6 +79,7 @@ class FakePublisher:
             async def later() -> None:
                 await hold.wait()
                 settle()
+
             self._waiting.append(asyncio.ensure_future(later()))
         return fut
 
@@ -154,13 +155,25 @@ class FakeL2:
 
 
 def card(name: str = "mini", tasks: tuple[str, ...] = ("embed",), price: float = 3.6) -> ModelCard:
-    return ModelCard(name=name, version="1", tasks=tasks, uncased=True,  # type: ignore[arg-type]
-                     price_per_compute_hour_usd=price)
+    return ModelCard(
+        name=name,
+        version="1",
+        tasks=tasks,
+        uncased=True,  # type: ignore[arg-type]
+        price_per_compute_hour_usd=price,
+    )
 
 
 def config(**over: Any) -> WorkerConfig:
-    base: dict[str, Any] = dict(topic_prefix="t", default_model="mini", redis_url="", worker_id="w1",
-                                batch_max_items=64, batch_max_wait_ms=0, publish_slice_gap_ms=0)
+    base: dict[str, Any] = dict(
+        topic_prefix="t",
+        default_model="mini",
+        redis_url="",
+        worker_id="w1",
+        batch_max_items=64,
+        batch_max_wait_ms=0,
+        publish_slice_gap_ms=0,
+    )
     return WorkerConfig(**{**base, **over})
 
 

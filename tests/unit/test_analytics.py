@@ -30,19 +30,35 @@ def make_rows(now_s: float) -> list[dict]:
         total = float(rng.uniform(1500, 2500)) if slow else float(rng.uniform(5, 120))
         cache = str(rng.choice(["l1", "l2", "coalesced", "miss"], p=[0.6, 0.1, 0.1, 0.2]))
         computed = cache == "miss"
-        rows.append({
-            "v": 1, "id": f"r{i}", "tenant": str(rng.choice(["acme", "beta", "corp"])),
-            "model": str(rng.choice(["m-a", "m-b"])), "model_version": "1", "task": "embed",
-            "status": str(rng.choice(["ok", "error", "expired"], p=[0.9, 0.07, 0.03])),
-            "error_code": "", "cache": cache, "tokens": int(rng.integers(3, 60)) if computed else 0,
-            "batch_size": 8, "worker": str(rng.choice(["w1", "w2"])), "partition": i % 12, "offset": i,
-            "sent_at_ms": int((published - total / 1000) * 1000), "received_at_ms": int(published * 1000) - 5,
-            "inference_start_ms": int(published * 1000) - 4, "inference_end_ms": int(published * 1000) - 2,
-            "published_at_ms": int(published * 1000), "queue_ms": 1.0, "cache_ms": 0.1,
-            "inference_ms": 2.0 if computed else 0.0, "total_ms": total,
-            "compute_ms": float(rng.uniform(1, 5)) if computed else 0.0,
-            "cost_usd": float(rng.uniform(1e-7, 1e-6)) if computed else 1e-10,
-        })
+        rows.append(
+            {
+                "v": 1,
+                "id": f"r{i}",
+                "tenant": str(rng.choice(["acme", "beta", "corp"])),
+                "model": str(rng.choice(["m-a", "m-b"])),
+                "model_version": "1",
+                "task": "embed",
+                "status": str(rng.choice(["ok", "error", "expired"], p=[0.9, 0.07, 0.03])),
+                "error_code": "",
+                "cache": cache,
+                "tokens": int(rng.integers(3, 60)) if computed else 0,
+                "batch_size": 8,
+                "worker": str(rng.choice(["w1", "w2"])),
+                "partition": i % 12,
+                "offset": i,
+                "sent_at_ms": int((published - total / 1000) * 1000),
+                "received_at_ms": int(published * 1000) - 5,
+                "inference_start_ms": int(published * 1000) - 4,
+                "inference_end_ms": int(published * 1000) - 2,
+                "published_at_ms": int(published * 1000),
+                "queue_ms": 1.0,
+                "cache_ms": 0.1,
+                "inference_ms": 2.0 if computed else 0.0,
+                "total_ms": total,
+                "compute_ms": float(rng.uniform(1, 5)) if computed else 0.0,
+                "cost_usd": float(rng.uniform(1e-7, 1e-6)) if computed else 1e-10,
+            }
+        )
     return rows
 
 
@@ -57,8 +73,10 @@ def store_and_rows(request, tmp_path_factory):
         cfg = SinkConfig(chdb_path=tmp_path_factory.mktemp("chdb"))
     else:
         if not SERVER_URL:
-            pytest.skip("clickhouse-connect back end: no ClickHouse server here; set "
-                        "SLUICE_TEST_CLICKHOUSE_URL=http://user:pass@host:8123/ to run these tests on one")
+            pytest.skip(
+                "clickhouse-connect back end: no ClickHouse server here; set "
+                "SLUICE_TEST_CLICKHOUSE_URL=http://user:pass@host:8123/ to run these tests on one"
+            )
         cfg = SinkConfig(clickhouse_url=SERVER_URL, clickhouse_database=f"sluice_q_{uuid.uuid4().hex[:8]}")
     store = open_store(cfg)
     store.start()
@@ -81,6 +99,7 @@ def minute_of(row) -> int:
 def minute_key(value) -> int:
     """A minute column (datetime or 'YYYY-MM-DD hh:mm:ss' in UTC) -> minutes since the epoch."""
     import calendar
+
     if isinstance(value, str):
         return calendar.timegm(time.strptime(value, "%Y-%m-%d %H:%M:%S")) // 60
     return int(value.timestamp()) // 60
@@ -88,9 +107,15 @@ def minute_key(value) -> int:
 
 def test_every_query_file_says_what_it_answers():
     queries = load_queries()
-    assert set(queries) == {"latency_by_model_minute", "cost_by_tenant_day", "cache_hit_rate",
-                            "worker_throughput", "slo_violations", "autoscale_signal",
-                            "traffic_by_minute"}
+    assert set(queries) == {
+        "latency_by_model_minute",
+        "cost_by_tenant_day",
+        "cache_hit_rate",
+        "worker_throughput",
+        "slo_violations",
+        "autoscale_signal",
+        "traffic_by_minute",
+    }
     assert all(qq.answers for qq in queries.values())
 
 
@@ -118,8 +143,7 @@ def test_cost_by_tenant_day(store_and_rows):
         day = time.strftime("%Y-%m-%d", time.gmtime(r["published_at_ms"] / 1000))
         want[(day, r["tenant"], r["model"])][0] += 1
         want[(day, r["tenant"], r["model"])][1] += r["cost_usd"]
-    assert {(str(g["day"]), g["tenant"], g["model"]): g["requests"] for g in got} == \
-        {k: v[0] for k, v in want.items()}
+    assert {(str(g["day"]), g["tenant"], g["model"]): g["requests"] for g in got} == {k: v[0] for k, v in want.items()}
     for g in got:
         n, cost = want[(str(g["day"]), g["tenant"], g["model"])]
         assert g["cost_usd"] == pytest.approx(cost, rel=1e-6)
@@ -131,8 +155,12 @@ def test_cache_hit_rate_and_cost_saved(store_and_rows):
     for g in q(store, "cache_hit_rate"):
         mine = [r for r in rows if r["model"] == g["model"]]
         levels = Counter(r["cache"] for r in mine)
-        assert (g["l1"], g["l2"], g["coalesced"], g["misses"]) == \
-            (levels["l1"], levels["l2"], levels["coalesced"], levels["miss"])
+        assert (g["l1"], g["l2"], g["coalesced"], g["misses"]) == (
+            levels["l1"],
+            levels["l2"],
+            levels["coalesced"],
+            levels["miss"],
+        )
         hits = levels["l1"] + levels["l2"] + levels["coalesced"]
         assert g["hit_rate"] == pytest.approx(hits / len(mine), abs=1e-4)
         cost = sum(r["cost_usd"] for r in mine)
@@ -185,6 +213,7 @@ def test_traffic_by_minute(store_and_rows):
 
 def test_report_is_one_page_with_plots_and_every_table(store_and_rows):
     from sinks.report import build_report
+
     store, _ = store_and_rows
     page = build_report(store.query, db=store.db, since_s=3600)
     assert page.count("data:image/png;base64,") == 4

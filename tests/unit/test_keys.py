@@ -16,8 +16,13 @@ def test_normalise_folds_whitespace_and_case_only_for_uncased_models():
 
 def test_cache_key_is_stable_and_separates_everything_that_changes_the_answer():
     assert key() == key()
-    variants = [key(scope="other"), key(model="m@2"), key(task="classify", labels=("a",)),
-                key(task="classify", labels=("b",)), key(text="hello there")]
+    variants = [
+        key(scope="other"),
+        key(model="m@2"),
+        key(task="classify", labels=("a",)),
+        key(task="classify", labels=("b",)),
+        key(text="hello there"),
+    ]
     assert len({key(), *variants}) == 1 + len(variants)
 
 

@@ -19,7 +19,9 @@ OPTIONS = dict(intra_op_threads=1, token_budget=64, max_items=4)
 def test_outputs_tokens_and_costs_match_the_runtime_in_this_process():
     texts = ["short", "a somewhat longer sentence about kafka partitions and batches " * 40, "x"]
     labels = ("sport", "finance")
-    jobs = [Job("all-minilm-l6-v2", t) for t in texts] + [Job("all-minilm-l6-v2", "the match ended 2-1", "classify", labels)]
+    jobs = [Job("all-minilm-l6-v2", t) for t in texts] + [
+        Job("all-minilm-l6-v2", "the match ended 2-1", "classify", labels)
+    ]
 
     async def run():
         mp = ModelProcess(nice=3)
@@ -95,6 +97,7 @@ def test_the_model_process_runs_in_a_scheduling_group_of_its_own_at_its_niceness
     """Its own session (so its own autogroup, out of the worker's) at the
     niceness asked for, every thread of it: above 0 it yields to every
     other process on the machine."""
+
     async def run():
         mp = ModelProcess(nice=nice)
         try:

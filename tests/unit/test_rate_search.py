@@ -28,8 +28,7 @@ def queue_model(capacity: float, seconds: float = 10.0):
 
 def test_search_brackets_the_capacity_and_numbers_the_steps():
     run_step, calls = queue_model(capacity=700)
-    search = asyncio.run(find_max_rate(run_step, slo_ms=500, start_rate=100, factor=2, refine=2,
-                                       progress=None))
+    search = asyncio.run(find_max_rate(run_step, slo_ms=500, start_rate=100, factor=2, refine=2, progress=None))
     rates = [r for r, _ in calls]
     assert rates[:4] == [100, 200, 400, 800]  # 800: backlog 1.4 s, p99 ~1.5 s -> fail
     assert [s for _, s in calls] == list(range(len(calls)))
@@ -72,10 +71,12 @@ class EchoTransport:
 
     async def send(self, doc):
         from schemas.records import now_ms
+
         self.sent.append(doc)
         fut = asyncio.get_running_loop().create_future()
         asyncio.get_running_loop().call_soon(
-            fut.set_result, {"id": doc["id"], "status": "ok", "cache": "l1", "_received_at_ms": now_ms()})
+            fut.set_result, {"id": doc["id"], "status": "ok", "cache": "l1", "_received_at_ms": now_ms()}
+        )
         return fut
 
     async def flush(self) -> None:
@@ -84,10 +85,19 @@ class EchoTransport:
 
 def test_run_load_hands_every_answer_and_its_latency_to_on_answer():
     from producers.loadgen import run_load
+
     seen: list[tuple[str, float]] = []
     transport = EchoTransport()
-    report = asyncio.run(run_load(None, rate=200, duration_s=0.25, client=transport, progress=None,
-                                  on_answer=lambda doc, lat: seen.append((doc["id"], lat))))
+    report = asyncio.run(
+        run_load(
+            None,
+            rate=200,
+            duration_s=0.25,
+            client=transport,
+            progress=None,
+            on_answer=lambda doc, lat: seen.append((doc["id"], lat)),
+        )
+    )
     assert report.sent == report.answered == len(transport.sent) == 50
     assert sorted(i for i, _ in seen) == sorted(d["id"] for d in transport.sent)
     assert all(lat >= 0 for _, lat in seen) and report.cache == {"l1": 50}

@@ -42,13 +42,17 @@ def test_missing_models_dir_names_the_setting(tmp_path):
 
 @pytest.fixture(scope="module")
 def runtime():
-    return ModelRuntime(BUILTIN_MODELS / "all-minilm-l6-v2", intra_op_threads=1,
-                        token_budget=64, max_items=4).load()
+    return ModelRuntime(BUILTIN_MODELS / "all-minilm-l6-v2", intra_op_threads=1, token_budget=64, max_items=4).load()
 
 
 def test_batched_embeddings_equal_one_by_one(runtime):
-    texts = ["short", "a somewhat longer sentence about kafka partitions and batches",
-             "medium length text here", "x", "another one of middling size for the test"]
+    texts = [
+        "short",
+        "a somewhat longer sentence about kafka partitions and batches",
+        "medium length text here",
+        "x",
+        "another one of middling size for the test",
+    ]
     together = runtime.embed(texts)  # sorted, split by a 64-token budget, padded per sub-batch
     alone = np.stack([runtime.embed([t])[0] for t in texts])
     assert np.allclose(together, alone, atol=1e-4)
@@ -62,20 +66,25 @@ def test_uncased_model_gives_identical_outputs_for_normalised_variants(runtime):
 
 def test_classify_scores_are_a_distribution(runtime):
     labels = ["sports", "cooking"]
-    out = runtime.classify(runtime.embed(["the match went to penalties"])[0], labels,
-                           runtime.label_embeddings(labels))
+    out = runtime.classify(runtime.embed(["the match went to penalties"])[0], labels, runtime.label_embeddings(labels))
     assert out["label"] == "sports"
     assert sum(out["scores"].values()) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_card_output_and_rows_per_call_are_honoured(tmp_path):
     from processors.runtime import _resolve
+
     src = BUILTIN_MODELS / "all-minilm-l6-v2"
     card = load_card(src).model_dump()
     folder = tmp_path / "m"
     folder.mkdir()
-    card.update(onnx=str(_resolve(card["onnx"], src)), tokenizer=str(_resolve(card["tokenizer"], src)),
-                max_rows_per_call=1, output="no-such-output", onnx_sha256=None)
+    card.update(
+        onnx=str(_resolve(card["onnx"], src)),
+        tokenizer=str(_resolve(card["tokenizer"], src)),
+        max_rows_per_call=1,
+        output="no-such-output",
+        onnx_sha256=None,
+    )
     (folder / "card.json").write_text(json.dumps(card))
     with pytest.raises(ConfigError, match="no-such-output"):
         ModelRuntime(folder, intra_op_threads=1).load()
@@ -85,6 +94,7 @@ def test_card_output_and_rows_per_call_are_honoured(tmp_path):
     assert rt.max_items == 1
     texts = [f"text number {i} with some words" for i in range(5)]
     from processors.runtime import RunStats
+
     stats = RunStats()
     rt.embed_encoded(rt.encode(texts), stats)
     assert stats.sub_batches == 5 and set(stats.sizes) == {1}

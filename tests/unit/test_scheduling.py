@@ -26,6 +26,7 @@ def _kernel_default_us() -> float:
     def read() -> float:
         set_slice_us(0)
         return get_slice_us()
+
     return _in_fresh_thread(read)
 
 
@@ -59,12 +60,16 @@ def test_the_model_process_gives_the_short_slice_back():
         async def run() -> list[float]:
             mp = ModelProcess()
             try:
-                await mp.load({"all-minilm-l6-v2": BUILTIN_MODELS / "all-minilm-l6-v2"},
-                              dict(intra_op_threads=2, token_budget=64, max_items=4))
+                await mp.load(
+                    {"all-minilm-l6-v2": BUILTIN_MODELS / "all-minilm-l6-v2"},
+                    dict(intra_op_threads=2, token_budget=64, max_items=4),
+                )
                 import os
+
                 return [get_slice_us(int(t)) for t in os.listdir(f"/proc/{mp.pid}/task")]
             finally:
                 mp.close()
+
         return asyncio.run(run())
 
     slices = _in_fresh_thread(spawn)

@@ -17,16 +17,24 @@ async def test_endpoints_answer_as_the_process_says_with_extra_routes():
     async def echo(request: web.Request) -> web.Response:
         return web.Response(status=201, text=await request.text())
 
-    server = HealthServer(registry, "127.0.0.1", 0, ready=lambda: state["ready"],
-                          heartbeat_age_s=lambda: state["age"], stale_after_s=10.0,
-                          routes=[("POST", "/echo", echo)])
+    server = HealthServer(
+        registry,
+        "127.0.0.1",
+        0,
+        ready=lambda: state["ready"],
+        heartbeat_age_s=lambda: state["age"],
+        stale_after_s=10.0,
+        routes=[("POST", "/echo", echo)],
+    )
     await server.start()
     base = f"http://127.0.0.1:{server.port}"
     try:
         async with aiohttp.ClientSession() as http:
+
             async def get(path):
                 async with http.get(base + path) as r:
                     return r.status, await r.text(), r.headers.get("Content-Type", "")
+
             status, body, ctype = await get("/metrics")
             assert status == 200 and "sluice_test_total 3.0" in body and ctype.startswith("text/plain")
             assert (await get("/healthz"))[:2] == (200, "ok\n")
@@ -42,13 +50,11 @@ async def test_endpoints_answer_as_the_process_says_with_extra_routes():
 
 async def test_the_workers_server_is_the_shared_one_over_its_metrics():
     metrics = WorkerMetrics()
-    server = WorkerHealthServer(metrics, "127.0.0.1", 0, ready=lambda: (True, "ready"),
-                                heartbeat_age_s=lambda: 0.0)
+    server = WorkerHealthServer(metrics, "127.0.0.1", 0, ready=lambda: (True, "ready"), heartbeat_age_s=lambda: 0.0)
     assert isinstance(server, HealthServer)
     await server.start()
     try:
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"http://127.0.0.1:{server.port}/metrics") as r:
-                assert r.status == 200 and "sluice_requests_total" in await r.text()
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{server.port}/metrics") as r:
+            assert r.status == 200 and "sluice_requests_total" in await r.text()
     finally:
         await server.stop()

@@ -32,6 +32,7 @@ def test_bootstrap_follows_the_local_stack_port(monkeypatch):
 
 def test_cli_reports_config_errors_in_one_line(monkeypatch, capsys):
     from sluice.cli import main
+
     monkeypatch.setenv("SLUICE_ORT_PROVIDER", "tpu")
     assert main(["status"]) == 2
     err = capsys.readouterr().err.strip()
@@ -42,15 +43,17 @@ def test_settings_doc_tables_match_the_code():
     from pathlib import Path
 
     from sluice.settings import SETTINGS_DOC, settings_table
+
     doc = (Path(__file__).resolve().parents[2] / SETTINGS_DOC).read_text()
     block = doc.split("<!-- settings:begin -->\n")[1].split("\n<!-- settings:end -->")[0]
     assert block == settings_table(), (
-        f"{SETTINGS_DOC} is stale: regenerate it with `make docs` "
-        "(sluice.settings.update_settings_doc)")
+        f"{SETTINGS_DOC} is stale: regenerate it with `make docs` (sluice.settings.update_settings_doc)"
+    )
 
 
 def test_settings_table_names_every_setting_once():
     from sluice.settings import Settings, settings_table
+
     table = settings_table()
     for name in Settings.model_fields:
         assert table.count(f"| `SLUICE_{name.upper()}` |") == 1, name

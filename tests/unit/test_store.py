@@ -12,8 +12,8 @@ import orjson
 import pytest
 
 from schemas.records import Telemetry
-from sinks.rows import BadRecord, to_row
 from sinks.errors import QueryError
+from sinks.rows import BadRecord, to_row
 from sinks.store import ChdbStore, ServerStore
 
 SERVER_URL = os.environ.get("SLUICE_TEST_CLICKHOUSE_URL", "")
@@ -23,13 +23,29 @@ BASE_MS = (int(time.time()) - 3600) * 1000 + 4
 
 def telemetry(i: int, *, ms: int = BASE_MS, check: bool = True, **over) -> dict:
     doc = {
-        "v": 1, "id": f"req-{i}", "tenant": f"tenant-{i % 3}", "model": ["mini", "base"][i % 2],
-        "model_version": "1", "task": "embed", "status": ["ok", "ok", "error", "expired"][i % 4],
-        "error_code": "", "cache": ["l1", "l2", "miss", "coalesced", "none"][i % 5],
-        "tokens": 10 + i % 7, "batch_size": 4, "worker": f"w{i % 2}", "partition": i % 6, "offset": i,
-        "sent_at_ms": ms + i, "received_at_ms": ms + i + 1, "inference_start_ms": ms + i + 2,
-        "inference_end_ms": ms + i + 3, "published_at_ms": ms + i + 5,
-        "queue_ms": 1.0, "cache_ms": 0.25, "inference_ms": 1.0, "total_ms": float(5 + i % 50),
+        "v": 1,
+        "id": f"req-{i}",
+        "tenant": f"tenant-{i % 3}",
+        "model": ["mini", "base"][i % 2],
+        "model_version": "1",
+        "task": "embed",
+        "status": ["ok", "ok", "error", "expired"][i % 4],
+        "error_code": "",
+        "cache": ["l1", "l2", "miss", "coalesced", "none"][i % 5],
+        "tokens": 10 + i % 7,
+        "batch_size": 4,
+        "worker": f"w{i % 2}",
+        "partition": i % 6,
+        "offset": i,
+        "sent_at_ms": ms + i,
+        "received_at_ms": ms + i + 1,
+        "inference_start_ms": ms + i + 2,
+        "inference_end_ms": ms + i + 3,
+        "published_at_ms": ms + i + 5,
+        "queue_ms": 1.0,
+        "cache_ms": 0.25,
+        "inference_ms": 1.0,
+        "total_ms": float(5 + i % 50),
         "cost_usd": 1e-6 * (i % 10),
     }
     doc.update(over)
@@ -48,8 +64,10 @@ def store(request, tmp_path):
         s = ChdbStore(tmp_path / "chdb", database="sluice_test", ttl_days=30)
     else:
         if not SERVER_URL:
-            pytest.skip("clickhouse-connect back end: no ClickHouse server here; set "
-                        "SLUICE_TEST_CLICKHOUSE_URL=http://user:pass@host:8123/ to run these tests on one")
+            pytest.skip(
+                "clickhouse-connect back end: no ClickHouse server here; set "
+                "SLUICE_TEST_CLICKHOUSE_URL=http://user:pass@host:8123/ to run these tests on one"
+            )
         s = ServerStore(SERVER_URL, database=f"sluice_test_{uuid.uuid4().hex[:8]}", ttl_days=30)
     s.start()
     yield s
@@ -72,10 +90,14 @@ def rollup_requests(store) -> int:
 def test_ddl_is_idempotent(store):
     store.start()
     store.start()
-    _, tables = store.query(f"SELECT name FROM system.tables WHERE database = '{store.database}' "
-                            "ORDER BY name")
-    assert sorted(t[0] for t in tables) == ["latency_minute", "latency_minute_mv", "telemetry",
-                                          "telemetry_minute", "telemetry_minute_mv"]
+    _, tables = store.query(f"SELECT name FROM system.tables WHERE database = '{store.database}' ORDER BY name")
+    assert sorted(t[0] for t in tables) == [
+        "latency_minute",
+        "latency_minute_mv",
+        "telemetry",
+        "telemetry_minute",
+        "telemetry_minute_mv",
+    ]
 
 
 def test_same_token_twice_is_stored_once_in_table_and_rollup(store):
@@ -99,16 +121,29 @@ def test_dict_rows_are_accepted(store):
 
 def test_timestamps_round_trip_to_the_millisecond(store):
     # ms values that are not exact in binary floating point, and zero
-    docs = [telemetry(0, ms=BASE_MS), telemetry(1, ms=BASE_MS - 4 + 999),
-            telemetry(2, ms=0, published_at_ms=BASE_MS - 3)]
+    docs = [
+        telemetry(0, ms=BASE_MS),
+        telemetry(1, ms=BASE_MS - 4 + 999),
+        telemetry(2, ms=0, published_at_ms=BASE_MS - 3),
+    ]
     store.insert([to_row(orjson.dumps(d)) for d in docs], "ts")
     cols, got = store.query(
         "SELECT id, toUnixTimestamp64Milli(sent_at), toUnixTimestamp64Milli(received_at), "
         "toUnixTimestamp64Milli(inference_start), toUnixTimestamp64Milli(inference_end), "
-        f"toUnixTimestamp64Milli(published_at) FROM {store.database}.telemetry ORDER BY id")
+        f"toUnixTimestamp64Milli(published_at) FROM {store.database}.telemetry ORDER BY id"
+    )
     assert len(cols) == 6
-    want = [(d["id"], d["sent_at_ms"], d["received_at_ms"], d["inference_start_ms"],
-             d["inference_end_ms"], d["published_at_ms"]) for d in docs]
+    want = [
+        (
+            d["id"],
+            d["sent_at_ms"],
+            d["received_at_ms"],
+            d["inference_start_ms"],
+            d["inference_end_ms"],
+            d["published_at_ms"],
+        )
+        for d in docs
+    ]
     assert got == want
 
 
@@ -116,7 +151,8 @@ def test_query_returns_names_and_typed_rows(store):
     store.insert(rows(20), "q")
     cols, got = store.query(
         f"SELECT tenant, count() AS n, sum(tokens) AS tokens, round(sum(cost_usd), 9) AS cost "
-        f"FROM {store.database}.telemetry GROUP BY tenant ORDER BY tenant")
+        f"FROM {store.database}.telemetry GROUP BY tenant ORDER BY tenant"
+    )
     assert cols == ["tenant", "n", "tokens", "cost"]
     docs = [telemetry(i) for i in range(20)]
     want = []
@@ -180,12 +216,12 @@ def test_a_query_that_could_touch_files_network_or_data_is_refused(store, tmp_pa
 
 
 # about 1 s of one core per million rows on this machine kind
-HEAVY_SCAN = ("SELECT count() FROM numbers({rows}) "
-              "WHERE NOT ignore(arrayMap(x -> sipHash64(x, number), range(100)))")
+HEAVY_SCAN = "SELECT count() FROM numbers({rows}) WHERE NOT ignore(arrayMap(x -> sipHash64(x, number), range(100)))"
 
 
 def test_every_named_query_passes_the_guard(store):
     from sinks.analytics import load_queries, run
+
     store.insert(rows(50), "named")
     for name in load_queries():
         cols, _ = run(name, store.query, db=store.database, since_s=7 * 86400)
@@ -198,14 +234,20 @@ def test_every_named_query_passes_the_guard(store):
 
 def test_the_budget_stops_a_query_and_the_next_answer_is_clean(tmp_path):
     from sinks.query_guard import QueryBudget
-    store = ChdbStore(tmp_path / "chdb", database="sluice_test", readers=1,
-                      budget=QueryBudget(max_result_rows=1000, max_rows_to_read=5_000_000,
-                                         max_execution_s=1.0))
+
+    store = ChdbStore(
+        tmp_path / "chdb",
+        database="sluice_test",
+        readers=1,
+        budget=QueryBudget(max_result_rows=1000, max_rows_to_read=5_000_000, max_execution_s=1.0),
+    )
     store.start()
     try:
-        for sql, why in [("SELECT number FROM numbers(5000)", "TOO_MANY_ROWS"),
-                         ("SELECT count() FROM numbers(100000000)", "max_rows_to_read"),
-                         (HEAVY_SCAN.format(rows=4_000_000), "TIMEOUT_EXCEEDED")]:
+        for sql, why in [
+            ("SELECT number FROM numbers(5000)", "TOO_MANY_ROWS"),
+            ("SELECT count() FROM numbers(100000000)", "max_rows_to_read"),
+            (HEAVY_SCAN.format(rows=4_000_000), "TIMEOUT_EXCEEDED"),
+        ]:
             with pytest.raises(QueryError, match=why):
                 store.query(sql)
             # the only connection failed mid-stream; the next answer has no leftovers of it
@@ -221,8 +263,14 @@ def test_our_own_sql_keeps_full_rights(store):
 
 
 def test_bad_records_are_refused():
-    for raw in [None, b"not json", b"{}", orjson.dumps(telemetry(1, tokens=-1)),
-                orjson.dumps(telemetry(1, status="weird", check=False)), orjson.dumps(telemetry(1, sent_at_ms=-5))]:
+    for raw in [
+        None,
+        b"not json",
+        b"{}",
+        orjson.dumps(telemetry(1, tokens=-1)),
+        orjson.dumps(telemetry(1, status="weird", check=False)),
+        orjson.dumps(telemetry(1, sent_at_ms=-5)),
+    ]:
         with pytest.raises(BadRecord):
             to_row(raw)
 
@@ -230,12 +278,15 @@ def test_bad_records_are_refused():
 def test_a_second_process_cannot_open_the_folder(tmp_path):
     import subprocess
     import sys
+
     s = ChdbStore(tmp_path / "locked", database="sluice_test")
     s.start()
     try:
-        code = ("import sys; from sinks.store import ChdbStore, SinkError\n"
-                f"s = ChdbStore({str(tmp_path / 'locked')!r})\n"
-                "try:\n    s.start()\nexcept SinkError as e:\n    print(e); sys.exit(3)\n")
+        code = (
+            "import sys; from sinks.store import ChdbStore, SinkError\n"
+            f"s = ChdbStore({str(tmp_path / 'locked')!r})\n"
+            "try:\n    s.start()\nexcept SinkError as e:\n    print(e); sys.exit(3)\n"
+        )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert out.returncode == 3, out.stdout + out.stderr
         assert "another sink" in out.stdout

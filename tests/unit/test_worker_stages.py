@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 
-import orjson
 import pytest
 
 from processors.answers import AnswerSender
@@ -21,8 +20,19 @@ from processors.lookup import Lookup
 from processors.metrics import WorkerMetrics
 from processors.partition_state import PartitionState
 from schemas.records import Result, Telemetry, now_ms
-from tests.unit.fakes import (TOPICS, FakeConsumer, FakeL2, FakeModel, FakePublisher, Log, Message,
-                              caches, card, config, request)
+from tests.unit.fakes import (
+    TOPICS,
+    FakeConsumer,
+    FakeL2,
+    FakeModel,
+    FakePublisher,
+    Log,
+    Message,
+    caches,
+    card,
+    config,
+    request,
+)
 
 
 class Rig:
@@ -39,30 +49,60 @@ class Rig:
         self.model = FakeModel(self.log)
         self.models = {"mini": card("mini"), "cls": card("cls", tasks=("classify",))}
         self.prices = {n: c.price_per_compute_hour_usd for n, c in self.models.items()}
-        self.state = PartitionState(self.metrics, max_pending_items=self.cfg.max_pending_items,
-                                    max_uncommitted_items=self.cfg.max_uncommitted_items)
+        self.state = PartitionState(
+            self.metrics,
+            max_pending_items=self.cfg.max_pending_items,
+            max_uncommitted_items=self.cfg.max_uncommitted_items,
+        )
         self.state.assigned = {0, 1, 2}
         self.coalescer = Coalescer()
-        self.batcher: Batcher[Item] = Batcher(BatchPolicy(self.cfg.batch_max_items, self.cfg.batch_max_tokens,
-                                                          self.cfg.batch_max_wait_ms))
+        self.batcher: Batcher[Item] = Batcher(
+            BatchPolicy(self.cfg.batch_max_items, self.cfg.batch_max_tokens, self.cfg.batch_max_wait_ms)
+        )
         self.pending: Handoff[PartitionBatch[Item]] = Handoff("pending")
         self.model_queue: Handoff[Group] = Handoff("model")
         self.to_publish: Handoff[Group] = Handoff("publish")
-        self.sender = AnswerSender(topics=TOPICS, worker_id="w1", results=self.results, bulk=self.bulk,
-                                   metrics=self.metrics, cache_metrics=self.cache_metrics,
-                                   prices=self.prices, default_model="mini", slice_gap_ms=0)
-        self.intake = Intake(self.cfg, self.models, self.batcher, self.l1, self.state, self.pending,
-                             self.sender)
-        self.lookup = Lookup(group_max_items=self.cfg.group_max_items, l1=self.l1, l2=self.l2,
-                             coalescer=self.coalescer, sender=self.sender, state=self.state,
-                             metrics=self.metrics, cache_metrics=self.cache_metrics)
-        self.modelled = ModelStage(model=self.model, group_max_items=self.cfg.group_max_items,
-                                   inference_max_items=self.cfg.inference_max_items, l1=self.l1,
-                                   coalescer=self.coalescer, sender=self.sender, state=self.state,
-                                   metrics=self.metrics, prices=self.prices)
-        self.checkpoint = Checkpoint(sender=self.sender, l2=self.l2, committer=self.consumer,
-                                     state=self.state, metrics=self.metrics,
-                                     publish_max_items=self.cfg.publish_max_items)
+        self.sender = AnswerSender(
+            topics=TOPICS,
+            worker_id="w1",
+            results=self.results,
+            bulk=self.bulk,
+            metrics=self.metrics,
+            cache_metrics=self.cache_metrics,
+            prices=self.prices,
+            default_model="mini",
+            slice_gap_ms=0,
+        )
+        self.intake = Intake(self.cfg, self.models, self.batcher, self.l1, self.state, self.pending, self.sender)
+        self.lookup = Lookup(
+            group_max_items=self.cfg.group_max_items,
+            l1=self.l1,
+            l2=self.l2,
+            coalescer=self.coalescer,
+            sender=self.sender,
+            state=self.state,
+            metrics=self.metrics,
+            cache_metrics=self.cache_metrics,
+        )
+        self.modelled = ModelStage(
+            model=self.model,
+            group_max_items=self.cfg.group_max_items,
+            inference_max_items=self.cfg.inference_max_items,
+            l1=self.l1,
+            coalescer=self.coalescer,
+            sender=self.sender,
+            state=self.state,
+            metrics=self.metrics,
+            prices=self.prices,
+        )
+        self.checkpoint = Checkpoint(
+            sender=self.sender,
+            l2=self.l2,
+            committer=self.consumer,
+            state=self.state,
+            metrics=self.metrics,
+            publish_max_items=self.cfg.publish_max_items,
+        )
 
     def group(self, partition: int, raws: list[bytes | None], first_offset: int = 0) -> Group:
         """Records taken in and batched, as one group taken by the lookup."""
@@ -115,13 +155,16 @@ async def test_intake_parses_keys_and_batches_and_answers_l1_hits_at_once():
     known = first.items[0].serve
     assert known is not None
     rig.l1.put(known.key_hash, b'{"embedding":[1]}')
-    hits = rig.intake.take_in(1, [
-        Message(0, request(2, "hello world")),  # the same text, normalised: an L1 hit
-        Message(1, b"not json"),
-        Message(2, request(3, "x", model="nope")),
-        Message(3, request(4, "x", task="classify", labels=["a", "b"])),  # mini only embeds
-        Message(4, request(5, "x", cache="bypass")),
-    ])
+    hits = rig.intake.take_in(
+        1,
+        [
+            Message(0, request(2, "hello world")),  # the same text, normalised: an L1 hit
+            Message(1, b"not json"),
+            Message(2, request(3, "x", model="nope")),
+            Message(3, request(4, "x", task="classify", labels=["a", "b"])),  # mini only embeds
+            Message(4, request(5, "x", cache="bypass")),
+        ],
+    )
     assert [it.request_id for it in hits] == ["r2"] and hits[0].cache == "l1"
     [batch] = rig.batcher.take_ready(now=1e12)
     assert [it.offset for it in batch.items] == [0, 1, 2, 3, 4]  # every record, in offset order
@@ -134,8 +177,7 @@ async def test_intake_parses_keys_and_batches_and_answers_l1_hits_at_once():
 
 async def test_intake_pauses_when_full_and_on_stop_drops_and_closes():
     rig = Rig(max_pending_items=2, max_uncommitted_items=10)
-    rig.consumer.batches = [{0: [Message(i, request(i, f"text {i}")) for i in range(3)]},
-                            {0: [Message(3, request(3))]}]
+    rig.consumer.batches = [{0: [Message(i, request(i, f"text {i}")) for i in range(3)]}, {0: [Message(3, request(3))]}]
     stopping = asyncio.Event()
     dropped: list[int] = []
     run = asyncio.ensure_future(rig.intake.run(rig.consumer, stopping, lambda: dropped.append(1) or 7))
@@ -153,11 +195,22 @@ async def test_intake_pauses_when_full_and_on_stop_drops_and_closes():
 async def test_lookup_answers_errors_expiries_and_hits_at_once_with_one_mget():
     l2 = FakeL2(Log())
     rig = Rig(l2=l2)
-    g = rig.group(0, [request(1, "in l1"), request(2, "in l2"), request(3, "miss a"), request(4, "miss a"),
-                      b"{broken", request(5, "late", deadline_ms=now_ms() - 1000), request(6, "miss b")])
+    g = rig.group(
+        0,
+        [
+            request(1, "in l1"),
+            request(2, "in l2"),
+            request(3, "miss a"),
+            request(4, "miss a"),
+            b"{broken",
+            request(5, "late", deadline_ms=now_ms() - 1000),
+            request(6, "miss b"),
+        ],
+    )
     l1_item, l2_item = g.items[0], g.items[1]
     rig.l1.put(l1_item.serve.key_hash, b'{"embedding":[1]}')
     from processors.cache import storage_key
+
     l2.data[storage_key("mini@1", l2_item.serve.key_hash)] = b'{"embedding":[2]}'
     await rig.lookup.look_up(g)
     # one MGET, one key each for the in-L2 text and the two missing texts (miss a asked once)
@@ -211,8 +264,9 @@ async def _note(seen: list[int], n: int) -> None:
 
 async def test_a_poison_input_fails_alone_and_followers_get_their_leaders_answer():
     rig = Rig()
-    g = rig.group(0, [request(1, "fine one"), request(2, "poison pill"), request(3, "fine one"),
-                      request(4, "fine two words")])
+    g = rig.group(
+        0, [request(1, "fine one"), request(2, "poison pill"), request(3, "fine one"), request(4, "fine two words")]
+    )
     await rig.lookup.look_up(g)
     await rig.modelled.infer([g])
     answers = rig.answers()
@@ -280,8 +334,9 @@ async def test_a_failed_ack_stops_the_commit_and_a_refused_reply_to_is_answered_
 async def test_a_revoke_drops_what_the_model_has_not_taken_and_keeps_the_counts():
     rig = Rig()
     for p in (0, 1):
-        rig.intake.take_in(p, [Message(i, request(f"{p}-{i}", "shared text" if i == 0 else f"t{p}{i}"))
-                               for i in range(3)])
+        rig.intake.take_in(
+            p, [Message(i, request(f"{p}-{i}", "shared text" if i == 0 else f"t{p}{i}")) for i in range(3)]
+        )
     rig.intake.move_ready(1e12)
     [b0, b1] = await rig.pending.take(lambda taken, nxt: True)
     rig.state.grouped(len(b0) + len(b1))
@@ -302,3 +357,27 @@ async def test_a_revoke_drops_what_the_model_has_not_taken_and_keeps_the_counts(
     assert {it.partition for it in kept.items} == {1}
     await rig.modelled.infer([kept])  # the follower of a dropped leader computes itself
     assert follower.cache == "miss" and rig.answers()["r1-0"]["output"] == {"embedding": [11]}
+
+
+# -- supervision ------------------------------------------------------------------------
+async def test_a_supervised_task_that_fails_is_logged_and_handed_to_its_owner(caplog):
+    from schemas.service.tasks import supervise
+
+    failures: list[BaseException] = []
+
+    async def boom() -> None:
+        await asyncio.sleep(0)
+        raise ValueError("broken reader")
+
+    async def forever() -> None:
+        await asyncio.Event().wait()
+
+    task = supervise(boom(), name="reader", on_failure=failures.append)
+    quiet = supervise(forever(), name="idle", on_failure=failures.append)
+    with pytest.raises(ValueError):
+        await task
+    await asyncio.sleep(0)
+    quiet.cancel()
+    await asyncio.sleep(0)
+    assert [str(f) for f in failures] == ["broken reader"]  # a cancel is no failure
+    assert "background task reader failed" in caplog.text
