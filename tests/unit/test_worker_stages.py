@@ -381,3 +381,19 @@ async def test_a_supervised_task_that_fails_is_logged_and_handed_to_its_owner(ca
     await asyncio.sleep(0)
     assert [str(f) for f in failures] == ["broken reader"]  # a cancel is no failure
     assert "background task reader failed" in caplog.text
+
+
+async def test_a_publisher_whose_ack_poller_died_refuses_sends_instead_of_hanging():
+    from processors.publisher import PublishError, Publisher
+
+    pub = Publisher("127.0.0.1:1", client_id="t", linger_ms=1)  # never connects: nothing is acked
+    await pub.start()
+    try:
+        assert pub._poller is not None
+        pub._poller.cancel()
+        pub._poller_failed(RuntimeError("a delivery report raised"))
+        with pytest.raises(PublishError, match="delivery reports stopped"):
+            await pub.send("t.results", b"{}")
+    finally:
+        pub._producer.purge()
+        await pub.stop()
