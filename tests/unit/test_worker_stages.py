@@ -384,7 +384,7 @@ async def test_a_supervised_task_that_fails_is_logged_and_handed_to_its_owner(ca
 
 
 async def test_a_publisher_whose_ack_poller_died_refuses_sends_instead_of_hanging():
-    from processors.publisher import PublishError, Publisher
+    from processors.publisher import Publisher, PublishError
 
     pub = Publisher("127.0.0.1:1", client_id="t", linger_ms=1)  # never connects: nothing is acked
     await pub.start()
