@@ -60,12 +60,10 @@ class Checkpoint:
     async def run(self, to_publish: Handoff[Group]) -> None:
         """Until the model stage closes `to_publish`."""
 
-        def more(taken: list[Group], nxt: Group) -> bool:
-            # every group ready now goes out together: one wait for acks, one
-            # telemetry flush, one Redis write-back and one commit for all
-            return sum(len(g.items) for g in taken) < self.publish_max_items
-
-        while groups := await to_publish.take(more):
+        # every group ready now goes out together, until publish_max_items
+        # records: one wait for acks, one telemetry flush, one Redis
+        # write-back and one commit for all of them
+        while groups := await to_publish.take(self.publish_max_items, lambda g: len(g.items), whole=False):
             group = Group.merged(groups)
             try:
                 await self.publish(group)

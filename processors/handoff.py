@@ -53,21 +53,26 @@ class Handoff(Generic[T]):
         self._closed = True
         self._ready.set()
 
-    def wake(self) -> None:
-        """Let a waiting taker look again (a stop was asked)."""
-        self._ready.set()
-
-    async def take(self, more: Callable[[list[T], T], bool] = lambda taken, nxt: False) -> list[T]:
-        """Wait for an entry, then take it and the ones after it while
-        `more(taken, next)` says so; [] once closed and empty."""
+    async def take(
+        self, limit: int | None = None, weight: Callable[[T], int] = lambda _: 1, *, whole: bool = True
+    ) -> list[T]:
+        """Wait for an entry, take it, and take the ones after it while the
+        run's weight allows: with `whole`, while the next one still fits
+        within `limit`; without, until the run has reached `limit` (the last
+        one may pass it). No limit: just the first. [] once closed and empty."""
         while not self._q:
             if self._closed:
                 return []
             self._ready.clear()
             await self._ready.wait()
-        taken = [self._q.popleft()]
-        while self._q and more(taken, self._q[0]):
+        first = self._q.popleft()
+        taken, total = [first], weight(first)
+        while self._q and limit is not None:
+            w = weight(self._q[0])
+            if (total + w > limit) if whole else (total >= limit):
+                break
             taken.append(self._q.popleft())
+            total += w
         return taken
 
     def remove(self, drop: Callable[[T], bool]) -> list[T]:

@@ -57,12 +57,12 @@ class ModelStage:
     async def run(self, model_queue: Handoff[Group], to_publish: Handoff[Group]) -> None:
         """Until lookup closes `model_queue`; then close `to_publish`."""
 
-        def more(taken: list[Group], nxt: Group) -> bool:
-            # groups queued while the model was busy go in one hand-off, up
-            # to group_max_items misses
-            return sum(sum(1 for it in g.items if it.cache == "miss") for g in taken) < self.group_max_items
+        def misses(g: Group) -> int:
+            return sum(1 for it in g.items if it.cache == "miss")
 
-        while groups := await model_queue.take(more):
+        # groups queued while the model was busy go in one hand-off, until it
+        # holds group_max_items misses
+        while groups := await model_queue.take(self.group_max_items, misses, whole=False):
             await self.infer(groups)
             for g in groups:
                 self.state.modelled(g.misses)
@@ -124,12 +124,16 @@ class ModelStage:
             it.tokens, it.truncated = o.tokens, o.truncated
             run = computed.runs[s.model.name]
             it.inference_start_ms, it.inference_end_ms = run.start_ms, run.end_ms
-            if o.error is not None:
+            if o.error is not None or o.out is None:
                 it.status = "error"
-                it.error = RequestError(o.error, code="model_error", request_id=s.request.id)
+                it.error = RequestError(
+                    o.error or "the model returned no output for this input",
+                    code="model_error",
+                    request_id=s.request.id,
+                )
             else:
                 it.out = o.out
-                if s.request.cache != "bypass" and o.out is not None:
+                if s.request.cache != "bypass":
                     self.l1.put(s.key_hash, o.out)
             self.coalescer.release(it)
         self._assign_cost(piece, computed.runs)

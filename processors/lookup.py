@@ -44,10 +44,8 @@ class Lookup:
     async def run(self, pending: Handoff[PartitionBatch[Item]], model_queue: Handoff[Group]) -> None:
         """Until intake closes `pending`; then close `model_queue`."""
 
-        def more(taken: list[PartitionBatch[Item]], nxt: PartitionBatch[Item]) -> bool:
-            return sum(len(b) for b in taken) + len(nxt) <= self.group_max_items
-
-        while batches := await pending.take(more):
+        # a group: the pending batches that fit in group_max_items records (at least one)
+        while batches := await pending.take(self.group_max_items, len):
             self.state.grouped(sum(len(b) for b in batches))
             group = Group(batches)
             await self.look_up(group)

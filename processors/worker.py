@@ -79,6 +79,7 @@ class Worker:
         self._bulk: Publisher | None = None  # telemetry and DLQ: volume matters
         self._health: HealthServer | None = None
         self._intake: Intake | None = None
+        self._created = time.monotonic()  # /healthz counts from here until the first fetch
         self._cache_metrics = CacheMetrics(self.metrics.registry)
         self._l1 = L1Cache(config.l1_max_bytes, config.l1_ttl_s, self._cache_metrics)
         self._l2 = L2Cache(
@@ -199,7 +200,8 @@ class Worker:
                 log.warning("no metadata for topic %s yet (%s)", topic, exc)
 
     def _heartbeat_age_s(self) -> float:
-        return time.monotonic() - self._intake.last_fetch if self._intake is not None else 0.0
+        last = self._intake.last_fetch if self._intake is not None else self._created
+        return time.monotonic() - last
 
     def _readiness(self) -> tuple[bool, str]:
         if not self._loaded:
@@ -272,13 +274,13 @@ class Worker:
 
     async def run(self) -> None:
         """Run until `stop()`; then drain and close. Raises if a stage fails."""
-        assert self._consumer is not None
-        intake, lookup, model, checkpoint = self._stages()
-        self._intake = intake
         self.metrics.watch_gc(True)
         # a metric only: if it fails, it is logged and the worker goes on
         lag = supervise(self.metrics.watch_loop(), name="loop-lag")
         try:
+            assert self._consumer is not None, "start() first"
+            intake, lookup, model, checkpoint = self._stages()
+            self._intake = intake
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(intake.run(self._consumer, self._stopping, self._drop_all), name="fetch")
                 tg.create_task(lookup.run(self._pending, self._model_queue), name="lookup")

@@ -120,8 +120,11 @@ class Rig:
 async def test_a_handoff_hands_over_runs_by_its_rule_and_ends_after_close():
     h: Handoff[int] = Handoff("h")
     h.extend([1, 2, 3, 4])
-    assert await h.take(lambda taken, nxt: sum(taken) + nxt <= 3) == [1, 2]
-    assert h.remove(lambda x: x == 4) == [4]
+    assert await h.take(3, lambda x: x) == [1, 2]  # whole entries within the limit
+    h.put(5)
+    assert await h.take(4, lambda x: x, whole=False) == [3, 4]  # until the limit is reached
+    assert h.remove(lambda x: x == 5) == [5]
+    h.extend([3])
     waiting = asyncio.ensure_future(h.take())
     await asyncio.sleep(0)
     assert await waiting == [3]
@@ -265,7 +268,14 @@ async def _note(seen: list[int], n: int) -> None:
 async def test_a_poison_input_fails_alone_and_followers_get_their_leaders_answer():
     rig = Rig()
     g = rig.group(
-        0, [request(1, "fine one"), request(2, "poison pill"), request(3, "fine one"), request(4, "fine two words")]
+        0,
+        [
+            request(1, "fine one"),
+            request(2, "poison pill"),
+            request(3, "fine one"),
+            request(4, "fine two words"),
+            request(5, "nothing back"),
+        ],
     )
     await rig.lookup.look_up(g)
     await rig.modelled.infer([g])
@@ -274,11 +284,12 @@ async def test_a_poison_input_fails_alone_and_followers_get_their_leaders_answer
     assert answers["r1"]["output"] == answers["r3"]["output"] == {"embedding": [8]}
     assert answers["r3"]["cache"] == "coalesced" and answers["r3"]["cost_usd"] == 0
     assert answers["r4"]["status"] == "ok"
+    assert answers["r5"]["status"] == "error" and "no output" in answers["r5"]["error"]["message"]
     # the computed pay their share by tokens of the compute: 2, 2 and 3 tokens
-    costs = {k: answers[k]["cost_usd"] for k in ("r1", "r2", "r4")}
-    total = 7 * 0.001 * 3.6 / 3600
+    costs = {k: answers[k]["cost_usd"] for k in ("r1", "r2", "r4", "r5")}
+    total = 9 * 0.001 * 3.6 / 3600
     assert sum(costs.values()) == pytest.approx(total)
-    assert costs["r4"] == pytest.approx(total * 3 / 7)
+    assert costs["r4"] == pytest.approx(total * 3 / 9)
     assert rig.l1.get(g.items[0].serve.key_hash) is not None and len(rig.coalescer) == 0
 
 
@@ -338,7 +349,7 @@ async def test_a_revoke_drops_what_the_model_has_not_taken_and_keeps_the_counts(
             p, [Message(i, request(f"{p}-{i}", "shared text" if i == 0 else f"t{p}{i}")) for i in range(3)]
         )
     rig.intake.move_ready(1e12)
-    [b0, b1] = await rig.pending.take(lambda taken, nxt: True)
+    [b0, b1] = await rig.pending.take(100, len)
     rig.state.grouped(len(b0) + len(b1))
     g = Group([b0, b1])
     await rig.lookup.look_up(g)
