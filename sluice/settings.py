@@ -34,6 +34,25 @@ class Settings(BaseSettings, WorkerConfig, SinkConfig, StackConfig):
         description="Partitions of PREFIX.requests that `sluice up` creates, which caps how many workers can share the load.",
     )
     results_partitions: int = Field(12, ge=1, description="Partitions of PREFIX.results that `sluice up` creates.")
+    topic_replication_factor: int = Field(
+        1,
+        ge=1,
+        description="Replicas of each topic that `sluice up` and `sluice topics` create (a count): 1 for the one-broker local stack, 3 on a production cluster so a topic outlives a broker.",
+    )
+    topic_min_insync_replicas: int = Field(
+        1,
+        ge=1,
+        description="The created topics' min.insync.replicas (a count, at most the replication factor): a write acknowledged by all replicas fails unless this many are in sync; 2 with 3 replicas in production.",
+    )
+
+    @model_validator(mode="after")
+    def _insync_fits_replicas(self) -> Settings:
+        if self.topic_min_insync_replicas > self.topic_replication_factor:
+            raise ValueError(
+                f"SLUICE_TOPIC_MIN_INSYNC_REPLICAS={self.topic_min_insync_replicas} exceeds "
+                f"SLUICE_TOPIC_REPLICATION_FACTOR={self.topic_replication_factor}: every write would be refused"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -66,6 +85,13 @@ class Settings(BaseSettings, WorkerConfig, SinkConfig, StackConfig):
 
     def topic_partitions(self) -> dict[str, int]:
         return self.topics.partitions(requests=self.request_partitions, results=self.results_partitions)
+
+    def topic_replication(self) -> dict[str, int]:
+        """ensure_topics' replication keywords."""
+        return {
+            "replication_factor": self.topic_replication_factor,
+            "min_insync_replicas": self.topic_min_insync_replicas,
+        }
 
 
 # The settings doc's groups, by the class that declares each field (a class's

@@ -21,7 +21,7 @@ def cmd_demo(s: Settings, args: argparse.Namespace) -> int:
     from sluice.supervisor import WorkerProcess
 
     stack = LocalStack(s.stack())
-    started_stack = stack.up(s.topic_partitions()) == "started"
+    started_stack = stack.up(s.topic_partitions(), **s.topic_replication()) == "started"
     generator_slice(s)
     common = {k: v for k, v in os.environ.items() if k.startswith("SLUICE_")}
     common["SLUICE_BOOTSTRAP_SERVERS"] = s.bootstrap_servers
