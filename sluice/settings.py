@@ -31,9 +31,9 @@ class Settings(BaseSettings, WorkerConfig, SinkConfig, StackConfig):
     request_partitions: int = Field(
         12,
         ge=1,
-        description="Partitions of PREFIX.requests that `sluice up` creates, which caps how many workers can share the load.",
+        description="Partitions of PREFIX.requests that `sluice up` and `sluice topics` create, which caps how many workers can share the load.",
     )
-    results_partitions: int = Field(12, ge=1, description="Partitions of PREFIX.results that `sluice up` creates.")
+    results_partitions: int = Field(12, ge=1, description="Partitions of PREFIX.results that `sluice up` and `sluice topics` create.")
     topic_replication_factor: int = Field(
         1,
         ge=1,
@@ -98,7 +98,7 @@ class Settings(BaseSettings, WorkerConfig, SinkConfig, StackConfig):
 # own annotations): a heading, the file that holds the fields, the class.
 _GROUPS: tuple[tuple[str, str, type], ...] = (
     ("Kafka and topics", "schemas/topics.py", KafkaConfig),
-    ("Topics that `sluice up` creates", "sluice/settings.py", Settings),
+    ("Topics that `sluice up` and `sluice topics` create", "sluice/settings.py", Settings),
     ("Worker", "processors/config.py", WorkerConfig),
     ("Worker: request limits", "schemas/records.py", Limits),
     ("Sink (ClickHouse)", "sinks/config.py", SinkConfig),
