@@ -20,7 +20,7 @@ from sinks.analytics import Runner, format_result, load_queries, run
 def pyplot() -> Any:
     """matplotlib.pyplot on the Agg backend; MissingExtra with the install
     hint when matplotlib (the `report` extra) is not installed."""
-    matplotlib = require_extra("matplotlib", "report", "sluice report")
+    matplotlib = require_extra("matplotlib", "report", "plotting")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -28,7 +28,7 @@ _FACADE = {
     "SluiceError": "schemas.errors",
 }
 
-__all__ = ["__version__", *_FACADE]
+__all__ = ["ClientError", "KafkaConfig", "ResultTimeout", "SluiceClient", "SluiceError", "__version__", "make_request"]
 
 if TYPE_CHECKING:
     from producers.client import ClientError, ResultTimeout, SluiceClient, make_request

@@ -435,7 +435,7 @@ def build_fast_model(models_dir: Path, *, log: Log = print, force: bool = False,
     if not force and is_built(dest) and (not fp32 or is_built(models_dir / FP32_MODEL, FP32_VERSION)):
         log(f"{FAST_MODEL}: already built ({dest})")
         return dest
-    onnx = require_extra("onnx", "build", "sluice model build")
+    onnx = require_extra("onnx", "build", f"building {FAST_MODEL}")
     import onnxruntime as ort
     work.mkdir(parents=True, exist_ok=True)
     with open(work / "lock", "w") as lock:
