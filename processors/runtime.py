@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +27,9 @@ from schemas.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
-BUILTIN_MODELS = Path(__file__).parent / "models"
+# Package data. ONNX Runtime and tokenizers open real files, so the packages
+# are installed as folders (what pip does), and this is one.
+BUILTIN_MODELS = Path(str(resources.files("processors").joinpath("models")))
 
 
 def default_threads() -> int:

@@ -8,6 +8,9 @@ prints an expected SluiceError as one line, `sluice <command>: <message>`.
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 
 class SluiceError(Exception):
     code = "internal"
@@ -46,6 +49,24 @@ class RequestError(SluiceError):
 
 class ModelError(SluiceError):
     code = "model_error"
+
+
+class MissingExtra(SluiceError):
+    """An optional part was asked for but its packages are not installed;
+    the message says which extra to install."""
+
+    code = "missing_extra"
+
+
+def require_extra(module: str, extra: str, purpose: str) -> ModuleType:
+    """Import `module` (a heavy optional dependency) or raise MissingExtra
+    with the install hint: `pip install 'sluice[EXTRA]'`."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtra(
+            f"{purpose} needs the '{extra}' extra ({exc}): pip install 'sluice[{extra}]'"
+        ) from None
 
 
 def error_label(exc: BaseException) -> str:

@@ -13,14 +13,15 @@ import io
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any
 
 import orjson
 
 from schemas.errors import SluiceError
 
-QUERIES_DIR = Path(__file__).parent / "queries"
+QUERIES_DIR = resources.files("sinks").joinpath("queries")  # package data: installed with the code
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DB_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -44,13 +45,14 @@ class NamedQuery:
         return self.sql.format(db=db, since_s=int(since_s), slo_ms=float(slo_ms))
 
 
-def load_queries(folder: Path = QUERIES_DIR) -> dict[str, NamedQuery]:
+def load_queries(folder: Traversable = QUERIES_DIR) -> dict[str, NamedQuery]:
     out = {}
-    for path in sorted(folder.glob("*.sql")):
+    for path in sorted((p for p in folder.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name):
         text = path.read_text()
         first = text.splitlines()[0] if text else ""
         answers = first.removeprefix("-- answers:").strip() if first.startswith("-- answers:") else ""
-        out[path.stem] = NamedQuery(path.stem, answers, text)
+        name = path.name.removesuffix(".sql")
+        out[name] = NamedQuery(name, answers, text)
     return out
 
 

@@ -13,7 +13,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from schemas.errors import require_extra
 from sinks.analytics import Runner, format_result, load_queries, run
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend; MissingExtra with the install
+    hint when matplotlib (the `report` extra) is not installed."""
+    matplotlib = require_extra("matplotlib", "report", "plotting")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _dt(v: Any) -> datetime:
@@ -31,10 +42,7 @@ def _rows(cols: list[str], rows: list[Sequence[Any]]) -> list[dict[str, Any]]:
 
 
 def build_report(runner: Runner, *, db: str = "sluice", since_s: int = 3600, slo_ms: float = 500.0) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     latency = _rows(*run("latency_by_model_minute", runner, db=db, since_s=since_s))
     traffic = _rows(*run("traffic_by_minute", runner, db=db, since_s=since_s))

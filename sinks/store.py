@@ -21,18 +21,22 @@ import logging
 import queue
 import re
 from collections.abc import Callable, Iterator
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 
+from schemas.errors import require_extra
 from sinks.config import SinkConfig
 from sinks.errors import QueryError, SinkError
 from sinks.query_guard import QueryBudget, QueryGuard, vet
 
 log = logging.getLogger(__name__)
 
-DDL_PATH = Path(__file__).resolve().parents[1] / "schemas" / "clickhouse" / "telemetry.sql"
+# package data of schemas (the contract), installed with the code
+DDL_PATH = resources.files("schemas").joinpath("clickhouse/telemetry.sql")
 TABLE = "telemetry"
 
 # Every insert: the token names the block (a replay of it is dropped), and the
@@ -46,7 +50,7 @@ _QUERY_SETTINGS = {"output_format_json_quote_64bit_integers": 0, "output_format_
 _USER_QUERY_SETTINGS = {**_QUERY_SETTINGS, "prefer_column_name_to_alias": 1}
 
 
-def ddl_statements(database: str, ttl_days: int, path: Path = DDL_PATH) -> list[str]:
+def ddl_statements(database: str, ttl_days: int, path: Traversable = DDL_PATH) -> list[str]:
     """The DDL file as statements: {db}/{ttl_days} filled, `--` lines dropped,
     split on `;`."""
     text = path.read_text().replace("{db}", database).replace("{ttl_days}", str(int(ttl_days)))
@@ -266,7 +270,7 @@ class ServerStore:
         self._guard: QueryGuard | None = None
 
     def _connect(self, **kw: Any) -> Any:
-        import clickhouse_connect
+        clickhouse_connect = require_extra("clickhouse_connect", "server", "a ClickHouse server (SLUICE_CLICKHOUSE_URL)")
 
         try:
             return clickhouse_connect.get_client(dsn=self.url, database="default", connect_timeout=5, **kw)

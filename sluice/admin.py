@@ -24,8 +24,8 @@ from aiokafka.errors import (
 from schemas.topics import check_topic_name
 from sluice.errors import StackError
 
-# Locally there is one broker, so every topic gets one replica.
-_REPLICATION_FACTOR = 1
+log = logging.getLogger(__name__)
+
 _RETRY_PAUSE_S = 0.5
 
 
@@ -96,6 +96,27 @@ def _partition_counts(described: list[dict[str, Any]]) -> dict[str, int]:
     return {t["topic"]: len(t["partitions"]) for t in described if t["error_code"] == 0}
 
 
+def _replication_factors(described: list[dict[str, Any]]) -> dict[str, int]:
+    """Topic -> its replica count (the most any partition has)."""
+    return {
+        t["topic"]: max((len(p["replicas"]) for p in t["partitions"]), default=0)
+        for t in described
+        if t["error_code"] == 0
+    }
+
+
+def check_replication(replication_factor: int, min_insync_replicas: int) -> None:
+    """A write with acks=all needs min.insync.replicas live replicas, so more
+    than the replication factor would refuse every write."""
+    if replication_factor < 1:
+        raise ValueError(f"replication factor must be >= 1, got {replication_factor}")
+    if not 1 <= min_insync_replicas <= replication_factor:
+        raise ValueError(
+            f"min.insync.replicas={min_insync_replicas} must be between 1 and the replication "
+            f"factor ({replication_factor}), else every acks=all write is refused"
+        )
+
+
 async def _wait_until_visible(client: AIOKafkaAdminClient, names: set[str], deadline: float) -> None:
     """Creation is committed by the controller before the broker's metadata shows it;
     wait so that a caller that describes or produces right away finds the topics."""
@@ -111,17 +132,28 @@ async def ensure_topics(
     *,
     timeout_s: float = 30.0,
     configs: dict[str, str] | None = None,
+    replication_factor: int = 1,
+    min_insync_replicas: int = 1,
 ) -> list[str]:
-    """Create missing topics with their partition counts (replication factor 1 locally)
-    and `configs` (topic configs, e.g. segment.index.bytes); return the names created.
-    Existing topics are left alone (if one exists with fewer partitions, increase them
-    with create_partitions)."""
+    """Create missing topics; return the names created. Idempotent: run it again
+    and it creates nothing.
+
+    New topics get their partition count, `replication_factor` replicas and
+    `configs` plus min.insync.replicas. Existing topics are checked: one with
+    fewer partitions than asked is grown to the count (Kafka can add partitions
+    but never remove them; a keyed topic's keys then move, which costs cache
+    locality for a while, not correctness, and the count is what caps how many
+    workers share the load); more partitions are left alone. One whose
+    replication factor differs is reported (a warning naming the topic):
+    changing it takes a partition reassignment, an operator's decision."""
     for name, count in partitions.items():
         check_topic_name(name)
         if count < 1:
             raise ValueError(f"topic {name!r}: partition count must be >= 1, got {count}")
+    check_replication(replication_factor, min_insync_replicas)
     if not partitions:
         return []
+    topic_configs = {**(configs or {}), "min.insync.replicas": str(min_insync_replicas)}
 
     deadline = time.monotonic() + timeout_s
     timeout_ms = max(1000, int(timeout_s * 1000))
@@ -139,7 +171,7 @@ async def ensure_topics(
             if missing:
                 response = await client.create_topics(
                     [
-                        NewTopic(name, partitions[name], _REPLICATION_FACTOR, topic_configs=configs or {})
+                        NewTopic(name, partitions[name], replication_factor, topic_configs=topic_configs)
                         for name in missing
                     ],
                     timeout_ms=timeout_ms,
@@ -156,15 +188,30 @@ async def ensure_topics(
                         existing.add(name)
                         continue
                     message = entry[2] if len(entry) > 2 and entry[2] else error.__name__
-                    raise StackError(f"could not create topic {name!r}: {message}")
+                    raise StackError(
+                        f"could not create topic {name!r} ({partitions[name]} partitions, "
+                        f"replication factor {replication_factor}): {message}"
+                    )
                 await _wait_until_visible(client, set(created), deadline)
 
             if existing:
-                counts = _partition_counts(await client.describe_topics(sorted(existing)))
+                described = await client.describe_topics(sorted(existing))
+                for name, have in sorted(_replication_factors(described).items()):
+                    if have != replication_factor:
+                        log.warning(
+                            "topic %s has replication factor %d, SLUICE_TOPIC_REPLICATION_FACTOR is %d: "
+                            "left as it is (kafka-reassign-partitions changes it)",
+                            name,
+                            have,
+                            replication_factor,
+                        )
+                counts = _partition_counts(described)
                 grow = {
                     name: NewPartitions(partitions[name]) for name, have in counts.items() if have < partitions[name]
                 }
                 if grow:
+                    for name in sorted(grow):
+                        log.warning("topic %s: growing from %d to %d partitions", name, counts[name], partitions[name])
                     try:
                         await client.create_partitions(grow, timeout_ms=timeout_ms)
                     except InvalidPartitionsError:

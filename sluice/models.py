@@ -41,7 +41,7 @@ import numpy as np
 import orjson
 
 from processors.runtime import ModelRuntime, load_card, split_by_budget
-from schemas.errors import ConfigError, SluiceError
+from schemas.errors import ConfigError, SluiceError, require_extra
 from sluice.admin import quiet_logger
 
 Log = Callable[[str], None]
@@ -435,11 +435,8 @@ def build_fast_model(models_dir: Path, *, log: Log = print, force: bool = False,
     if not force and is_built(dest) and (not fp32 or is_built(models_dir / FP32_MODEL, FP32_VERSION)):
         log(f"{FAST_MODEL}: already built ({dest})")
         return dest
-    try:
-        import onnx
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise ModelBuildError(f"building {FAST_MODEL} needs the onnx package ({exc}): pip install onnx") from None
+    onnx = require_extra("onnx", "build", f"building {FAST_MODEL}")
+    import onnxruntime as ort
     work.mkdir(parents=True, exist_ok=True)
     with open(work / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time (two `make setup`s)

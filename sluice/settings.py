@@ -31,9 +31,28 @@ class Settings(BaseSettings, WorkerConfig, SinkConfig, StackConfig):
     request_partitions: int = Field(
         12,
         ge=1,
-        description="Partitions of PREFIX.requests that `sluice up` creates, which caps how many workers can share the load.",
+        description="Partitions of PREFIX.requests that `sluice up` and `sluice topics` create, which caps how many workers can share the load.",
     )
-    results_partitions: int = Field(12, ge=1, description="Partitions of PREFIX.results that `sluice up` creates.")
+    results_partitions: int = Field(12, ge=1, description="Partitions of PREFIX.results that `sluice up` and `sluice topics` create.")
+    topic_replication_factor: int = Field(
+        1,
+        ge=1,
+        description="Replicas of each topic that `sluice up` and `sluice topics` create (a count): 1 for the one-broker local stack, 3 on a production cluster so a topic outlives a broker.",
+    )
+    topic_min_insync_replicas: int = Field(
+        1,
+        ge=1,
+        description="The created topics' min.insync.replicas (a count, at most the replication factor): a write acknowledged by all replicas fails unless this many are in sync; 2 with 3 replicas in production.",
+    )
+
+    @model_validator(mode="after")
+    def _insync_fits_replicas(self) -> Settings:
+        if self.topic_min_insync_replicas > self.topic_replication_factor:
+            raise ValueError(
+                f"SLUICE_TOPIC_MIN_INSYNC_REPLICAS={self.topic_min_insync_replicas} exceeds "
+                f"SLUICE_TOPIC_REPLICATION_FACTOR={self.topic_replication_factor}: every write would be refused"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -67,12 +86,19 @@ class Settings(BaseSettings, WorkerConfig, SinkConfig, StackConfig):
     def topic_partitions(self) -> dict[str, int]:
         return self.topics.partitions(requests=self.request_partitions, results=self.results_partitions)
 
+    def topic_replication(self) -> dict[str, int]:
+        """ensure_topics' replication keywords."""
+        return {
+            "replication_factor": self.topic_replication_factor,
+            "min_insync_replicas": self.topic_min_insync_replicas,
+        }
+
 
 # The settings doc's groups, by the class that declares each field (a class's
 # own annotations): a heading, the file that holds the fields, the class.
 _GROUPS: tuple[tuple[str, str, type], ...] = (
     ("Kafka and topics", "schemas/topics.py", KafkaConfig),
-    ("Topics that `sluice up` creates", "sluice/settings.py", Settings),
+    ("Topics that `sluice up` and `sluice topics` create", "sluice/settings.py", Settings),
     ("Worker", "processors/config.py", WorkerConfig),
     ("Worker: request limits", "schemas/records.py", Limits),
     ("Sink (ClickHouse)", "sinks/config.py", SinkConfig),

@@ -1,13 +1,23 @@
 """Shared fixtures.
 
-The stack (Kafka + Redis) comes from, in order: endpoints in the environment
-(SLUICE_TEST_BOOTSTRAP_SERVERS and SLUICE_TEST_REDIS_URL), or the local stack
-that `sluice up` runs, started here on its own ports and state folder so a
-developer's running stack is left alone. Docker is not assumed anywhere.
+The stack (Kafka + Redis, and a ClickHouse server where one is at hand)
+comes from, in order:
+
+1. endpoints in the environment: SLUICE_TEST_BOOTSTRAP_SERVERS (and
+   SLUICE_TEST_REDIS_URL, SLUICE_TEST_CLICKHOUSE_URL), a user's own services;
+2. testcontainers, when it is installed and a Docker engine answers (the
+   design's choice): Kafka (KRaft), Redis and ClickHouse containers for the
+   session; SLUICE_TEST_CONTAINERS=0 skips this step;
+3. the local stack that `sluice up` runs, started here on its own ports and
+   state folder so a developer's running stack is left alone (no ClickHouse
+   server: the sink's tests use embedded chDB).
+
+Docker is never required.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -21,22 +31,80 @@ from sluice import supervisor
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# images for the container path: Kafka 3.9 (the newest line aiokafka speaks fully, as the local stack)
+KAFKA_IMAGE = os.environ.get("SLUICE_TEST_KAFKA_IMAGE", "confluentinc/cp-kafka:7.9.1")
+REDIS_IMAGE = os.environ.get("SLUICE_TEST_REDIS_IMAGE", "redis:7")
+CLICKHOUSE_IMAGE = os.environ.get("SLUICE_TEST_CLICKHOUSE_IMAGE", "clickhouse/clickhouse-server:24.8")
+
 
 @dataclass(frozen=True)
 class StackEndpoints:
     bootstrap_servers: str
     redis_url: str
+    clickhouse_url: str = ""  # a ClickHouse server's HTTP URL; empty: none (the tests use chDB)
+    source: str = "local"  # "environment", "containers" or "local"
     local: object | None = None  # LocalStack when this session started it
 
 
 free_port = supervisor.free_port
 
 
+def docker_answers() -> bool:
+    """testcontainers is installed and a Docker engine answers a ping (cheap:
+    no socket and no DOCKER_HOST means no engine, without importing docker)."""
+    if os.environ.get("SLUICE_TEST_CONTAINERS", "1") == "0":
+        return False
+    if not os.environ.get("DOCKER_HOST") and not Path("/var/run/docker.sock").exists():
+        return False
+    try:
+        import docker
+        import testcontainers  # noqa: F401
+    except ImportError:
+        return False
+    try:
+        client = docker.from_env(timeout=3)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:
+        return False
+
+
+@contextlib.contextmanager
+def containers() -> Iterator[StackEndpoints]:
+    """Kafka, Redis and ClickHouse in containers for the session (removed at the end)."""
+    from testcontainers.clickhouse import ClickHouseContainer
+    from testcontainers.kafka import KafkaContainer
+    from testcontainers.redis import RedisContainer
+
+    with (
+        KafkaContainer(KAFKA_IMAGE).with_kraft() as kafka,
+        RedisContainer(REDIS_IMAGE) as redis,
+        ClickHouseContainer(CLICKHOUSE_IMAGE, port=8123) as clickhouse,
+    ):
+        redis_url = f"redis://{redis.get_container_host_ip()}:{redis.get_exposed_port(6379)}/0"
+        clickhouse_url = (
+            f"http://{clickhouse.username}:{clickhouse.password}@"
+            f"{clickhouse.get_container_host_ip()}:{clickhouse.get_exposed_port(8123)}/"
+        )
+        yield StackEndpoints(kafka.get_bootstrap_server(), redis_url, clickhouse_url, source="containers")
+
+
 @pytest.fixture(scope="session")
 def stack() -> Iterator[StackEndpoints]:
     given = os.environ.get("SLUICE_TEST_BOOTSTRAP_SERVERS")
     if given:
-        yield StackEndpoints(given, os.environ.get("SLUICE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
+        yield StackEndpoints(
+            given,
+            os.environ.get("SLUICE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
+            os.environ.get("SLUICE_TEST_CLICKHOUSE_URL", ""),
+            source="environment",
+        )
+        return
+    if docker_answers():
+        with containers() as endpoints:
+            yield endpoints
         return
     from sluice.stack import LocalStack, StackConfig
 
@@ -49,7 +117,7 @@ def stack() -> Iterator[StackEndpoints]:
     local = LocalStack(cfg)
     outcome = local.up()
     try:
-        yield StackEndpoints(local.bootstrap_servers, local.redis_url, local)
+        yield StackEndpoints(local.bootstrap_servers, local.redis_url, local=local)
     finally:
         if outcome == "started" and not os.environ.get("SLUICE_TEST_KEEP_STACK"):
             local.down()

@@ -14,7 +14,7 @@ from schemas.errors import SluiceError
 from sluice.cli.analytics import cmd_analytics, cmd_report, cmd_sink
 from sluice.cli.demo import cmd_demo
 from sluice.cli.settings import cmd_settings
-from sluice.cli.stack import cmd_down, cmd_status, cmd_up
+from sluice.cli.stack import cmd_down, cmd_status, cmd_topics, cmd_up
 from sluice.cli.traffic import cmd_loadtest, cmd_produce, cmd_subscribe, generator_slice
 from sluice.cli.worker import cmd_model, cmd_worker
 from sluice.settings import load_settings
@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("up", help="start the local stack (Kafka KRaft + Redis) and create topics")
     sub.add_parser("down", help="stop the local stack")
     sub.add_parser("status", help="show the local stack's processes")
+    sub.add_parser(
+        "topics",
+        help="create the topics on SLUICE_BOOTSTRAP_SERVERS (any cluster) with the configured partitions "
+        "and replication; idempotent",
+    )
     sub.add_parser("settings", help="print every setting (SLUICE_*), its default and meaning")
     w = sub.add_parser("worker", help="run an inference worker until SIGTERM")
     w.add_argument("--metrics-port", type=int, help="port of /metrics, /healthz, /readyz (0: any)")
@@ -142,6 +147,7 @@ COMMANDS = {
     "up": cmd_up,
     "down": cmd_down,
     "status": cmd_status,
+    "topics": cmd_topics,
     "settings": cmd_settings,
     "worker": cmd_worker,
     "produce": cmd_produce,

@@ -78,7 +78,9 @@ def cmd_report(s: Settings, args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from sinks.analytics import parse_since
-    from sinks.report import write_report
+    from sinks.report import pyplot, write_report
+
+    pyplot()  # before opening the store: a missing `report` extra says so first
 
     runner, store = _query_runner(s)
     try:

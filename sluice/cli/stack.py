@@ -1,4 +1,4 @@
-"""`sluice up`, `down` and `status`: the local stack (Kafka KRaft, Redis)."""
+"""`sluice up`, `down` and `status`: the local stack (Kafka KRaft, Redis); `sluice topics`: the topics on any cluster."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def cmd_up(s: Settings, args: argparse.Namespace) -> int:
     from sluice.stack import LocalStack
 
     stack = LocalStack(s.stack())
-    outcome = stack.up(s.topic_partitions())
+    outcome = stack.up(s.topic_partitions(), **s.topic_replication())
     print(f"stack {outcome}: kafka {stack.bootstrap_servers}, redis {stack.redis_url}, state {s.state_dir}")
     return 0
 
@@ -34,3 +34,17 @@ def cmd_status(s: Settings, args: argparse.Namespace) -> int:
             + " ".join(f"{k}={v}" for k, v in st.items() if k != "alive")
         )
     return 0 if all(st.get("alive") for st in status.values()) else 3
+
+
+def cmd_topics(s: Settings, args: argparse.Namespace) -> int:
+    """The topics on SLUICE_BOOTSTRAP_SERVERS, any cluster: created with the
+    configured partitions and replication; run again, it creates nothing."""
+    import asyncio
+
+    from sluice.admin import ensure_topics
+
+    wanted = s.topic_partitions()
+    created = asyncio.run(ensure_topics(s.bootstrap_servers, wanted, **s.topic_replication()))
+    for name, count in wanted.items():
+        print(f"{name:32} {count:3} partitions  {'created' if name in created else 'exists'}")
+    return 0

@@ -80,8 +80,11 @@ class LocalStack(KafkaBroker, RedisServer):
 
     # ------------------------------------------------------------------ public
 
-    def up(self, topics: dict[str, int] | None = None) -> Literal["started", "already running"]:
-        """Start whatever is not running, wait until both answer, create `topics`.
+    def up(
+        self, topics: dict[str, int] | None = None, *, replication_factor: int = 1, min_insync_replicas: int = 1
+    ) -> Literal["started", "already running"]:
+        """Start whatever is not running, wait until both answer, create `topics`
+        (with that replication: the local broker is one node, so more than 1 fails).
 
         Topics are ensured also when both services were already running, since
         that starts nothing and a caller may bring new topics.
@@ -129,7 +132,13 @@ class LocalStack(KafkaBroker, RedisServer):
 
             if topics:
                 created = _run_sync(
-                    ensure_topics(self.bootstrap_servers, topics, timeout_s=self.config.stack_start_timeout_s)
+                    ensure_topics(
+                        self.bootstrap_servers,
+                        topics,
+                        timeout_s=self.config.stack_start_timeout_s,
+                        replication_factor=replication_factor,
+                        min_insync_replicas=min_insync_replicas,
+                    )
                 )
                 self._log("kafka: created topics " + ", ".join(created) if created else "kafka: topics already exist")
             return result

@@ -8,6 +8,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,7 +17,8 @@ from sluice.errors import StackError
 from sluice.stack.config import StackConfig
 from sluice.stack.processes import _LOG_TAIL_LINES, _run_sync, _Service
 
-_POM = Path(__file__).resolve().parents[2] / "compose" / "kafka" / "pom.xml"
+# The broker's Maven manifest is package data, so an installed sluice has it too.
+_POM = resources.files("sluice.stack").joinpath("kafka/pom.xml")
 _KAFKA_JAR_GLOB = "kafka_2.13-*.jar"
 _MAVEN_TIMEOUT_S = 900.0  # a cold ~/.m2 downloads ~60 MB (about 45 s measured)
 
@@ -64,12 +66,15 @@ class KafkaBroker:
             return libs
         mvn = self._which("mvn", "apt-get install maven")
         if not _POM.is_file():
-            raise StackError(f"Kafka pom not found at {_POM}")
+            raise StackError(f"the Kafka pom is missing from the installed package ({_POM})")
+        # Maven wants a file of its own to work beside, never the installed package's folder.
+        pom = kafka_dir / "pom.xml"
+        kafka_dir.mkdir(parents=True, exist_ok=True)
+        pom.write_bytes(_POM.read_bytes())
         # Resolve into a side folder and rename when complete, so an interrupted
         # run never leaves a libs folder that looks resolved but is not.
         partial = kafka_dir / "libs.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        partial.parent.mkdir(parents=True, exist_ok=True)
         self._log("kafka: resolving Kafka jars with Maven (first time only)...")
         start = time.monotonic()
         try:
@@ -79,7 +84,7 @@ class KafkaBroker:
                     "-q",
                     "-B",
                     "-f",
-                    str(_POM),
+                    str(pom),
                     "dependency:copy-dependencies",
                     "-DincludeScope=runtime",
                     f"-DoutputDirectory={partial}",

@@ -57,3 +57,40 @@ def test_settings_table_names_every_setting_once():
     table = settings_table()
     for name in Settings.model_fields:
         assert table.count(f"| `SLUICE_{name.upper()}` |") == 1, name
+
+
+def test_topic_replication_defaults_to_one_broker():
+    s = load_settings()
+    assert s.topic_replication() == {"replication_factor": 1, "min_insync_replicas": 1}
+
+
+def test_production_replication_loads(monkeypatch):
+    monkeypatch.setenv("SLUICE_TOPIC_REPLICATION_FACTOR", "3")
+    monkeypatch.setenv("SLUICE_TOPIC_MIN_INSYNC_REPLICAS", "2")
+    assert load_settings().topic_replication() == {"replication_factor": 3, "min_insync_replicas": 2}
+
+
+def test_min_insync_above_the_replication_factor_is_one_line_naming_both(monkeypatch):
+    monkeypatch.setenv("SLUICE_TOPIC_MIN_INSYNC_REPLICAS", "2")
+    with pytest.raises(ConfigError) as exc:
+        load_settings()
+    msg = exc.value.message
+    assert "\n" not in msg
+    assert "SLUICE_TOPIC_MIN_INSYNC_REPLICAS=2" in msg and "SLUICE_TOPIC_REPLICATION_FACTOR=1" in msg
+
+
+@pytest.mark.parametrize("name", ["SLUICE_TOPIC_REPLICATION_FACTOR", "SLUICE_TOPIC_MIN_INSYNC_REPLICAS"])
+def test_replication_settings_are_at_least_one(monkeypatch, name):
+    monkeypatch.setenv(name, "0")
+    with pytest.raises(ConfigError, match=f"^{name}='0'"):
+        load_settings()
+
+
+def test_ensure_topics_refuses_min_insync_above_replicas_before_connecting():
+    import asyncio
+
+    from sluice.admin import ensure_topics
+
+    # nothing listens on port 1: the check comes first
+    with pytest.raises(ValueError, match="min.insync.replicas=3"):
+        asyncio.run(ensure_topics("127.0.0.1:1", {"t.requests": 1}, replication_factor=2, min_insync_replicas=3))
