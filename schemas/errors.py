@@ -64,9 +64,7 @@ def require_extra(module: str, extra: str, purpose: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise MissingExtra(
-            f"{purpose} needs the '{extra}' extra ({exc}): pip install 'sluice[{extra}]'"
-        ) from None
+        raise MissingExtra(f"{purpose} needs the '{extra}' extra ({exc}): pip install 'sluice[{extra}]'") from None
 
 
 def error_label(exc: BaseException) -> str:

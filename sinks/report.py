@@ -53,8 +53,7 @@ def build_report(runner: Runner, *, db: str = "sluice", since_s: int = 3600, slo
         pts = [r for r in latency if r["model"] == model]
         xs = [_dt(r["minute"]) for r in pts]
         for q, style in (("p50_ms", "-"), ("p95_ms", "--"), ("p99_ms", ":")):
-            # datetimes go through matplotlib's date converter (its stubs say numbers only)
-            ax.plot(xs, [r[q] for r in pts], style, label=f"{model} {q[:3]}")  # type: ignore[arg-type]
+            ax.plot(xs, [r[q] for r in pts], style, label=f"{model} {q[:3]}")
     ax.axhline(slo_ms, color="grey", lw=0.8)
     ax.set_ylabel("latency, ms")
     ax.set_yscale("log")
@@ -69,7 +68,7 @@ def build_report(runner: Runner, *, db: str = "sluice", since_s: int = 3600, slo
         ("cost_usd", "cost per minute, USD"),
     ):
         fig, ax = plt.subplots(figsize=(9, 2.6))
-        ax.plot(xs, [r[key] for r in traffic], "-o", ms=3)  # type: ignore[arg-type]
+        ax.plot(xs, [r[key] for r in traffic], "-o", ms=3)
         ax.set_ylabel(label)
         if key == "hit_rate":
             ax.set_ylim(0, 1)

@@ -270,7 +270,9 @@ class ServerStore:
         self._guard: QueryGuard | None = None
 
     def _connect(self, **kw: Any) -> Any:
-        clickhouse_connect = require_extra("clickhouse_connect", "server", "a ClickHouse server (SLUICE_CLICKHOUSE_URL)")
+        clickhouse_connect = require_extra(
+            "clickhouse_connect", "server", "a ClickHouse server (SLUICE_CLICKHOUSE_URL)"
+        )
 
         try:
             return clickhouse_connect.get_client(dsn=self.url, database="default", connect_timeout=5, **kw)

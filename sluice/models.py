@@ -437,6 +437,7 @@ def build_fast_model(models_dir: Path, *, log: Log = print, force: bool = False,
         return dest
     onnx = require_extra("onnx", "build", f"building {FAST_MODEL}")
     import onnxruntime as ort
+
     work.mkdir(parents=True, exist_ok=True)
     with open(work / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time (two `make setup`s)

@@ -33,7 +33,9 @@ class Settings(BaseSettings, WorkerConfig, SinkConfig, StackConfig):
         ge=1,
         description="Partitions of PREFIX.requests that `sluice up` and `sluice topics` create, which caps how many workers can share the load.",
     )
-    results_partitions: int = Field(12, ge=1, description="Partitions of PREFIX.results that `sluice up` and `sluice topics` create.")
+    results_partitions: int = Field(
+        12, ge=1, description="Partitions of PREFIX.results that `sluice up` and `sluice topics` create."
+    )
     topic_replication_factor: int = Field(
         1,
         ge=1,

@@ -44,7 +44,14 @@ def cmd_topics(s: Settings, args: argparse.Namespace) -> int:
     from sluice.admin import ensure_topics
 
     wanted = s.topic_partitions()
-    created = asyncio.run(ensure_topics(s.bootstrap_servers, wanted, **s.topic_replication()))
+    created = asyncio.run(
+        ensure_topics(
+            s.bootstrap_servers,
+            wanted,
+            replication_factor=s.topic_replication_factor,
+            min_insync_replicas=s.topic_min_insync_replicas,
+        )
+    )
     for name, count in wanted.items():
         print(f"{name:32} {count:3} partitions  {'created' if name in created else 'exists'}")
     return 0

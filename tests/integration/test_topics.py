@@ -69,5 +69,7 @@ async def test_a_different_replication_factor_is_reported(stack, caplog) -> None
     await ensure_topics(stack.bootstrap_servers, {name: 1})
     with caplog.at_level(logging.WARNING, logger="sluice.admin"):
         # the topic exists, so nothing is created: the mismatch is only reported
-        assert await ensure_topics(stack.bootstrap_servers, {name: 1}, replication_factor=3, min_insync_replicas=2) == []
+        assert (
+            await ensure_topics(stack.bootstrap_servers, {name: 1}, replication_factor=3, min_insync_replicas=2) == []
+        )
     assert f"topic {name} has replication factor 1, SLUICE_TOPIC_REPLICATION_FACTOR is 3" in caplog.text
