@@ -111,7 +111,7 @@ def check_compose(path: Path) -> list[str]:
     services = doc.get("services") or {}
     for name, svc in services.items():
         deps = svc.get("depends_on") or {}
-        for dep, spec in (deps.items() if isinstance(deps, dict) else ((d, {}) for d in deps)):
+        for dep, spec in deps.items() if isinstance(deps, dict) else ((d, {}) for d in deps):
             if dep not in services:
                 problems.append(f"{path.name}: service {name} depends on {dep}, which is not a service")
             elif (spec or {}).get("condition") == "service_healthy" and "healthcheck" not in services[dep]:
@@ -135,12 +135,18 @@ def k8s_objects(folder: Path) -> tuple[list[str], list[tuple[str, dict[str, Any]
     """(problems, [(file, object)]) of the files the kustomization lists."""
     kust = yaml.safe_load((folder / "kustomization.yaml").read_text())
     listed = kust.get("resources") or []
-    problems = [f"{folder.name}/{f}: listed in kustomization.yaml, missing" for f in listed if not (folder / f).is_file()]
+    problems = [
+        f"{folder.name}/{f}: listed in kustomization.yaml, missing" for f in listed if not (folder / f).is_file()
+    ]
     for f in sorted(folder.glob("*.yaml")):
         if f.name != "kustomization.yaml" and f.name not in listed:
             problems.append(f"{folder.name}/{f.name}: not listed in kustomization.yaml resources")
     objects = [
-        (f, doc) for f in listed if (folder / f).is_file() for doc in yaml.safe_load_all((folder / f).read_text()) if doc
+        (f, doc)
+        for f in listed
+        if (folder / f).is_file()
+        for doc in yaml.safe_load_all((folder / f).read_text())
+        if doc
     ]
     return problems, objects
 

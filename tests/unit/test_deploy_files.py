@@ -50,7 +50,7 @@ def test_compose_with_an_unknown_key_is_rejected(tree: Path) -> None:
 def test_compose_waiting_on_a_service_without_healthcheck_is_rejected(tree: Path) -> None:
     f = tree / "compose" / "docker-compose.yml"
     edit(f, "      redis:\n        condition: service_healthy", "      grafana:\n        condition: service_healthy")
-    assert any("grafana, which has no healthcheck" in p for p in validate.check_compose(f))
+    assert any("waits for grafana to be healthy, which has no healthcheck" in p for p in validate.check_compose(f))
 
 
 def test_deployment_with_a_wrong_field_type_is_rejected(tree: Path) -> None:
