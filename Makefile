@@ -13,6 +13,10 @@ system-deps:
 	@command -v redis-server >/dev/null || { \
 	  echo "installing redis-server (apt-get)"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null; }
+	@# promtool checks compose/prometheus/prometheus.yml (tests/unit/test_deploy_files.py)
+	@command -v promtool >/dev/null || { \
+	  echo "installing prometheus for promtool (apt-get)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends prometheus) >/dev/null; }
 
 setup: system-deps $(VENV)/.installed
 	# the fast int8 model (all-minilm-l6-v2-sq8) in .sluice/models; instant once built
