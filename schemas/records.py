@@ -35,7 +35,13 @@ class Limits(BaseModel):
     max_input_chars: int = Field(8192, ge=1, description="Longest accepted `input`, in characters.")
     max_labels: int = Field(64, ge=1, description="Most labels a classify request may name.")
     max_label_chars: int = Field(200, ge=1, description="Longest accepted label, in characters.")
-    max_id_chars: int = Field(256, ge=1, description="Longest accepted request `id`.")
+    max_id_chars: int = Field(256, ge=1, description="Longest accepted request `id`, in characters.")
+    max_tenant_chars: int = Field(
+        64, ge=1, description="Longest accepted `tenant`, in characters; a longer one is refused."
+    )
+    max_model_chars: int = Field(
+        128, ge=1, description="Longest accepted `model` name, in characters; a longer one is refused."
+    )
 
 
 class Request(BaseModel):
@@ -206,6 +212,19 @@ def parse_request(raw: bytes | None, limits: Limits) -> Request:
         raise fail(
             f"field 'v': version {v!r} is not supported (this worker speaks {SCHEMA_VERSION})", "unsupported_version"
         )
+    # every other string field: the right type and a bounded length (a
+    # tenant and a model name end up in cache keys, metrics and analytics)
+    for name, limit, setting in (
+        ("tenant", limits.max_tenant_chars, "SLUICE_MAX_TENANT_CHARS"),
+        ("model", limits.max_model_chars, "SLUICE_MAX_MODEL_CHARS"),
+    ):
+        value = doc.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value.strip():
+            raise fail(f"field '{name}': must be a non-empty string")
+        if len(value) > limit:
+            raise fail(f"field '{name}': longer than {limit} characters ({setting})")
     task = doc.get("task", "embed")
     if task not in ("embed", "classify"):
         raise fail(f"field 'task': unknown task {task!r} (embed, classify)", "unknown_task")
