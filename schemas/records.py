@@ -124,6 +124,32 @@ class Telemetry(BaseModel):
     cost_usd: float
 
 
+class ScaleDecision(BaseModel):
+    """One decision of `sluice autoscale`, with the evidence it was made on;
+    the sink stores these in autoscale_events."""
+
+    model_config = ConfigDict(extra="allow")
+
+    v: int
+    at_ms: int
+    autoscaler: str  # the instance that decided
+    group: str  # the worker group it sizes
+    mode: Literal["local", "recommend"]
+    desired: int = Field(ge=0)
+    current: int = Field(ge=0)  # workers asked for when deciding (ready + starting)
+    ready: int = Field(ge=0)
+    recommended: int = Field(ge=0)  # this interval's need, before stabilisation
+    reason: str
+    lag: int = Field(ge=0)
+    arrival_rps: float
+    service_rps: float
+    service_source: str
+    cold_start_s: float
+    partitions: int = Field(ge=0)
+    stuck: list[int] = []
+    missing: list[str] = []
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 

@@ -24,7 +24,7 @@ class KafkaConfig(BaseModel):
     )
     topic_prefix: str = Field(
         "sluice",
-        description="Prefix of every topic name (PREFIX.requests, PREFIX.results, PREFIX.telemetry, PREFIX.dlq).",
+        description="Prefix of every topic name (PREFIX.requests, PREFIX.results, PREFIX.telemetry, PREFIX.dlq, PREFIX.autoscale).",
     )
 
     @field_validator("topic_prefix")
@@ -38,9 +38,9 @@ class KafkaConfig(BaseModel):
 
 
 class Topics:
-    """The four topics of the contract, under one prefix."""
+    """The topics of the contract, under one prefix."""
 
-    __slots__ = ("prefix", "requests", "results", "telemetry", "dlq")
+    __slots__ = ("prefix", "requests", "results", "telemetry", "dlq", "autoscale")
 
     def __init__(self, prefix: str = "sluice") -> None:
         check_topic_name(prefix)
@@ -49,7 +49,14 @@ class Topics:
         self.results = f"{prefix}.results"
         self.telemetry = f"{prefix}.telemetry"
         self.dlq = f"{prefix}.dlq"
+        self.autoscale = f"{prefix}.autoscale"  # the autoscaler's decisions
 
     def partitions(self, requests: int = 12, results: int = 12, telemetry: int = 3, dlq: int = 1) -> dict[str, int]:
         """Topic -> partition count, as `sluice up` creates them."""
-        return {self.requests: requests, self.results: results, self.telemetry: telemetry, self.dlq: dlq}
+        return {
+            self.requests: requests,
+            self.results: results,
+            self.telemetry: telemetry,
+            self.dlq: dlq,
+            self.autoscale: 1,  # a few records a minute, kept in order
+        }

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -21,6 +23,26 @@ from prometheus_client import Counter
 from sinks.config import SinkConfig
 from sinks.errors import QueryError, SinkError
 from sinks.store import Store
+
+
+def remote_runner(host: str, port: int, token: str = "", timeout_s: float = 60.0):
+    """Run SQL through a running sink's POST /query (the sink owns the embedded
+    database, so other processes ask it). Raises QueryError when the sink
+    refuses, OSError when it does not answer."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+
+    def via_sink(sql: str) -> tuple[list[str], list[Any]]:
+        req = urllib.request.Request(f"http://{host}:{port}/query", data=orjson.dumps({"sql": sql}), headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as r:
+                doc = orjson.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            raise QueryError(f"sink refused the query: {exc.read().decode(errors='replace')}") from None
+        return doc["columns"], doc["rows"]
+
+    return via_sink
 
 
 class QueryEndpoint:

@@ -1,4 +1,8 @@
-"""The ClickHouse sink: PREFIX.telemetry -> batches -> ClickHouse -> commit.
+"""The ClickHouse sink: PREFIX.telemetry and PREFIX.autoscale -> batches -> ClickHouse -> commit.
+
+Each topic has its table (telemetry; autoscale_events, the autoscaler's
+decisions) and buffers are kept per topic-partition, so everything below
+holds for both.
 
 Records are read per partition and buffered; a flush happens when
 `sink_batch_max_rows` records are buffered or `sink_batch_max_s` has passed
@@ -54,7 +58,7 @@ from schemas.service.http import HealthServer
 from sinks.config import SinkConfig
 from sinks.errors import SinkError
 from sinks.query_endpoint import QueryEndpoint
-from sinks.rows import BadRecord, to_row
+from sinks.rows import BadRecord, decision_row, to_row
 from sinks.store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -134,11 +138,16 @@ class _Rebalance(ConsumerRebalanceListener):
 class TelemetrySink:
     def __init__(self, config: SinkConfig, metrics: SinkMetrics | None = None, store: Store | None = None) -> None:
         self.config = config
-        self.topic = config.topics.telemetry
+        topics = config.topics
+        # topic -> (table, record-to-row)
+        self._tables: dict[str, tuple[str, Callable[[bytes | None], bytes]]] = {
+            topics.telemetry: ("telemetry", to_row),
+            topics.autoscale: ("autoscale_events", decision_row),
+        }
         self.metrics = metrics or SinkMetrics()
         self.store: Store = store or open_store(config)
-        self._bufs: dict[int, PartBuf] = {}
-        self._assigned: set[int] = set()
+        self._bufs: dict[TopicPartition, PartBuf] = {}
+        self._assigned: set[TopicPartition] = set()
         self._stopping = asyncio.Event()
         self._flush_lock = asyncio.Lock()
         self._consumer: AIOKafkaConsumer | None = None
@@ -146,7 +155,7 @@ class TelemetrySink:
         self._http: HealthServer | None = None
         self._store_ready = False
         self._last_fetch = time.monotonic()
-        self._committed: dict[int, int] = {}
+        self._committed: dict[TopicPartition, int] = {}
         self.port: int | None = None
         # One thread owns the store: a chDB session is not to be used from
         # two threads at once (an insert and a POST /query would otherwise).
@@ -175,13 +184,13 @@ class TelemetrySink:
             fetch_max_bytes=64 << 20,
         )
         await self._consumer.start()
-        self._consumer.subscribe([self.topic], listener=_Rebalance(self))
+        self._consumer.subscribe(list(self._tables), listener=_Rebalance(self))
         log.info(
-            "sink started in %.2f s: %s, group %s, topic %s",
+            "sink started in %.2f s: %s, group %s, topics %s",
             time.perf_counter() - t0,
             "chDB " + str(cfg.chdb_path) if cfg.embedded else "ClickHouse server",
             cfg.sink_group_id,
-            self.topic,
+            ", ".join(self._tables),
         )
 
     def stop(self) -> None:
@@ -227,8 +236,8 @@ class TelemetrySink:
             records = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=room)
             now = time.monotonic()
             for tp, recs in records.items():
-                if tp.partition in self._assigned:
-                    self._intake(tp.partition, recs, now)
+                if tp in self._assigned:
+                    self._intake(tp, recs, now)
             self.metrics.buffered.set(self._buffered())
             due = self._due_in(now)
             if self._buffered() >= cfg.sink_batch_max_rows or (due is not None and due <= 0):
@@ -238,48 +247,49 @@ class TelemetrySink:
         await self.flush()
         log.info("drained: %d records left uninserted", self._buffered())
 
-    def _intake(self, partition: int, records: list[Any], now: float) -> None:
-        buf = self._bufs.setdefault(partition, PartBuf())
+    def _intake(self, tp: TopicPartition, records: list[Any], now: float) -> None:
+        buf = self._bufs.setdefault(tp, PartBuf())
+        convert = self._tables[tp.topic][1]
         for rec in records:
             try:
-                row: bytes | None = to_row(rec.value)
+                row: bytes | None = convert(rec.value)
             except BadRecord as exc:
                 row = None
                 self.metrics.errors.labels(error_label(exc)).inc()
-                log.warning("skipping telemetry record %s:%d:%d: %s", self.topic, partition, rec.offset, exc)
+                log.warning("skipping record %s:%d:%d: %s", tp.topic, tp.partition, rec.offset, exc)
             buf.add(rec.offset, row, now)
 
     def _update_lag(self) -> None:
         if self._consumer is None:
             return
         lag = 0
-        for p in self._assigned:
-            hw = self._consumer.highwater(TopicPartition(self.topic, p))
-            if hw is not None and p in self._committed:
-                lag += max(0, hw - self._committed[p])
+        for tp in self._assigned:
+            hw = self._consumer.highwater(tp)
+            if hw is not None and tp in self._committed:
+                lag += max(0, hw - self._committed[tp])
         self.metrics.lag.set(lag)
 
     # -- flush: plan the cut, insert, commit ---------------------------------
-    def _plan(self) -> dict[int, int]:
-        """Partition -> last offset of the block this flush inserts."""
-        plan: dict[int, int] = {}
-        for p, buf in self._bufs.items():
-            if not buf.rows or p not in self._assigned:
+    def _plan(self) -> dict[TopicPartition, int]:
+        """Topic-partition -> last offset of the block this flush inserts."""
+        plan: dict[TopicPartition, int] = {}
+        for tp, buf in self._bufs.items():
+            if not buf.rows or tp not in self._assigned:
                 continue
             if buf.cut is not None:
                 if buf.last_offset >= buf.cut:
-                    plan[p] = buf.cut  # the block a previous owner may have stored
-                elif self._log_ends_before(p, buf.cut):
-                    log.warning("partition %d: planned cut %d is past the log's end; dropped", p, buf.cut)
+                    plan[tp] = buf.cut  # the block a previous owner may have stored
+                elif self._log_ends_before(tp, buf.cut):
+                    log.warning("%s:%d: planned cut %d is past the log's end; dropped", tp.topic, tp.partition, buf.cut)
                     buf.cut = None
-                    plan[p] = buf.last_offset
+                    plan[tp] = buf.last_offset
                 # else: wait until the records up to the cut are read
             else:
-                plan[p] = buf.last_offset
+                plan[tp] = buf.last_offset
         return plan
 
-    def _log_ends_before(self, p: int, cut: int) -> bool:
-        hw = self._consumer.highwater(TopicPartition(self.topic, p)) if self._consumer else None
+    def _log_ends_before(self, tp: TopicPartition, cut: int) -> bool:
+        hw = self._consumer.highwater(tp) if self._consumer else None
         return hw is not None and hw <= cut
 
     async def flush(self) -> None:
@@ -309,10 +319,13 @@ class TelemetrySink:
             self.metrics.buffered.set(self._buffered())
 
     async def _insert_with_retry(
-        self, plan: dict[int, int], starts: dict[int, int], blocks: dict[int, list[tuple[int, bytes | None]]]
+        self,
+        plan: dict[TopicPartition, int],
+        starts: dict[TopicPartition, int],
+        blocks: dict[TopicPartition, list[tuple[int, bytes | None]]],
     ) -> bool:
         delay = 0.1
-        done: set[int] = set()
+        done: set[TopicPartition] = set()
         drain_deadline: float | None = None
         while True:
             t0 = time.perf_counter()
@@ -321,8 +334,8 @@ class TelemetrySink:
                     if p in done:
                         continue
                     rows = [r for _, r in blocks[p] if r is not None]
-                    token = f"{self.topic}:{p}:{starts[p]}-{end}"
-                    await self._in_db(self.store.insert, rows, token)
+                    token = f"{p.topic}:{p.partition}:{starts[p]}-{end}"
+                    await self._in_db(self.store.insert, rows, token, self._tables[p.topic][0])
                     done.add(p)
                     self.metrics.inserts.inc()
                     self.metrics.rows.inc(len(rows))
@@ -345,13 +358,13 @@ class TelemetrySink:
                 await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
                 delay = min(self.config.sink_retry_max_s, delay * 2)
 
-    async def _commit(self, offsets: dict[int, tuple[int, str]]) -> bool:
+    async def _commit(self, offsets: dict[TopicPartition, tuple[int, str]]) -> bool:
         assert self._consumer is not None
         owned = {p: v for p, v in offsets.items() if p in self._assigned}
         if not owned:
             return False
         try:
-            await self._consumer.commit({TopicPartition(self.topic, p): v for p, v in owned.items()})
+            await self._consumer.commit(owned)
         except (CommitFailedError, IllegalStateError, KafkaError) as exc:
             # the partition moved: its next owner reads the cut and replays
             self.metrics.errors.labels("commit").inc()
@@ -390,7 +403,7 @@ class TelemetrySink:
 
     # -- rebalance -----------------------------------------------------------
     async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
-        parts = {tp.partition for tp in revoked if tp.topic == self.topic}
+        parts = {tp for tp in revoked if tp.topic in self._tables}
         try:  # a flush in progress finishes (and commits) while we still own them
             await asyncio.wait_for(self._flush_lock.acquire(), timeout=30)
             self._flush_lock.release()
@@ -400,12 +413,12 @@ class TelemetrySink:
         for p in parts:
             self._bufs.pop(p, None)  # uncommitted: the next owner replays them
         self.metrics.assigned.set(len(self._assigned))
-        log.info("revoked partitions %s", sorted(parts))
+        log.info("revoked partitions %s", _names(parts))
 
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
         assert self._consumer is not None
-        tps = [tp for tp in assigned if tp.topic == self.topic]
-        cuts: dict[int, int] = {}
+        tps = [tp for tp in assigned if tp.topic in self._tables]
+        cuts: dict[TopicPartition, int] = {}
         if tps and self._admin is not None:
             try:
                 offsets = await self._admin.list_consumer_group_offsets(self.config.sink_group_id, partitions=tps)
@@ -415,17 +428,24 @@ class TelemetrySink:
             for tp, om in offsets.items():
                 if om is None or om.offset < 0:
                     continue
-                self._committed[tp.partition] = om.offset
+                self._committed[tp] = om.offset
                 meta = om.metadata or ""
                 if meta.startswith(CUT_PREFIX):
-                    cuts[tp.partition] = int(meta[len(CUT_PREFIX) :])
-        self._assigned = {tp.partition for tp in self._consumer.assignment() if tp.topic == self.topic}
+                    cuts[tp] = int(meta[len(CUT_PREFIX) :])
+        self._assigned = {tp for tp in self._consumer.assignment() if tp.topic in self._tables}
         for tp in tps:
-            self._bufs[tp.partition] = PartBuf(cut=cuts.get(tp.partition))
+            self._bufs[tp] = PartBuf(cut=cuts.get(tp))
         if cuts:
-            log.info("replaying planned blocks (partition -> last offset): %s", cuts)
+            log.info(
+                "replaying planned blocks (partition -> last offset): %s",
+                {f"{tp.topic}:{tp.partition}": end for tp, end in cuts.items()},
+            )
         self.metrics.assigned.set(len(self._assigned))
-        log.info("assigned partitions %s", sorted(self._assigned))
+        log.info("assigned partitions %s", _names(self._assigned))
+
+
+def _names(tps: set[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}:{tp.partition}" for tp in sorted(tps)) or "none"
 
 
 async def serve(config: SinkConfig, on_ready: Callable[[TelemetrySink], None] | None = None) -> None:

@@ -69,7 +69,7 @@ class Store(Protocol):
     database: str
 
     def start(self) -> None: ...
-    def insert(self, rows: list[dict[str, Any]] | list[bytes], dedup_token: str) -> None: ...
+    def insert(self, rows: list[dict[str, Any]] | list[bytes], dedup_token: str, table: str = TABLE) -> None: ...
     def query(self, sql: str) -> tuple[list[str], list[tuple]]: ...
     def execute(self, sql: str) -> tuple[list[str], list[tuple]]: ...
     def close(self) -> None: ...
@@ -194,7 +194,7 @@ class ChdbStore:
         except Exception as exc:
             raise SinkError(f"chDB: {exc}") from exc
 
-    def insert(self, rows: list[dict[str, Any]] | list[bytes], dedup_token: str) -> None:
+    def insert(self, rows: list[dict[str, Any]] | list[bytes], dedup_token: str, table: str = TABLE) -> None:
         if not rows:
             return
         settings = ", ".join(
@@ -202,7 +202,7 @@ class ChdbStore:
             + [f"{k} = {v}" for k, v in _INSERT_SETTINGS.items()]
         )
         body = encode_rows(rows).decode()
-        self._run(f"INSERT INTO {self.database}.{TABLE} SETTINGS {settings} FORMAT JSONEachRow\n{body}")
+        self._run(f"INSERT INTO {self.database}.{table} SETTINGS {settings} FORMAT JSONEachRow\n{body}")
 
     def execute(self, sql: str) -> tuple[list[str], list[tuple]]:
         """Our own SQL (DDL, bulk loads, maintenance) with full rights; never user text."""
@@ -293,14 +293,14 @@ class ServerStore:
                 lambda: self._connect(autogenerate_session_id=False), lambda c: c.close(), self._n_readers
             )
 
-    def insert(self, rows: list[dict[str, Any]] | list[bytes], dedup_token: str) -> None:
+    def insert(self, rows: list[dict[str, Any]] | list[bytes], dedup_token: str, table: str = TABLE) -> None:
         if not rows:
             return
         if self._client is None:
             raise SinkError("store is not started")
         try:
             self._client.raw_insert(
-                f"{self.database}.{TABLE}",
+                f"{self.database}.{table}",
                 insert_block=encode_rows(rows),
                 settings={"insert_deduplication_token": dedup_token, **_INSERT_SETTINGS},
                 fmt="JSONEachRow",

@@ -20,12 +20,13 @@ from schemas.errors import ConfigError
 from schemas.records import Limits
 from schemas.topics import KafkaConfig
 from sinks.config import SinkConfig
+from sluice.autoscale.config import AutoscaleConfig
 from sluice.stack import StackConfig
 
 ENV_PREFIX = "SLUICE_"
 
 
-class Settings(BaseSettings, WorkerConfig, SinkConfig, StackConfig):
+class Settings(BaseSettings, WorkerConfig, SinkConfig, StackConfig, AutoscaleConfig):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
     request_partitions: int = Field(
@@ -82,6 +83,9 @@ class Settings(BaseSettings, WorkerConfig, SinkConfig, StackConfig):
     def sink(self) -> SinkConfig:
         return SinkConfig.model_validate(self.model_dump(include=set(SinkConfig.model_fields)))
 
+    def autoscale(self) -> AutoscaleConfig:
+        return AutoscaleConfig.model_validate(self.model_dump(include=set(AutoscaleConfig.model_fields)))
+
     def stack(self) -> StackConfig:
         return StackConfig.model_validate(self.model_dump(include=set(StackConfig.model_fields)))
 
@@ -104,7 +108,8 @@ _GROUPS: tuple[tuple[str, str, type], ...] = (
     ("Worker", "processors/config.py", WorkerConfig),
     ("Worker: request limits", "schemas/records.py", Limits),
     ("Sink (ClickHouse)", "sinks/config.py", SinkConfig),
-    ("Local stack", "sluice/stack.py", StackConfig),
+    ("Local stack", "sluice/stack/config.py", StackConfig),
+    ("Autoscaler", "sluice/autoscale/config.py", AutoscaleConfig),
 )
 SETTINGS_DOC = "docs/settings.md"
 

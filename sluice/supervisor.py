@@ -26,8 +26,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+_PORT_SETTING = {"worker": "SLUICE_METRICS_PORT", "sink": "SLUICE_SINK_PORT", "autoscale": "SLUICE_AUTOSCALE_PORT"}
+
+
 class WorkerProcess:
-    """A `sluice worker` (or, with command="sink", a `sluice sink`) process."""
+    """A `sluice worker` process (or `sluice sink`, `sluice autoscale ARGS` with `command`)."""
 
     def __init__(
         self,
@@ -37,9 +40,11 @@ class WorkerProcess:
         cwd: Path | None = None,
         inherit_env: bool = True,
         command: str = "worker",
+        args: tuple[str, ...] = (),
     ) -> None:
         self.command = command
-        port_setting = "SLUICE_SINK_PORT" if command == "sink" else "SLUICE_METRICS_PORT"
+        self.args = args
+        port_setting = _PORT_SETTING[command]
         self.port = int(settings.get(port_setting) or 0) or free_port()
         base = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")} if inherit_env else {}
         self.env = {**base, **settings, port_setting: str(self.port)}
@@ -56,7 +61,7 @@ class WorkerProcess:
             out = self._log
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sluice", self.command],
+            [sys.executable, "-m", "sluice", self.command, *self.args],
             env=self.env,
             cwd=self.cwd,
             stdout=out,

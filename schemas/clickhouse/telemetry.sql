@@ -116,3 +116,31 @@ SELECT
     quantilesState(0.5, 0.95, 0.99)(total_ms) AS total_ms_q
 FROM {db}.telemetry
 GROUP BY minute, model;
+
+-- The autoscaler's decisions (PREFIX.autoscale), one row per interval, with
+-- the evidence each was made on.
+CREATE TABLE IF NOT EXISTS {db}.autoscale_events
+(
+    at              DateTime64(3, 'UTC'),
+    autoscaler      LowCardinality(String),
+    group           LowCardinality(String),
+    mode            LowCardinality(String),
+    desired         UInt16,
+    current         UInt16,
+    ready           UInt16,
+    recommended     UInt16,
+    reason          LowCardinality(String),
+    lag             UInt64,
+    arrival_rps     Float64,
+    service_rps     Float64,
+    service_source  LowCardinality(String),
+    cold_start_s    Float64,
+    partitions      UInt16,
+    stuck           Array(UInt16),
+    missing         Array(LowCardinality(String))
+)
+ENGINE = MergeTree
+PARTITION BY toDate(at)
+ORDER BY (group, at)
+TTL toDateTime(at) + INTERVAL {ttl_days} DAY
+SETTINGS non_replicated_deduplication_window = 10000;

@@ -79,6 +79,11 @@ class Policy:
         self._service: float | None = None
         self.last: Decision | None = None
 
+    @property
+    def service_rps(self) -> float:
+        """The per-worker service rate it plans with: the last measured one, else the prior."""
+        return self._service or self.config.autoscale_initial_service_rps
+
     def decide(self, obs: Observation) -> Decision:
         cfg = self.config
         current = obs.ready + obs.starting

@@ -12,6 +12,7 @@ import sys
 
 from schemas.errors import SluiceError
 from sluice.cli.analytics import cmd_analytics, cmd_report, cmd_sink
+from sluice.cli.autoscale import cmd_autoscale
 from sluice.cli.demo import cmd_demo
 from sluice.cli.settings import cmd_settings
 from sluice.cli.stack import cmd_down, cmd_status, cmd_topics, cmd_up
@@ -136,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--max-rate", type=float, default=10_000.0, help="--find-max: highest rate tried")
     lt.add_argument("--refine", type=int, default=1, help="--find-max: bisections after the first failure")
     lt.add_argument("--json", action="store_true", help="print the report as JSON")
+    au = sub.add_parser(
+        "autoscale",
+        help="size the worker fleet from consumer lag and measured service rates (SLUICE_AUTOSCALE_*)",
+        epilog="examples:\n  sluice autoscale --local         # start and stop local workers\n"
+        "  sluice autoscale --recommend     # decide and record only (next to KEDA or compose)\n"
+        "  sluice autoscale --recommend --once",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    how = au.add_mutually_exclusive_group(required=True)
+    how.add_argument("--local", action="store_true", help="start and stop `sluice worker` processes on this machine")
+    how.add_argument("--recommend", action="store_true", help="only decide, log and record; change nothing")
+    au.add_argument("--once", action="store_true", help="with --recommend: decide once, print it and exit")
     d = sub.add_parser("demo", help="stack + worker + a load run with repeats; prints a summary")
     _add_load_flags(d, rate=200, duration=15)
     d.add_argument("--metrics-port", type=int, default=0, help="worker metrics port (0: a free one)")
@@ -157,6 +170,7 @@ COMMANDS = {
     "subscribe": cmd_subscribe,
     "loadtest": cmd_loadtest,
     "demo": cmd_demo,
+    "autoscale": cmd_autoscale,
     "model": cmd_model,
 }
 

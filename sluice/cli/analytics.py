@@ -5,12 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
-import urllib.error
-import urllib.request
 
-import orjson
-
-from schemas.errors import SluiceError
 from sluice.settings import Settings
 
 
@@ -21,33 +16,16 @@ def cmd_sink(s: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def sink_runner(host: str, port: int, token: str = ""):
-    """Run SQL through a sink's POST /query."""
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-
-    def via_sink(sql: str):
-        req = urllib.request.Request(f"http://{host}:{port}/query", data=orjson.dumps({"sql": sql}), headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                doc = orjson.loads(r.read())
-        except urllib.error.HTTPError as exc:
-            raise SluiceError(f"sink refused the query: {exc.read().decode(errors='replace')}") from None
-        return doc["columns"], doc["rows"]
-
-    return via_sink
-
-
 def _query_runner(s: Settings):
     """Ask the running sink (it owns the embedded database); with none
     running, open the store here (a ClickHouse server, or the chDB folder)."""
+    from sinks.query_endpoint import remote_runner
     from sinks.store import open_store
 
     if not s.clickhouse_url:
         try:
             with socket.create_connection((s.sink_host, s.sink_port), timeout=0.5):
-                return sink_runner(s.sink_host, s.sink_port, s.sink_query_token.get_secret_value()), None
+                return remote_runner(s.sink_host, s.sink_port, s.sink_query_token.get_secret_value()), None
         except OSError:
             pass
     store = open_store(s.sink())

@@ -7,7 +7,6 @@ import asyncio
 import os
 import time
 
-from sluice.cli.analytics import sink_runner
 from sluice.cli.traffic import generator_slice, workload_of
 from sluice.settings import Settings
 
@@ -17,6 +16,7 @@ def cmd_demo(s: Settings, args: argparse.Namespace) -> int:
     repeats, the summary and the analytics; then stop what it started."""
     from producers.loadgen import run_load
     from sinks.analytics import format_result, run
+    from sinks.query_endpoint import remote_runner
     from sluice.stack import LocalStack
     from sluice.supervisor import WorkerProcess
 
@@ -30,7 +30,7 @@ def cmd_demo(s: Settings, args: argparse.Namespace) -> int:
     try:
         ready_s = worker.start()
         sink.start()
-        runner = sink_runner(s.sink_host, sink.port, s.sink_query_token.get_secret_value())
+        runner = remote_runner(s.sink_host, sink.port, s.sink_query_token.get_secret_value())
         count_sql = (
             f"SELECT count() FROM {s.clickhouse_database}.telemetry "
             f"WHERE published_at >= toDateTime64({time.time():.3f}, 3)"

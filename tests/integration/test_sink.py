@@ -341,8 +341,8 @@ class CrashAfterInsert:
     def start(self) -> None:
         self.inner.start()
 
-    def insert(self, rows, dedup_token: str) -> None:
-        self.inner.insert(rows, dedup_token)
+    def insert(self, rows, dedup_token: str, table: str = "telemetry") -> None:
+        self.inner.insert(rows, dedup_token, table)
         raise KeyboardInterrupt(f"crash after storing {dedup_token}")
 
     def query(self, sql: str):

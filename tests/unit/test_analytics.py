@@ -114,6 +114,7 @@ def test_every_query_file_says_what_it_answers():
         "worker_throughput",
         "slo_violations",
         "autoscale_signal",
+        "autoscale_events",
         "traffic_by_minute",
     }
     assert all(qq.answers for qq in queries.values())
@@ -188,11 +189,57 @@ def test_slo_violations_are_exactly_the_slow_minute(store_and_rows):
 
 def test_autoscale_signal(store_and_rows):
     store, rows = store_and_rows
-    [g] = q(store, "autoscale_signal", since_s=3600)
-    compute_s = sum(r["compute_ms"] for r in rows) / 1000
-    assert g["arrival_rps"] == pytest.approx(N / 3600, abs=1e-3)
-    assert g["workers"] == 2
-    assert g["service_rate_per_worker_rps"] == pytest.approx(N / compute_s, rel=1e-3)
+    got = {g["worker"]: g for g in q(store, "autoscale_signal", since_s=3600)}
+    assert set(got) == {"w1", "w2"}
+    for worker, g in got.items():
+        mine = [r for r in rows if r["worker"] == worker]
+        compute_s = sum(r["compute_ms"] for r in mine) / 1000
+        hits = sum(r["cache"] != "miss" for r in mine)
+        assert g["answered"] == len(mine)
+        assert g["answered_rps"] == pytest.approx(len(mine) / 3600, abs=1e-3)
+        assert g["hit_rate"] == pytest.approx(hits / len(mine), abs=1e-4)
+        assert g["model_bound_rps"] == pytest.approx(len(mine) / compute_s, rel=1e-3)
+    # the window is in seconds, not minutes: rows older than 5 minutes are out
+    recent = [r for r in rows if r["published_at_ms"] >= (time.time() - 300) * 1000]
+    assert sum(g["answered"] for g in q(store, "autoscale_signal", since_s=300)) == pytest.approx(len(recent), abs=30)
+
+
+def test_autoscale_events_lists_the_decisions_in_order(store_and_rows):
+    from sinks.rows import decision_row
+
+    store, _ = store_and_rows
+    now = int(time.time() * 1000)
+    decisions = [
+        {"reason": "wake", "current": 0, "desired": 1, "at_ms": now - 20_000, "stuck": []},
+        {"reason": "scale_up", "current": 1, "desired": 3, "at_ms": now - 10_000, "stuck": [4]},
+        {"reason": "to_zero", "current": 3, "desired": 0, "at_ms": now - 7_200_000, "stuck": []},  # out of window
+    ]
+    docs = [
+        {
+            "v": 1,
+            "autoscaler": "a1",
+            "group": "g",
+            "mode": "local",
+            "ready": d["current"],
+            "recommended": d["desired"],
+            "lag": 5000,
+            "arrival_rps": 120.5,
+            "service_rps": 250.0,
+            "service_source": "measured",
+            "cold_start_s": 1.5,
+            "partitions": 6,
+            "missing": [],
+            **d,
+        }
+        for d in decisions
+    ]
+    store.insert([decision_row(orjson.dumps(d)) for d in docs], "decisions", "autoscale_events")
+    got = q(store, "autoscale_events", since_s=3600)
+    assert [(g["reason"], g["current"], g["desired"], list(g["stuck"])) for g in got] == [
+        ("wake", 0, 1, []),
+        ("scale_up", 1, 3, [4]),
+    ]
+    assert got[0]["arrival_rps"] == 120.5 and got[0]["lag"] == 5000
 
 
 def test_traffic_by_minute(store_and_rows):

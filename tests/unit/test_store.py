@@ -92,6 +92,7 @@ def test_ddl_is_idempotent(store):
     store.start()
     _, tables = store.query(f"SELECT name FROM system.tables WHERE database = '{store.database}' ORDER BY name")
     assert sorted(t[0] for t in tables) == [
+        "autoscale_events",
         "latency_minute",
         "latency_minute_mv",
         "telemetry",

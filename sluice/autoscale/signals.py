@@ -1,0 +1,152 @@
+"""What the autoscaler reads: the group's lag from the broker, answers from the analytics store.
+
+Arrivals are counted at the broker (the requests topic's end offsets over
+the look-back), not from telemetry: telemetry only sees what workers have
+answered, and with the fleet at zero it sees nothing at all, which is
+exactly when the first arrivals must wake it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+
+from sinks.analytics import Runner, run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupOffsets:
+    """One reading of the requests topic against the workers' group."""
+
+    end: dict[int, int]  # partition -> next offset to be written
+    start: dict[int, int]  # partition -> first offset still in the log
+    committed: dict[int, int]  # partition -> the group's committed offset (only where it has one)
+    members: int  # consumers in the group now
+
+    @property
+    def lag(self) -> dict[int, int]:
+        """Records produced and not committed, on partitions the group has committed on."""
+        return {p: max(0, end - self.committed[p]) for p, end in self.end.items() if p in self.committed}
+
+    @property
+    def uncommitted(self) -> dict[int, int]:
+        """Partitions the group has never committed on -> records in their log."""
+        return {p: max(0, end - self.start.get(p, 0)) for p, end in self.end.items() if p not in self.committed}
+
+
+class BrokerSignals:
+    """End offsets and committed offsets of one topic and group, bounded in time."""
+
+    def __init__(self, bootstrap_servers: str, topic: str, group: str, timeout_s: float = 10.0) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.topic = topic
+        self.group = group
+        self.timeout_s = timeout_s
+        self._consumer: AIOKafkaConsumer | None = None
+        self._admin: AIOKafkaAdminClient | None = None
+        self._ends: deque[tuple[float, int]] = deque()  # (monotonic, total end offset)
+
+    async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap_servers,
+            group_id=None,
+            enable_auto_commit=False,
+            client_id="sluice-autoscale",
+            request_timeout_ms=int(self.timeout_s * 1000),
+        )
+        self._admin = AIOKafkaAdminClient(
+            bootstrap_servers=self.bootstrap_servers,
+            client_id="sluice-autoscale-admin",
+            request_timeout_ms=int(self.timeout_s * 1000),
+        )
+        # a broker that is down at start is one more missing reading, not a crash
+        for client in (self._consumer, self._admin):
+            try:
+                await asyncio.wait_for(client.start(), self.timeout_s)
+            except (KafkaError, OSError) as exc:
+                log.warning("broker at %s not answering yet: %s", self.bootstrap_servers, exc)
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self._admin is not None:
+            await self._admin.close()
+
+    async def read(self) -> GroupOffsets:
+        """One reading; raises KafkaError or OSError (TimeoutError) when the broker does not answer."""
+        assert self._consumer is not None and self._admin is not None
+        async with asyncio.timeout(self.timeout_s):
+            consumer, admin = self._consumer, self._admin
+            parts = consumer.partitions_for_topic(self.topic)
+            if not parts:
+                await consumer._client.force_metadata_update()
+                parts = consumer.partitions_for_topic(self.topic)
+            if not parts:
+                raise KafkaError(f"topic {self.topic} not found")
+            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+            end = {tp.partition: off for tp, off in (await consumer.end_offsets(tps)).items()}
+            start = {tp.partition: off for tp, off in (await consumer.beginning_offsets(tps)).items()}
+            offsets = await admin.list_consumer_group_offsets(self.group, partitions=tps)
+            committed = {tp.partition: om.offset for tp, om in offsets.items() if om is not None and om.offset >= 0}
+            members = _members(await admin.describe_consumer_groups([self.group]))
+        self._ends.append((time.monotonic(), sum(end.values())))
+        return GroupOffsets(end=end, start=start, committed=committed, members=members)
+
+    def arrival_rps(self, lookback_s: float) -> float | None:
+        """Records produced per second over the look-back (the oldest reading within
+        it against the newest); None until two readings exist."""
+        while len(self._ends) > 2 and self._ends[1][0] <= self._ends[-1][0] - lookback_s:
+            self._ends.popleft()
+        if len(self._ends) < 2:
+            return None
+        (t0, n0), (t1, n1) = self._ends[0], self._ends[-1]
+        return max(0.0, (n1 - n0) / (t1 - t0)) if t1 > t0 else None
+
+
+def _members(described: list[Any]) -> int:
+    """Members of the one group in a DescribeGroups response (0 if it has none or is unknown)."""
+    for response in described:
+        for group in getattr(response, "groups", []):
+            # (error_code, group_id, state, protocol_type, protocol, members, ...)
+            if group[0] == 0:
+                return len(group[5])
+    return 0
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceReading:
+    answered_rps: float  # all workers together, over the look-back
+    workers: int  # workers that answered anything in it
+    hit_rate: float
+
+
+class AnalyticsSignals:
+    """The `autoscale_signal` named query, through the running sink or a ClickHouse server."""
+
+    def __init__(self, runner: Runner, database: str) -> None:
+        self._runner = runner
+        self.database = database
+
+    async def read(self, lookback_s: float) -> ServiceReading:
+        """Raises SluiceError or OSError when the store does not answer."""
+        cols, rows = await asyncio.to_thread(
+            run, "autoscale_signal", self._runner, db=self.database, since_s=max(1, round(lookback_s))
+        )
+        got = [dict(zip(cols, r, strict=True)) for r in rows]
+        answered = sum(int(g["answered"]) for g in got)
+        hits = sum(float(g["hit_rate"]) * int(g["answered"]) for g in got)
+        return ServiceReading(
+            answered_rps=sum(float(g["answered_rps"]) for g in got),
+            workers=len(got),
+            hit_rate=hits / answered if answered else 0.0,
+        )

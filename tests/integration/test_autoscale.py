@@ -1,0 +1,208 @@
+"""`sluice autoscale --local` on the real stack: a real broker, real workers, the
+sink storing telemetry and decisions in real chDB.
+
+Settings are shrunk to seconds (interval 2 s, window 10 s, idle 14 s) so a
+whole day's shape (quiet, a step, a drain, quiet again, a new request) fits
+in a couple of minutes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+import pytest
+
+from sluice import supervisor
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+INTERVAL_S = 2.0
+WINDOW_S = 10.0
+IDLE_S = 14.0
+DRAIN_S = 8.0
+MAX_WORKERS = 3
+BURST = 2500
+
+
+class Proc(supervisor.WorkerProcess):
+    def __init__(self, env, command: str, args: tuple[str, ...] = (), **settings: str) -> None:
+        log = Path(os.environ.get("TMPDIR", "/tmp")) / f"sluice-{command}-{env.prefix}-{uuid.uuid4().hex[:6]}.log"
+        super().__init__(
+            env.worker_env(**settings), log_path=log, cwd=ROOT, inherit_env=False, command=command, args=args
+        )
+
+    def start(self, ready_timeout_s: float = 60.0) -> Proc:  # type: ignore[override]
+        try:
+            super().start(ready_timeout_s)
+        except Exception as exc:
+            raise AssertionError(f"{exc}\n{self.log()}") from None
+        return self
+
+    def log(self) -> str:
+        p = self.log_path
+        return p.read_text(errors="replace")[-6000:] if p is not None and p.exists() else ""
+
+
+class Watch:
+    """The autoscaler's gauges, sampled every 0.2 s: (t, desired, ready, lag)."""
+
+    def __init__(self, scaler: Proc) -> None:
+        self.scaler = scaler
+        self.samples: list[tuple[float, float, float, float]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                m = await asyncio.to_thread(self.scaler.scrape)
+                self.samples.append(
+                    (
+                        time.monotonic(),
+                        m["sluice_autoscale_desired_workers"],
+                        m["sluice_autoscale_ready_workers"],
+                        m["sluice_autoscale_lag_records"],
+                    )
+                )
+            except OSError:
+                pass
+            await asyncio.sleep(0.2)
+
+    def __enter__(self) -> Watch:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+    async def until(self, what: str, pred, timeout_s: float) -> float:
+        """Wait until pred(desired, ready, lag) holds; the time it first did."""
+        deadline = time.monotonic() + timeout_s
+        seen = len(self.samples)
+        while time.monotonic() < deadline:
+            for t, d, r, lag in self.samples[seen:]:
+                if pred(d, r, lag):
+                    return t
+            seen = len(self.samples)
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{what}: not within {timeout_s:.0f} s; last {self.samples[-5:]}\n{self.scaler.log()}")
+
+
+async def test_the_fleet_follows_a_step_drains_scales_down_to_zero_and_wakes(env, client, tmp_path):
+    from producers.client import make_request
+    from producers.corpus import text
+
+    sink = Proc(
+        env,
+        "sink",
+        SLUICE_SINK_GROUP_ID=f"{env.prefix}-sink",
+        SLUICE_CHDB_PATH=str(tmp_path / "chdb"),
+        SLUICE_SINK_BATCH_MAX_S="0.3",
+    ).start()
+    scaler = Proc(
+        env,
+        "autoscale",
+        ("--local",),
+        SLUICE_STATE_DIR=str(tmp_path / "state"),
+        SLUICE_SINK_PORT=str(sink.port),
+        SLUICE_AUTOSCALE_INTERVAL_S=str(INTERVAL_S),
+        SLUICE_AUTOSCALE_LOOKBACK_S="6",
+        SLUICE_AUTOSCALE_TARGET_DRAIN_S=str(DRAIN_S),
+        SLUICE_AUTOSCALE_SCALE_DOWN_WINDOW_S=str(WINDOW_S),
+        SLUICE_AUTOSCALE_IDLE_S=str(IDLE_S),
+        SLUICE_AUTOSCALE_MAX_WORKERS=str(MAX_WORKERS),
+        SLUICE_AUTOSCALE_INITIAL_SERVICE_RPS="100",
+        SLUICE_AUTOSCALE_COLD_START_S="3",
+    )
+    try:
+        scaler.start()
+        with Watch(scaler) as watch:
+            # quiet: nothing produced, nothing started
+            await asyncio.sleep(3 * INTERVAL_S)
+            assert watch.samples and all(d == 0 and r == 0 for _, d, r, _ in watch.samples), watch.samples
+
+            # low load wakes one worker; everything sent is answered
+            sent = time.monotonic()
+            low = [await client.send(make_request(text(i))) for i in range(10)]
+            woke = await watch.until("wake on the first lag", lambda d, r, lag: d >= 1, 3 * INTERVAL_S)
+            assert woke - sent <= 2 * INTERVAL_S + 1
+            await watch.until("one worker ready", lambda d, r, lag: r >= 1, 60)
+            for i in range(10, 60):
+                low.append(await client.send(make_request(text(i))))
+                await asyncio.sleep(0.1)
+            await asyncio.wait_for(asyncio.gather(*low), 60)
+
+            # a step: a burst far beyond one worker's drain target adds workers within two intervals
+            step = time.monotonic()
+            burst = [await client.send(make_request(text(1000 + i))) for i in range(BURST)]
+            await client.flush()
+            up = await watch.until("scale up on the step", lambda d, r, lag: d >= 2, 2 * INTERVAL_S + 1.5)
+            assert up - step <= 2 * INTERVAL_S + 1.5
+            await watch.until("added workers ready", lambda d, r, lag: r >= 2, 60)
+            results = await asyncio.wait_for(asyncio.gather(*burst), 240)
+            assert all(r["status"] == "ok" for r in results)
+            drained = await watch.until("lag drained", lambda d, r, lag: lag == 0, 30)
+            assert max(lag for _, _, _, lag in watch.samples) >= BURST // 2  # the step was seen as lag
+
+            # quiet again: down only after the window, to zero after the idle period
+            last_load = time.monotonic()
+            peak = max(d for _, d, _, _ in watch.samples)
+            down = await watch.until("scale down", lambda d, r, lag: d < peak, WINDOW_S + IDLE_S + 6 * INTERVAL_S)
+            assert down - drained >= WINDOW_S - INTERVAL_S - 1, "shrank before the scale-down window"
+            zero = await watch.until("to zero", lambda d, r, lag: d == 0 and r == 0, IDLE_S + 8 * INTERVAL_S)
+            assert zero - last_load >= IDLE_S - INTERVAL_S - 1, "went to zero before the idle period"
+
+            # a new request wakes it and is answered
+            t_wake = time.monotonic()
+            late = await client.send(make_request(text(9999)))
+            woke_again = await watch.until("wake from zero", lambda d, r, lag: d >= 1, 3 * INTERVAL_S)
+            assert woke_again - t_wake <= 2 * INTERVAL_S + 1
+            assert (await asyncio.wait_for(late, 90))["status"] == "ok"
+
+        # every decision is in autoscale_events, through the sink's SQL endpoint
+        wanted = {"wake", "scale_up", "scale_down", "to_zero"}
+        deadline = time.monotonic() + 20
+        while True:
+            cols, rows = await asyncio.to_thread(
+                sink_query,
+                sink.port,
+                "SELECT reason, count() AS n, max(desired) AS most FROM sluice.autoscale_events GROUP BY reason",
+            )
+            got = {r[0]: (r[1], r[2]) for r in rows}
+            if wanted <= set(got) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(1)
+        assert wanted <= set(got), got
+        assert got["wake"][0] >= 2  # from zero twice
+        assert got["scale_up"][1] <= MAX_WORKERS
+        log = scaler.log()
+        assert "to_zero" in log and "scale_up" in log
+    finally:
+        scaler.stop()
+        sink.stop()
+        # the autoscaler stops the workers it started: none is left running
+        leftovers = [p for p in Path("/proc").glob("[0-9]*") if _is_worker_of(p, env.prefix)]
+        assert not leftovers, f"workers left running: {leftovers}"
+
+
+def sink_query(port: int, sql: str):
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/query", data=orjson.dumps({"sql": sql}))
+    with urllib.request.urlopen(req, timeout=30) as r:
+        doc = orjson.loads(r.read())
+    return doc["columns"], doc["rows"]
+
+
+def _is_worker_of(proc_dir: Path, prefix: str) -> bool:
+    try:
+        cmd = (proc_dir / "cmdline").read_bytes()
+        environ = (proc_dir / "environ").read_bytes()
+    except OSError:
+        return False
+    return b"sluice\x00worker" in cmd and f"SLUICE_TOPIC_PREFIX={prefix}".encode() in environ

@@ -1,0 +1,175 @@
+"""The autoscaling policy on observations made up tick by tick (no broker, no clock)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from schemas.errors import ConfigError
+from sluice.autoscale.config import AutoscaleConfig
+from sluice.autoscale.policy import Observation, Policy
+from sluice.settings import load_settings
+
+P = 12
+
+
+def config(**kw) -> AutoscaleConfig:
+    base = {
+        "autoscale_interval_s": 10,
+        "autoscale_target_drain_s": 60,
+        "autoscale_target_utilization": 0.8,
+        "autoscale_scale_down_window_s": 300,
+        "autoscale_idle_s": 900,
+        "autoscale_cold_start_s": 30,
+        "autoscale_initial_service_rps": 100,
+    }
+    return AutoscaleConfig(**{**base, **kw})
+
+
+def obs(t: float, lag: int | dict | None = 0, ready: int = 1, **kw) -> Observation:
+    if isinstance(lag, int):
+        lag = {p: lag // P + (1 if p < lag % P else 0) for p in range(P)}
+    return Observation(at_s=t, lag=lag, partitions=P, ready=ready, **kw)
+
+
+def test_arrivals_alone_are_served_at_the_target_utilisation():
+    policy = Policy(config())
+    d = policy.decide(obs(0, 0, ready=3, arrival_rps=500, service_rps=250))
+    assert d.desired == math.ceil(500 / (250 * 0.8)) == 3
+    assert d.reason == "hold"
+
+
+def test_a_backlog_is_sized_to_drain_within_the_target_counting_what_piles_up_during_cold_start():
+    policy = Policy(config())
+    d = policy.decide(obs(0, 11_000, ready=1, arrival_rps=600, service_rps=250))
+    # 600/s arrive, one worker serves 250/s: 350/s more pile up for the 30 s cold start
+    needed = 600 + (11_000 + 350 * 30) / 60
+    assert d.recommended == math.ceil(needed / 200) == 5
+    assert (d.desired, d.reason) == (5, "scale_up")
+    warm = Policy(config()).decide(obs(0, 11_000, ready=1, arrival_rps=600, service_rps=250, cold_start_s=2))
+    assert warm.desired == math.ceil((600 + (11_000 + 350 * 2) / 60) / 200) == 4  # a fast start needs fewer
+
+
+def test_up_at_once_down_only_after_the_window_agrees():
+    policy = Policy(config(autoscale_scale_down_window_s=60))
+    assert policy.decide(obs(0, 30_000, ready=1, arrival_rps=200, service_rps=250)).desired == 4
+    seen = []
+    for t in range(10, 130, 10):  # the backlog is gone: one worker would do
+        seen.append((t, policy.decide(obs(t, 0, ready=4, arrival_rps=150, service_rps=250)).desired))
+    first_down = next(t for t, d in seen if d < 4)
+    assert first_down == 70  # the t=0 recommendation of 4 left the 60 s window
+    assert seen[-1][1] == 1
+
+
+def test_a_dip_inside_the_window_does_not_shrink_the_fleet():
+    policy = Policy(config(autoscale_scale_down_window_s=60))
+    policy.decide(obs(0, 0, ready=4, arrival_rps=700, service_rps=250))
+    for t in (10, 20, 30):
+        assert policy.decide(obs(t, 0, ready=4, arrival_rps=100, service_rps=250)).desired == 4
+    assert policy.decide(obs(40, 0, ready=4, arrival_rps=700, service_rps=250)).reason == "hold"
+
+
+def test_idle_goes_to_zero_after_the_idle_period_and_the_first_lag_wakes_it():
+    policy = Policy(config(autoscale_idle_s=120, autoscale_scale_down_window_s=30))
+    got = {t: policy.decide(obs(t, 0, ready=1, arrival_rps=0, service_rps=250)) for t in range(0, 130, 10)}
+    assert all(got[t].desired == 1 for t in range(0, 120, 10))
+    assert (got[120].desired, got[120].reason) == (0, "to_zero")
+    assert policy.decide(obs(130, 0, ready=0, arrival_rps=0)).desired == 0
+    wake = policy.decide(obs(140, {3: 1}, ready=0, arrival_rps=0.1))
+    assert (wake.desired, wake.reason) == (1, "wake")
+
+
+def test_min_workers_is_kept_when_idle():
+    policy = Policy(config(autoscale_idle_s=20, autoscale_min_workers=2))
+    for t in range(0, 100, 10):
+        d = policy.decide(obs(t, 0, ready=2, arrival_rps=0))
+    assert d.desired == 2
+
+
+def test_the_fleet_never_exceeds_the_partitions_nor_the_max():
+    assert Policy(config()).decide(obs(0, 10**7, ready=1, service_rps=100)).desired == P
+    assert Policy(config(autoscale_max_workers=5)).decide(obs(0, 10**7, ready=1, service_rps=100)).desired == 5
+
+
+def test_no_broker_answer_keeps_the_last_decision():
+    policy = Policy(config(autoscale_idle_s=10))
+    policy.decide(obs(0, 30_000, ready=1, arrival_rps=200, service_rps=250))
+    for t in range(10, 200, 10):
+        d = policy.decide(obs(t, None, ready=4))
+        assert (d.desired, d.reason, d.missing) == (4, "no_broker", ("broker",))
+
+
+def test_no_analytics_answer_never_shrinks_but_may_grow():
+    policy = Policy(config(autoscale_idle_s=10, autoscale_scale_down_window_s=0))
+    policy.decide(obs(0, 0, ready=3, arrival_rps=500, service_rps=250))
+    for t in range(10, 100, 10):
+        d = policy.decide(obs(t, 0, ready=3, arrival_rps=0, analytics_ok=False))
+        assert d.desired == 3 and "analytics" in d.missing
+    grown = policy.decide(obs(100, 60_000, ready=3, arrival_rps=500, analytics_ok=False))
+    assert grown.desired > 3 and grown.service_source == "last"
+
+
+def test_a_group_that_never_committed_gets_a_worker_for_waiting_records_and_never_shrinks():
+    policy = Policy(config(autoscale_idle_s=10))
+    d = policy.decide(obs(0, {}, ready=0, uncommitted={p: 0 for p in range(P)}))
+    assert d.desired == 0 and d.missing == ("commits",)
+    d = policy.decide(obs(10, {}, ready=0, uncommitted={0: 5}))
+    assert (d.desired, d.reason) == (1, "wake")
+    for t in range(20, 100, 10):
+        assert policy.decide(obs(t, {}, ready=1, uncommitted={0: 0})).desired == 1
+
+
+def test_a_stuck_partition_is_reported_and_not_answered_with_workers():
+    policy = Policy(config(autoscale_stuck_ticks=3))
+    for i, t in enumerate(range(0, 50, 10)):
+        lag = {p: 10 for p in range(P)}
+        lag[7] = 1000 * (i + 1)  # grows while its committed offset stands still
+        moving = {**{p: 100 + 50 * i for p in range(P)}, 7: 100}
+        d = policy.decide(obs(t, lag, ready=2, arrival_rps=100, service_rps=250, committed=moving))
+    assert d.stuck == (7,)
+    assert d.desired == 1  # 100/s needs one worker; partition 7's 5,000 records do not add any
+
+
+def test_a_partition_that_moves_is_slow_not_stuck():
+    policy = Policy(config(autoscale_stuck_ticks=3))
+    for i, t in enumerate(range(0, 50, 10)):
+        lag = {p: 10 for p in range(P)}
+        lag[7] = 1000 * (i + 1)
+        d = policy.decide(obs(t, lag, ready=2, service_rps=250, committed={p: 100 + 50 * i for p in range(P)}))
+    assert d.stuck == ()
+    assert d.recommended >= 1
+
+
+def test_a_short_fleet_raises_every_lag_and_is_not_called_stuck():
+    policy = Policy(config(autoscale_stuck_ticks=3))
+    for i, t in enumerate(range(0, 50, 10)):
+        d = policy.decide(obs(t, 1200 * (i + 1), ready=1, arrival_rps=400, service_rps=250))
+    assert d.stuck == ()
+    assert d.desired > 1
+
+
+def test_a_measured_rate_replaces_the_prior_and_is_kept_when_unmeasured():
+    policy = Policy(config())
+    assert policy.decide(obs(0, 0, arrival_rps=50)).service_source == "prior"
+    assert policy.decide(obs(10, 0, arrival_rps=50, service_rps=400)).service_source == "measured"
+    d = policy.decide(obs(20, 0, arrival_rps=50))
+    assert (d.service_source, d.service_rps) == ("last", 400)
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"SLUICE_AUTOSCALE_MIN_WORKERS": "5", "SLUICE_AUTOSCALE_MAX_WORKERS": "2"}, "SLUICE_AUTOSCALE_MIN_WORKERS"),
+        ({"SLUICE_AUTOSCALE_INTERVAL_S": "30", "SLUICE_AUTOSCALE_LOOKBACK_S": "10"}, "SLUICE_AUTOSCALE_LOOKBACK_S"),
+        ({"SLUICE_AUTOSCALE_IDLE_S": "1", "SLUICE_AUTOSCALE_INTERVAL_S": "10"}, "SLUICE_AUTOSCALE_IDLE_S"),
+        ({"SLUICE_AUTOSCALE_TARGET_UTILIZATION": "1.5"}, "SLUICE_AUTOSCALE_TARGET_UTILIZATION"),
+        ({"SLUICE_AUTOSCALE_INTERVAL_S": "0"}, "SLUICE_AUTOSCALE_INTERVAL_S"),
+    ],
+)
+def test_a_bad_knob_fails_at_start_naming_it(monkeypatch, env, named):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert named in str(err.value) and "\n" not in str(err.value)
