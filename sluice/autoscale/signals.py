@@ -35,13 +35,22 @@ class GroupOffsets:
 
     @property
     def lag(self) -> dict[int, int]:
-        """Records produced and not committed, on partitions the group has committed on."""
-        return {p: max(0, end - self.committed[p]) for p, end in self.end.items() if p in self.committed}
+        """Records produced and not committed, on partitions the group has committed on
+        (and 0 on never-committed partitions whose log is empty: nothing to read there)."""
+        return {
+            p: max(0, end - self.committed[p]) if p in self.committed else 0
+            for p, end in self.end.items()
+            if p in self.committed or end <= self.start.get(p, 0)
+        }
 
     @property
     def uncommitted(self) -> dict[int, int]:
-        """Partitions the group has never committed on -> records in their log."""
-        return {p: max(0, end - self.start.get(p, 0)) for p, end in self.end.items() if p not in self.committed}
+        """Partitions the group has never committed on, with records in their log -> how many."""
+        return {
+            p: end - self.start.get(p, 0)
+            for p, end in self.end.items()
+            if p not in self.committed and end > self.start.get(p, 0)
+        }
 
 
 class BrokerSignals:

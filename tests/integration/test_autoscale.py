@@ -206,3 +206,69 @@ def _is_worker_of(proc_dir: Path, prefix: str) -> bool:
     except OSError:
         return False
     return b"sluice\x00worker" in cmd and f"SLUICE_TOPIC_PREFIX={prefix}".encode() in environ
+
+
+def _scaler(env, analytics, bootstrap: str | None = None, **knobs):
+    from schemas.topics import KafkaConfig
+    from sluice.autoscale.actuators import Recommend
+    from sluice.autoscale.config import AutoscaleConfig
+    from sluice.autoscale.loop import Autoscaler
+
+    cfg = AutoscaleConfig(
+        autoscale_interval_s=0.5,
+        autoscale_lookback_s=1,
+        autoscale_idle_s=1,
+        autoscale_scale_down_window_s=0,
+        autoscale_port=0,
+        **knobs,
+    )
+    kafka = KafkaConfig(bootstrap_servers=bootstrap or env.stack.bootstrap_servers, topic_prefix=env.prefix)
+    return Autoscaler(cfg, kafka, f"{env.prefix}-workers", Recommend(), analytics, instance="test")
+
+
+async def test_no_analytics_answer_is_said_once_and_never_scales_the_group_to_zero(env, worker_factory, client, caplog):
+    """--recommend next to a running worker, with the analytics store gone: the
+    decision stays at the group's one worker past the idle period, the log says
+    why once, and each decision is recorded on PREFIX.autoscale."""
+    from producers.client import make_request
+    from sinks.query_endpoint import remote_runner
+    from sluice.autoscale.signals import AnalyticsSignals
+    from sluice.supervisor import free_port
+    from tests.conftest import read_topic
+
+    worker_factory()
+    await asyncio.wait_for(await client.send(make_request("a first request, so the group commits")), 60)
+    scaler = _scaler(env, AnalyticsSignals(remote_runner("127.0.0.1", free_port(), timeout_s=1), "sluice"))
+    await scaler.start()
+    try:
+        decisions = []
+        for _ in range(8):  # 4 s: four times the idle period
+            decisions.append(await scaler.tick())
+            await asyncio.sleep(0.5)
+    finally:
+        await scaler.close()
+    assert all(d.desired == 1 and "analytics" in d.missing for d in decisions), decisions
+    said = [r for r in caplog.records if "analytics input missing" in r.getMessage()]
+    assert len(said) == 1
+    recorded = await read_topic(env.stack.bootstrap_servers, env.topics.autoscale, expect=len(decisions))
+    docs = [orjson.loads(r.value) for r in recorded]
+    assert [d["desired"] for d in docs] == [1] * len(decisions)
+    assert all(d["mode"] == "recommend" and d["missing"] == ["analytics"] for d in docs)
+
+
+async def test_no_broker_answer_keeps_the_last_decision_and_says_so_once(env, caplog):
+    from sluice.autoscale.policy import Observation
+    from sluice.supervisor import free_port
+
+    scaler = _scaler(env, None, bootstrap=f"127.0.0.1:{free_port()}")
+    await scaler.start()
+    try:
+        # the last decision it had before the broker went
+        scaler.policy.decide(Observation(at_s=time.monotonic(), lag={0: 9000}, partitions=6, ready=1, service_rps=100))
+        before = scaler.policy.last.desired
+        decisions = [await scaler.tick() for _ in range(3)]
+    finally:
+        await scaler.close()
+    assert before >= 2
+    assert [(d.desired, d.reason) for d in decisions] == [(before, "no_broker")] * 3
+    assert len([r for r in caplog.records if "broker input missing" in r.getMessage()]) == 1

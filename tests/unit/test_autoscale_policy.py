@@ -112,12 +112,13 @@ def test_no_analytics_answer_never_shrinks_but_may_grow():
 
 def test_a_group_that_never_committed_gets_a_worker_for_waiting_records_and_never_shrinks():
     policy = Policy(config(autoscale_idle_s=10))
-    d = policy.decide(obs(0, {}, ready=0, uncommitted={p: 0 for p in range(P)}))
-    assert d.desired == 0 and d.missing == ("commits",)
-    d = policy.decide(obs(10, {}, ready=0, uncommitted={0: 5}))
-    assert (d.desired, d.reason) == (1, "wake")
+    empty = {p: 0 for p in range(1, P)}  # never committed, nothing in their logs: lag is known to be 0
+    d = policy.decide(obs(0, {**empty, 0: 0}, ready=0))
+    assert (d.desired, d.missing) == (0, ())
+    d = policy.decide(obs(10, empty, ready=0, uncommitted={0: 5}))
+    assert (d.desired, d.reason, d.missing) == (1, "wake", ("commits",))
     for t in range(20, 100, 10):
-        assert policy.decide(obs(t, {}, ready=1, uncommitted={0: 0})).desired == 1
+        assert policy.decide(obs(t, empty, ready=1, uncommitted={0: 5})).desired == 1
 
 
 def test_a_stuck_partition_is_reported_and_not_answered_with_workers():
@@ -173,3 +174,11 @@ def test_a_bad_knob_fails_at_start_naming_it(monkeypatch, env, named):
     with pytest.raises(ConfigError) as err:
         load_settings()
     assert named in str(err.value) and "\n" not in str(err.value)
+
+
+def test_group_offsets_know_lag_where_committed_or_empty_and_flag_unread_logs():
+    from sluice.autoscale.signals import GroupOffsets
+
+    g = GroupOffsets(end={0: 100, 1: 50, 2: 7, 3: 0}, start={0: 0, 1: 0, 2: 7, 3: 0}, committed={0: 90}, members=1)
+    assert g.lag == {0: 10, 2: 0, 3: 0}  # 2 and 3 never committed, but their logs are empty
+    assert g.uncommitted == {1: 50}  # never committed, 50 records no one has read
