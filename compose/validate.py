@@ -208,6 +208,9 @@ def agreement(where: str, objects: list[tuple[str, dict[str, Any]]]) -> list[str
                     problems.append(f"{where}: ScaledObject trigger {key} {meta.get(key)!r} != {value!r} (config.yaml)")
     drain = float(config.get("SLUICE_DRAIN_TIMEOUT_S", 30))
     for name, dep in deployments.items():
+        args = [a for c in dep["spec"]["template"]["spec"].get("containers", []) for a in c.get("args", [])[:1]]
+        if "worker" not in args:  # the drain timeout is the worker's
+            continue
         grace = dep["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
         if isinstance(grace, int) and grace <= drain:  # a wrong type is the schema check's to report
             problems.append(f"{where}: {name} terminationGracePeriodSeconds {grace} <= SLUICE_DRAIN_TIMEOUT_S {drain}")
@@ -218,14 +221,15 @@ def agreement(where: str, objects: list[tuple[str, dict[str, Any]]]) -> list[str
 
 
 def exported_metrics() -> set[str]:
-    """Sample names the worker (with its cache) and the sink expose, read from
+    """Sample names the worker (with its cache), the sink and the autoscaler expose, read from
     their real collectors: a counter `x` exposes x_total, a histogram
     x_bucket, x_sum and x_count."""
     from processors.cache import CacheMetrics
     from processors.metrics import WorkerMetrics
     from sinks.sink import SinkMetrics
+    from sluice.autoscale.loop import AutoscaleMetrics
 
-    worker, sink = WorkerMetrics(), SinkMetrics()
+    worker, sink, scaler = WorkerMetrics(), SinkMetrics(), AutoscaleMetrics()
     CacheMetrics(worker.registry)
     suffixes = {
         "counter": ("_total", "_created"),
@@ -235,7 +239,7 @@ def exported_metrics() -> set[str]:
         "info": ("_info",),
     }
     names: set[str] = set()
-    for registry in (worker.registry, sink.registry):
+    for registry in (worker.registry, sink.registry, scaler.registry):
         for family in registry.collect():
             names.update(family.name + s for s in suffixes.get(family.type, ("",)))
     return names
