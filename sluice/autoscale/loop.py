@@ -9,14 +9,15 @@ Each tick:
   5. record the decision: a log line, metrics, and a record on
      PREFIX.autoscale, which the sink stores in autoscale_events.
 
-A worker's service rate is measured, never assumed past the first minutes:
-when the fleet was saturated through the whole look-back (lag above a
-second of arrivals at every tick, the same workers ready throughout, so no
-rebalance pause is in it), what it
-answered per ready worker is what a worker can do, cache hits included. An
-unsaturated fleet only shows a lower bound, used when it beats the estimate
-in hand. A missing input is logged once when it goes and once when it
-comes back; the policy decides what missing means (never a smaller fleet).
+A worker's service rate is measured, never assumed past the first minutes
+(policy.ServiceRate): when the fleet has been saturated for at least two
+ticks (lag above a second of arrivals at each, the same workers ready
+throughout, so no rebalance pause is in it), what it answered over that span
+per worker is what a worker can do, cache hits included. Otherwise the
+model-time bound from telemetry, scaled by the last saturated measurement,
+follows the hit rate. A missing input is logged once when it goes and once
+when it comes back; the policy decides what missing means (never a smaller
+fleet).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import asyncio
 import logging
 import signal
 import time
-from collections import deque
 from dataclasses import asdict
 
 from aiokafka import AIOKafkaProducer
@@ -38,7 +38,7 @@ from schemas.service.http import HealthServer
 from schemas.topics import KafkaConfig
 from sluice.autoscale.actuators import Actuator
 from sluice.autoscale.config import AutoscaleConfig
-from sluice.autoscale.policy import Decision, Observation, Policy
+from sluice.autoscale.policy import ArrivalRate, Decision, Observation, Policy, Saturation, ServiceRate
 from sluice.autoscale.signals import AnalyticsSignals, BrokerSignals, GroupOffsets, ServiceReading
 
 log = logging.getLogger("sluice.autoscale")
@@ -90,11 +90,13 @@ class Autoscaler:
         self.instance = instance
         self.metrics = metrics or AutoscaleMetrics()
         self.policy = Policy(config)
+        self.arrivals = ArrivalRate(config.autoscale_lookback_s)
+        self.service = ServiceRate()
+        self.saturation = Saturation(config.autoscale_lookback_s, config.autoscale_interval_s)
         self.broker = BrokerSignals(kafka.bootstrap_servers, kafka.topics.requests, group)
         self._producer: AIOKafkaProducer | None = None
         self._http: HealthServer | None = None
         self._stopping = asyncio.Event()
-        self._recent: deque[tuple[float, int, float, int]] = deque()  # (at, lag, arrivals, ready)
         self._missing: set[str] = set()
         self._members = 0
         self._last_tick = time.monotonic()
@@ -160,17 +162,25 @@ class Autoscaler:
 
     # -- one tick --------------------------------------------------------------
     async def tick(self) -> Decision:
-        cfg = self.config
         now = time.monotonic()
         self._last_tick = now
         offsets = await self._read_broker()
-        reading = await self._read_analytics()
         if offsets is not None:
             self._members = offsets.members
         ready, starting = self.actuator.counts(self._members)
         lag = offsets.lag if offsets is not None else None
-        arrivals = self.broker.arrival_rps(cfg.autoscale_lookback_s)
-        service = self._service_rps(now, reading, sum(lag.values()) if lag else 0, arrivals or 0.0, ready)
+        arrivals = self.arrivals.add(now, sum(offsets.end.values())) if offsets is not None else None
+        span = self.saturation.add(now, sum(lag.values()) if lag else 0, arrivals or 0.0, ready)
+        reading = await self._read_analytics(span or self.config.autoscale_lookback_s)
+        service, source = (None, "")
+        if reading is not None and ready > 0:
+            # outside a saturated span the fleet may have changed: per worker of the look-back's mean
+            workers = ready if span is not None else self.saturation.mean_ready()
+            service, source = self.service.estimate(
+                answered_per_worker_rps=reading.answered_rps / max(workers, 1e-9),
+                model_bound_rps=reading.model_bound_rps,
+                saturated=span is not None,
+            )
         decision = self.policy.decide(
             Observation(
                 at_s=now,
@@ -182,13 +192,14 @@ class Autoscaler:
                 starting=starting,
                 arrival_rps=arrivals,
                 service_rps=service,
+                service_source=source,
                 analytics_ok=reading is not None or self.analytics is None,
                 uncommitted=offsets.uncommitted if offsets is not None else {},
                 committed=offsets.committed if offsets is not None else {},
                 cold_start_s=self.actuator.cold_start_s(),
             )
         )
-        self._note("commits", bool(decision.missing and "commits" in decision.missing), self._uncommitted_why(offsets))
+        self._note("commits", "commits" in decision.missing, self._uncommitted_why(offsets))
         await self.actuator.scale(decision.desired)
         self._record(decision, starting)
         await self._publish(decision)
@@ -203,37 +214,16 @@ class Autoscaler:
         self._note("broker", False)
         return offsets
 
-    async def _read_analytics(self) -> ServiceReading | None:
+    async def _read_analytics(self, window_s: float) -> ServiceReading | None:
         if self.analytics is None:
             return None
         try:
-            reading = await self.analytics.read(self.config.autoscale_lookback_s)
+            reading = await self.analytics.read(window_s)
         except (SluiceError, OSError, KeyError) as exc:
             self._note("analytics", True, f"{type(exc).__name__}: {exc}")
             return None
         self._note("analytics", False)
         return reading
-
-    def _service_rps(
-        self, now: float, reading: ServiceReading | None, lag: int, arrivals: float, ready: int
-    ) -> float | None:
-        """One worker's service rate from this look-back, or None when it shows nothing new."""
-        lookback = self.config.autoscale_lookback_s
-        self._recent.append((now, lag, arrivals, ready))
-        while self._recent and self._recent[0][0] < now - lookback:
-            self._recent.popleft()
-        if reading is None or ready == 0 or reading.answered_rps <= 0:
-            return None
-        window = list(self._recent)
-        covers = window[0][0] <= now - lookback + self.config.autoscale_interval_s
-        mean_ready = sum(r for *_, r in window) / len(window)
-        per_worker = reading.answered_rps / max(mean_ready, 1e-9)
-        # a change of the fleet in the window is a rebalance, whose pause is not the workers' rate
-        steady = len({r for *_, r in window}) == 1
-        saturated = covers and steady and all(q > max(1.0, a) for _, q, a, _ in window)
-        if saturated or per_worker > self.policy.service_rps:
-            return per_worker
-        return None
 
     @staticmethod
     def _uncommitted_why(offsets: GroupOffsets | None) -> str:

@@ -1,18 +1,23 @@
-"""How many workers the load needs: a small pure object, fed one observation per tick.
+"""How many workers the load needs: small pure objects, fed one reading per tick.
 
 The rule, in the units an operator reasons in:
 
-    capacity now     = ready workers x measured service rate (requests/s each)
+    serving(w)       = what w workers serve on P evenly loaded partitions:
+                       the busiest holds ceil(P / w) of them, so 5 workers
+                       on 12 partitions serve like 4 (P / ceil(P / w) workers' worth)
+    capacity now     = serving(ready) x service rate (requests/s of one worker)
     backlog at ready = lag + max(0, arrivals - capacity now) x cold start
                        (what piles up until a worker started now can answer)
-    needed rate      = arrivals + backlog at ready / target drain time
-    recommended      = ceil(needed rate / (service rate x target utilisation))
+    recommended      = the fewest workers w with
+                       serving(w) x rate x target utilisation >= arrivals, and
+                       serving(w) x rate >= arrivals + backlog at ready / target drain
 
-clamped to [min, min(max, partitions)]. A higher count is taken at once; a
-lower one only once every recommendation of the scale-down window agrees
-(the window's highest wins, as Kubernetes' HPA stabilises). No arrivals and
-no lag for `idle` seconds takes the fleet to its minimum (zero by default);
-the first lag or arrival wakes it.
+so steady arrivals keep the utilisation headroom, and a backlog may use it
+to drain. The count is clamped to [min, min(max, partitions)]. A higher
+count is taken at once; a lower one only once every recommendation of the
+scale-down window agrees (the window's highest wins, as Kubernetes' HPA
+stabilises). No arrivals and no lag for `idle` seconds takes the fleet to
+its minimum (zero by default); the first lag or arrival wakes it.
 
 Missing evidence never shrinks the fleet: with no broker answer the last
 decision stands; with no analytics answer, or partitions whose group has
@@ -21,8 +26,9 @@ A partition whose lag grows tick after tick while the others' does not is a
 stuck consumer: it is reported, and its lag is left out of the sizing,
 because more workers would not unstick it.
 
-Time is passed in (`Observation.at_s`), so the same object runs the live
-loop and the capacity simulation under bench/.
+`ArrivalRate` and `ServiceRate` turn raw readings (end offsets, answered
+counts, model time) into the two rates. Time is passed in everywhere, so
+the same objects run the live loop and the capacity simulation under bench/.
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ class Observation:
     ready: int  # workers answering
     starting: int = 0  # started, not answering yet
     arrival_rps: float | None = None  # requests produced per second over the look-back
-    service_rps: float | None = None  # requests one worker answers per second (measured), None if unmeasured
+    service_rps: float | None = None  # requests one worker answers per second (ServiceRate), None if unknown
+    service_source: str = "measured"  # how service_rps was had (ServiceRate says)
     analytics_ok: bool = True  # False: the analytics store did not answer
     uncommitted: Mapping[int, int] = field(default_factory=dict)  # never-committed partition -> records in its log
     committed: Mapping[int, int] = field(default_factory=dict)  # partition -> committed offset, where known
@@ -63,11 +70,122 @@ class Decision:
     lag: int
     arrival_rps: float
     service_rps: float
-    service_source: str  # measured, last (an earlier measurement), prior (the setting)
+    service_source: str  # measured (saturated), scaled/model_time (telemetry's model time), last, prior (the setting)
     cold_start_s: float
     partitions: int
     stuck: tuple[int, ...] = ()
     missing: tuple[str, ...] = ()  # evidence that was not there: broker, analytics, commits
+
+
+def serving(workers: int, partitions: int) -> float:
+    """Workers' worth of capacity `workers` give on `partitions` evenly loaded
+    partitions: each partition has one consumer, so the busiest worker holds
+    ceil(P / w) of them and the rest wait on it."""
+    if workers <= 0:
+        return 0.0
+    if partitions <= 0:
+        return float(workers)
+    return partitions / math.ceil(partitions / workers)
+
+
+def fleet_for(rate_rps: float, per_worker_rps: float, partitions: int, most: int) -> int:
+    """The fewest workers (up to `most`) that serve `rate_rps` on these partitions."""
+    if rate_rps <= 0:
+        return 0
+    for workers in range(1, most + 1):
+        if serving(workers, partitions) * per_worker_rps >= rate_rps - 1e-9:
+            return workers
+    return max(most, 0)
+
+
+class ArrivalRate:
+    """Requests produced per second, from a running total (the requests topic's
+    end offsets) read once per tick: the higher of the last interval's rate and
+    the look-back's, so a step up counts at the next tick while a dip is
+    smoothed over the look-back (and the scale-down window smooths it again)."""
+
+    def __init__(self, lookback_s: float) -> None:
+        self.lookback_s = lookback_s
+        self._seen: deque[tuple[float, int]] = deque()
+
+    def add(self, at_s: float, total: int) -> float | None:
+        """Record a reading; the rate, or None until there are two."""
+        self._seen.append((at_s, total))
+        while len(self._seen) > 2 and self._seen[1][0] <= at_s - self.lookback_s:
+            self._seen.popleft()
+        if len(self._seen) < 2:
+            return None
+        rates = []
+        for t0, n0 in (self._seen[0], self._seen[-2]):
+            if at_s > t0:
+                rates.append(max(0.0, (total - n0) / (at_s - t0)))
+        return max(rates) if rates else None
+
+
+class Saturation:
+    """Whether the fleet has been saturated, from one reading per tick: the
+    seconds the same ready workers have had a backlog (lag above a second of
+    arrivals) at every tick, when that spans two ticks or more. A change of
+    the fleet restarts it: a rebalance pause is not the workers' rate."""
+
+    def __init__(self, lookback_s: float, interval_s: float) -> None:
+        self.lookback_s = lookback_s
+        self.interval_s = interval_s
+        self._seen: deque[tuple[float, int, float, int]] = deque()  # (at, lag, arrivals, ready)
+
+    def add(self, at_s: float, lag: int, arrivals_rps: float, ready: int) -> float | None:
+        self._seen.append((at_s, lag, arrivals_rps, ready))
+        while self._seen and self._seen[0][0] < at_s - self.lookback_s:
+            self._seen.popleft()
+        start = None
+        for at, q, a, r in reversed(self._seen):
+            if r != ready or r == 0 or q <= max(1.0, a):
+                break
+            start = at
+        if start is None or at_s - start < self.interval_s * 0.99:
+            return None
+        return at_s - start
+
+    def mean_ready(self) -> float:
+        """Ready workers, averaged over the look-back's ticks."""
+        return sum(r for *_, r in self._seen) / len(self._seen) if self._seen else 0.0
+
+
+class ServiceRate:
+    """What one worker serves per second, from telemetry.
+
+    Measured directly when the fleet was saturated (a backlog through the
+    span, the same workers throughout): answered per second per worker.
+    Otherwise telemetry still shows the model-time bound, answered per
+    second of model busy time, which rises with the hit rate but leaves out
+    everything around the model; the last saturated measurement's ratio to
+    that bound scales it (1 until a measurement exists: optimistic, so a
+    short fleet builds the backlog that measures it, rather than an
+    oversized one never learning). What workers answered is always a lower
+    bound."""
+
+    def __init__(self) -> None:
+        self.ratio: float | None = None  # measured / model-time bound, at the last saturation
+
+    def estimate(
+        self, *, answered_per_worker_rps: float | None, model_bound_rps: float | None, saturated: bool
+    ) -> tuple[float | None, str]:
+        """(rate, how it was had); None when telemetry shows nothing."""
+        seen = answered_per_worker_rps if answered_per_worker_rps and answered_per_worker_rps > 0 else None
+        bound = model_bound_rps if model_bound_rps and math.isfinite(model_bound_rps) and model_bound_rps > 0 else None
+        if saturated and seen is not None:
+            if bound is not None:
+                self.ratio = min(1.0, seen / bound)
+            return seen, "measured"
+        if bound is not None:
+            rate = bound * (self.ratio if self.ratio is not None else 1.0)
+            source = "scaled" if self.ratio is not None else "model_time"
+            if seen is not None and seen > rate:
+                return seen, "answered"
+            return rate, source
+        if seen is not None:
+            return seen, "answered"
+        return None, ""
 
 
 class Policy:
@@ -89,7 +207,7 @@ class Policy:
         current = obs.ready + obs.starting
         cold = obs.cold_start_s if obs.cold_start_s is not None else cfg.autoscale_cold_start_s
         if obs.service_rps is not None and obs.service_rps > 0:
-            self._service, source = obs.service_rps, "measured"
+            self._service, source = obs.service_rps, obs.service_source
         elif self._service is not None:
             source = "last"
         else:
@@ -103,9 +221,13 @@ class Policy:
 
         stuck = self._stuck(obs.lag, obs.committed, obs.ready)
         lag = sum(v for p, v in obs.lag.items() if p not in stuck)
-        shortfall = max(0.0, arrivals - obs.ready * mu)
-        needed = arrivals + (lag + shortfall * cold) / cfg.autoscale_target_drain_s
-        recommended = math.ceil(needed / (mu * cfg.autoscale_target_utilization) - 1e-9) if needed > 0 else 0
+        hi = min(cfg.autoscale_max_workers or obs.partitions, obs.partitions)
+        shortfall = max(0.0, arrivals - serving(obs.ready, obs.partitions) * mu)
+        draining = arrivals + (lag + shortfall * cold) / cfg.autoscale_target_drain_s
+        recommended = max(
+            fleet_for(arrivals, mu * cfg.autoscale_target_utilization, obs.partitions, hi),
+            fleet_for(draining, mu, obs.partitions, hi),
+        )
 
         busy = lag > 0 or arrivals > 0 or bool(stuck) or any(obs.uncommitted.values())
         if busy:
@@ -114,7 +236,6 @@ class Policy:
             self._idle_since = obs.at_s
         idle = self._idle_since is not None and obs.at_s - self._idle_since >= cfg.autoscale_idle_s
 
-        hi = min(cfg.autoscale_max_workers or obs.partitions, obs.partitions)
         lo = min(cfg.autoscale_min_workers, hi)
         if current > 0 and not idle:
             lo = max(lo, min(1, hi))  # one stays until the idle period has passed

@@ -1,7 +1,7 @@
 """What the autoscaler reads: the group's lag from the broker, answers from the analytics store.
 
-Arrivals are counted at the broker (the requests topic's end offsets over
-the look-back), not from telemetry: telemetry only sees what workers have
+Arrivals are counted at the broker (the requests topic's end offsets, see
+policy.ArrivalRate), not from telemetry: telemetry only sees what workers have
 answered, and with the fleet at zero it sees nothing at all, which is
 exactly when the first arrivals must wake it.
 """
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,7 +61,6 @@ class BrokerSignals:
         self.timeout_s = timeout_s
         self._consumer: AIOKafkaConsumer | None = None
         self._admin: AIOKafkaAdminClient | None = None
-        self._ends: deque[tuple[float, int]] = deque()  # (monotonic, total end offset)
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
@@ -108,18 +105,7 @@ class BrokerSignals:
             offsets = await admin.list_consumer_group_offsets(self.group, partitions=tps)
             committed = {tp.partition: om.offset for tp, om in offsets.items() if om is not None and om.offset >= 0}
             members = _members(await admin.describe_consumer_groups([self.group]))
-        self._ends.append((time.monotonic(), sum(end.values())))
         return GroupOffsets(end=end, start=start, committed=committed, members=members)
-
-    def arrival_rps(self, lookback_s: float) -> float | None:
-        """Records produced per second over the look-back (the oldest reading within
-        it against the newest); None until two readings exist."""
-        while len(self._ends) > 2 and self._ends[1][0] <= self._ends[-1][0] - lookback_s:
-            self._ends.popleft()
-        if len(self._ends) < 2:
-            return None
-        (t0, n0), (t1, n1) = self._ends[0], self._ends[-1]
-        return max(0.0, (n1 - n0) / (t1 - t0)) if t1 > t0 else None
 
 
 def _members(described: list[Any]) -> int:
@@ -134,9 +120,10 @@ def _members(described: list[Any]) -> int:
 
 @dataclass(frozen=True, slots=True)
 class ServiceReading:
-    answered_rps: float  # all workers together, over the look-back
+    answered_rps: float  # all workers together, over the window asked for
     workers: int  # workers that answered anything in it
     hit_rate: float
+    model_bound_rps: float | None  # answered per second of model busy time (None: no model time, all hits)
 
 
 class AnalyticsSignals:
@@ -146,16 +133,19 @@ class AnalyticsSignals:
         self._runner = runner
         self.database = database
 
-    async def read(self, lookback_s: float) -> ServiceReading:
-        """Raises SluiceError or OSError when the store does not answer."""
+    async def read(self, window_s: float) -> ServiceReading:
+        """The last `window_s` seconds of telemetry; raises SluiceError or OSError
+        when the store does not answer."""
         cols, rows = await asyncio.to_thread(
-            run, "autoscale_signal", self._runner, db=self.database, since_s=max(1, round(lookback_s))
+            run, "autoscale_signal", self._runner, db=self.database, since_s=max(1, round(window_s))
         )
         got = [dict(zip(cols, r, strict=True)) for r in rows]
         answered = sum(int(g["answered"]) for g in got)
         hits = sum(float(g["hit_rate"]) * int(g["answered"]) for g in got)
+        compute_s = sum(float(g["compute_s"]) for g in got)
         return ServiceReading(
             answered_rps=sum(float(g["answered_rps"]) for g in got),
             workers=len(got),
             hit_rate=hits / answered if answered else 0.0,
+            model_bound_rps=answered / compute_s if compute_s > 0 else None,
         )

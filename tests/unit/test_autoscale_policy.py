@@ -8,7 +8,7 @@ import pytest
 
 from schemas.errors import ConfigError
 from sluice.autoscale.config import AutoscaleConfig
-from sluice.autoscale.policy import Observation, Policy
+from sluice.autoscale.policy import ArrivalRate, Observation, Policy, Saturation, ServiceRate, serving
 from sluice.settings import load_settings
 
 P = 12
@@ -42,22 +42,35 @@ def test_arrivals_alone_are_served_at_the_target_utilisation():
 
 def test_a_backlog_is_sized_to_drain_within_the_target_counting_what_piles_up_during_cold_start():
     policy = Policy(config())
-    d = policy.decide(obs(0, 11_000, ready=1, arrival_rps=600, service_rps=250))
-    # 600/s arrive, one worker serves 250/s: 350/s more pile up for the 30 s cold start
-    needed = 600 + (11_000 + 350 * 30) / 60
-    assert d.recommended == math.ceil(needed / 200) == 5
-    assert (d.desired, d.reason) == (5, "scale_up")
-    warm = Policy(config()).decide(obs(0, 11_000, ready=1, arrival_rps=600, service_rps=250, cold_start_s=2))
-    assert warm.desired == math.ceil((600 + (11_000 + 350 * 2) / 60) / 200) == 4  # a fast start needs fewer
+    d = policy.decide(obs(0, 5_000, ready=1, arrival_rps=400, service_rps=250))
+    # 400/s arrive, one worker serves 250/s: 150/s more pile up for the 30 s cold start;
+    # the backlog drains at full rate (the 0.8 headroom is for steady arrivals: 2 workers)
+    draining = 400 + (5_000 + 150 * 30) / 60
+    assert d.recommended == math.ceil(draining / 250) == 3
+    assert (d.desired, d.reason) == (3, "scale_up")
+    warm = Policy(config()).decide(obs(0, 5_000, ready=1, arrival_rps=400, service_rps=250, cold_start_s=2))
+    assert warm.desired == math.ceil((400 + (5_000 + 150 * 2) / 60) / 250) == 2  # a fast start needs fewer
+
+
+def test_steady_arrivals_keep_the_utilisation_headroom():
+    d = Policy(config()).decide(obs(0, 0, ready=2, arrival_rps=420, service_rps=250))
+    assert d.desired == 3  # 2 workers would run at 84%, above the 0.8 target
+
+
+def test_counts_that_leave_a_worker_holding_more_partitions_are_skipped():
+    # 4.5 workers' worth on 12 partitions: 5 workers serve like 4 (one holds 3), so 6
+    d = Policy(config()).decide(obs(0, 0, ready=4, arrival_rps=4.5 * 200, service_rps=250))
+    assert d.desired == 6
+    assert serving(5, 12) == 4 and serving(6, 12) == 6 and serving(7, 12) == 6 and serving(3, 2) == 2
 
 
 def test_up_at_once_down_only_after_the_window_agrees():
     policy = Policy(config(autoscale_scale_down_window_s=60))
-    assert policy.decide(obs(0, 30_000, ready=1, arrival_rps=200, service_rps=250)).desired == 4
+    assert policy.decide(obs(0, 30_000, ready=1, arrival_rps=200, service_rps=250)).desired == 3
     seen = []
     for t in range(10, 130, 10):  # the backlog is gone: one worker would do
-        seen.append((t, policy.decide(obs(t, 0, ready=4, arrival_rps=150, service_rps=250)).desired))
-    first_down = next(t for t, d in seen if d < 4)
+        seen.append((t, policy.decide(obs(t, 0, ready=3, arrival_rps=150, service_rps=250)).desired))
+    first_down = next(t for t, d in seen if d < 3)
     assert first_down == 70  # the t=0 recommendation of 4 left the 60 s window
     assert seen[-1][1] == 1
 
@@ -96,8 +109,8 @@ def test_no_broker_answer_keeps_the_last_decision():
     policy = Policy(config(autoscale_idle_s=10))
     policy.decide(obs(0, 30_000, ready=1, arrival_rps=200, service_rps=250))
     for t in range(10, 200, 10):
-        d = policy.decide(obs(t, None, ready=4))
-        assert (d.desired, d.reason, d.missing) == (4, "no_broker", ("broker",))
+        d = policy.decide(obs(t, None, ready=3))
+        assert (d.desired, d.reason, d.missing) == (3, "no_broker", ("broker",))
 
 
 def test_no_analytics_answer_never_shrinks_but_may_grow():
@@ -150,6 +163,34 @@ def test_a_short_fleet_raises_every_lag_and_is_not_called_stuck():
     assert d.desired > 1
 
 
+def test_arrivals_see_a_step_at_the_next_tick_and_smooth_a_dip():
+    rate = ArrivalRate(lookback_s=60)
+    assert rate.add(0, 0) is None
+    total = 0
+    for t in range(10, 70, 10):  # 100/s for a minute
+        total += 1000
+        assert rate.add(t, total) == pytest.approx(100)
+    total += 10_000  # 1,000/s in the last interval: seen now, not a minute later
+    assert rate.add(70, total) == pytest.approx(1000)
+    total += 0  # nothing for an interval: the look-back still shows the minute's mean
+    assert rate.add(80, total) == pytest.approx((total - 2000) / 60)
+
+
+def test_service_rate_measured_when_saturated_then_scaled_from_model_time_as_hits_change():
+    est = ServiceRate()
+    # before any saturation: the model-time bound, optimistic
+    assert est.estimate(answered_per_worker_rps=50, model_bound_rps=1200, saturated=False) == (1200, "model_time")
+    # saturated: what a worker answered is its rate; 300 of a 1,200 bound
+    assert est.estimate(answered_per_worker_rps=300, model_bound_rps=1200, saturated=True) == (300, "measured")
+    # more hits raise the model-time bound (hits take no model time): the rate follows, scaled
+    assert est.estimate(answered_per_worker_rps=100, model_bound_rps=4000, saturated=False) == (1000, "scaled")
+    # what workers answered is a lower bound
+    assert est.estimate(answered_per_worker_rps=1500, model_bound_rps=4000, saturated=False) == (1500, "answered")
+    # all hits: no model time, only the lower bound; nothing answered: nothing known
+    assert est.estimate(answered_per_worker_rps=80, model_bound_rps=None, saturated=False) == (80, "answered")
+    assert est.estimate(answered_per_worker_rps=None, model_bound_rps=None, saturated=False) == (None, "")
+
+
 def test_a_measured_rate_replaces_the_prior_and_is_kept_when_unmeasured():
     policy = Policy(config())
     assert policy.decide(obs(0, 0, arrival_rps=50)).service_source == "prior"
@@ -182,3 +223,14 @@ def test_group_offsets_know_lag_where_committed_or_empty_and_flag_unread_logs():
     g = GroupOffsets(end={0: 100, 1: 50, 2: 7, 3: 0}, start={0: 0, 1: 0, 2: 7, 3: 0}, committed={0: 90}, members=1)
     assert g.lag == {0: 10, 2: 0, 3: 0}  # 2 and 3 never committed, but their logs are empty
     assert g.uncommitted == {1: 50}  # never committed, 50 records no one has read
+
+
+def test_saturation_needs_two_ticks_of_backlog_with_the_same_workers():
+    sat = Saturation(lookback_s=60, interval_s=10)
+    assert sat.add(0, 5000, 100, 2) is None  # one tick is not a span
+    assert sat.add(10, 4000, 100, 2) == 10
+    assert sat.add(20, 3000, 100, 2) == 20
+    assert sat.add(30, 3000, 100, 3) is None  # a worker joined: the span restarts
+    assert sat.add(40, 2000, 100, 3) == 10
+    assert sat.add(50, 50, 100, 3) is None  # under a second of arrivals waiting: not saturated
+    assert sat.mean_ready() == pytest.approx(2.5)  # six ticks within the look-back: 2, 2, 2, 3, 3, 3
