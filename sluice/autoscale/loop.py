@@ -11,7 +11,7 @@ Each tick:
 
 A worker's service rate is measured, never assumed past the first minutes
 (policy.ServiceRate): when the fleet has been saturated for at least two
-ticks (lag above a second of arrivals at each, the same workers ready
+ticks (lag above half a second of arrivals at each, the same workers ready
 throughout, so no rebalance pause is in it), what it answered over that span
 per worker is what a worker can do, cache hits included. Otherwise the
 model-time bound from telemetry, scaled by the last saturated measurement,
@@ -92,7 +92,9 @@ class Autoscaler:
         self.policy = Policy(config)
         self.arrivals = ArrivalRate(config.autoscale_lookback_s)
         self.service = ServiceRate()
-        self.saturation = Saturation(config.autoscale_lookback_s, config.autoscale_interval_s)
+        self.saturation = Saturation(
+            config.autoscale_lookback_s, config.autoscale_interval_s, config.autoscale_saturation_backlog_s
+        )
         self.broker = BrokerSignals(kafka.bootstrap_servers, kafka.topics.requests, group)
         self._producer: AIOKafkaProducer | None = None
         self._http: HealthServer | None = None

@@ -13,7 +13,8 @@ The rule, in the units an operator reasons in:
                        serving(w) x rate >= arrivals + backlog at ready / target drain
 
 so steady arrivals keep the utilisation headroom, and a backlog may use it
-to drain. The count is clamped to [min, min(max, partitions)]. A higher
+to drain; a lower count must also serve the arrivals with
+`scale_down_tolerance` to spare (a count on the threshold flaps). The count is clamped to [min, min(max, partitions)]. A higher
 count is taken at once; a lower one only once every recommendation of the
 scale-down window agrees (the window's highest wins, as Kubernetes' HPA
 stabilises). No arrivals and no lag for `idle` seconds takes the fleet to
@@ -124,22 +125,28 @@ class ArrivalRate:
 
 class Saturation:
     """Whether the fleet has been saturated, from one reading per tick: the
-    seconds the same ready workers have had a backlog (lag above a second of
-    arrivals) at every tick, when that spans two ticks or more. A change of
-    the fleet restarts it: a rebalance pause is not the workers' rate."""
+    seconds the same ready workers have had a backlog (lag above
+    `backlog_s` of arrivals) at every tick, when that spans two ticks or
+    more. A change of the fleet restarts it, and the tick that first sees
+    the new count does not start a span: the rebalance pause of a join or a
+    leave falls before it, and a pause is not the workers' rate."""
 
-    def __init__(self, lookback_s: float, interval_s: float) -> None:
+    def __init__(self, lookback_s: float, interval_s: float, backlog_s: float = 0.5) -> None:
         self.lookback_s = lookback_s
         self.interval_s = interval_s
-        self._seen: deque[tuple[float, int, float, int]] = deque()  # (at, lag, arrivals, ready)
+        self.backlog_s = backlog_s
+        self._seen: deque[tuple[float, int, float, int, bool]] = deque()  # (at, lag, arrivals, ready, changed)
 
     def add(self, at_s: float, lag: int, arrivals_rps: float, ready: int) -> float | None:
-        self._seen.append((at_s, lag, arrivals_rps, ready))
+        changed = not self._seen or self._seen[-1][3] != ready
+        self._seen.append((at_s, lag, arrivals_rps, ready, changed))
         while self._seen and self._seen[0][0] < at_s - self.lookback_s:
             self._seen.popleft()
         start = None
-        for at, q, a, r in reversed(self._seen):
-            if r != ready or r == 0 or q <= max(1.0, a):
+        for at, q, a, r, new_count in reversed(self._seen):
+            if r != ready or r == 0 or q <= max(1.0, a * self.backlog_s):
+                break
+            if new_count:  # the pause of this change lies before it: start after it
                 break
             start = at
         if start is None or at_s - start < self.interval_s * 0.99:
@@ -148,7 +155,7 @@ class Saturation:
 
     def mean_ready(self) -> float:
         """Ready workers, averaged over the look-back's ticks."""
-        return sum(r for *_, r in self._seen) / len(self._seen) if self._seen else 0.0
+        return sum(t[3] for t in self._seen) / len(self._seen) if self._seen else 0.0
 
 
 class ServiceRate:
@@ -166,26 +173,33 @@ class ServiceRate:
 
     def __init__(self) -> None:
         self.ratio: float | None = None  # measured / model-time bound, at the last saturation
+        self.rate: float | None = None  # the last estimate given
 
     def estimate(
         self, *, answered_per_worker_rps: float | None, model_bound_rps: float | None, saturated: bool
     ) -> tuple[float | None, str]:
-        """(rate, how it was had); None when telemetry shows nothing."""
+        """(rate, how it was had); None when telemetry shows nothing new."""
         seen = answered_per_worker_rps if answered_per_worker_rps and answered_per_worker_rps > 0 else None
         bound = model_bound_rps if model_bound_rps and math.isfinite(model_bound_rps) and model_bound_rps > 0 else None
         if saturated and seen is not None:
             if bound is not None:
                 self.ratio = min(1.0, seen / bound)
-            return seen, "measured"
+            return self._give(seen, "measured")
         if bound is not None:
             rate = bound * (self.ratio if self.ratio is not None else 1.0)
-            source = "scaled" if self.ratio is not None else "model_time"
             if seen is not None and seen > rate:
-                return seen, "answered"
-            return rate, source
-        if seen is not None:
-            return seen, "answered"
+                return self._give(seen, "answered")
+            return self._give(rate, "scaled" if self.ratio is not None else "model_time")
+        # no model time (every request a hit): what workers answered only ever
+        # raises the estimate; lowering it to what an unsaturated fleet answered
+        # would grow the fleet, lower the next reading, and so on
+        if seen is not None and seen > (self.rate or 0.0):
+            return self._give(seen, "answered")
         return None, ""
+
+    def _give(self, rate: float, source: str) -> tuple[float, str]:
+        self.rate = rate
+        return rate, source
 
 
 class Policy:
@@ -228,6 +242,17 @@ class Policy:
             fleet_for(arrivals, mu * cfg.autoscale_target_utilization, obs.partitions, hi),
             fleet_for(draining, mu, obs.partitions, hi),
         )
+        if recommended < current:
+            # fewer only if they would still serve the arrivals with a margin: a count
+            # that sits on the threshold is undone by the next tick's noise, and each
+            # change is a rebalance pause
+            margin = 1 + cfg.autoscale_scale_down_tolerance
+            recommended = min(
+                current,
+                max(
+                    recommended, fleet_for(arrivals * margin, mu * cfg.autoscale_target_utilization, obs.partitions, hi)
+                ),
+            )
 
         busy = lag > 0 or arrivals > 0 or bool(stuck) or any(obs.uncommitted.values())
         if busy:

@@ -186,9 +186,18 @@ def test_service_rate_measured_when_saturated_then_scaled_from_model_time_as_hit
     assert est.estimate(answered_per_worker_rps=100, model_bound_rps=4000, saturated=False) == (1000, "scaled")
     # what workers answered is a lower bound
     assert est.estimate(answered_per_worker_rps=1500, model_bound_rps=4000, saturated=False) == (1500, "answered")
-    # all hits: no model time, only the lower bound; nothing answered: nothing known
-    assert est.estimate(answered_per_worker_rps=80, model_bound_rps=None, saturated=False) == (80, "answered")
     assert est.estimate(answered_per_worker_rps=None, model_bound_rps=None, saturated=False) == (None, "")
+
+
+def test_with_every_request_a_hit_what_workers_answered_only_raises_the_estimate():
+    est = ServiceRate()
+    # no model time at all: an unsaturated fleet's answers are a lower bound
+    assert est.estimate(answered_per_worker_rps=400, model_bound_rps=None, saturated=False) == (400, "answered")
+    # fewer answered per worker (a bigger fleet, less load) must not lower it, or the
+    # fleet would grow, each worker answer less, the estimate fall again, and so on
+    assert est.estimate(answered_per_worker_rps=250, model_bound_rps=None, saturated=False) == (None, "")
+    assert est.estimate(answered_per_worker_rps=900, model_bound_rps=None, saturated=False) == (900, "answered")
+    assert est.estimate(answered_per_worker_rps=700, model_bound_rps=None, saturated=True) == (700, "measured")
 
 
 def test_a_measured_rate_replaces_the_prior_and_is_kept_when_unmeasured():
@@ -225,12 +234,14 @@ def test_group_offsets_know_lag_where_committed_or_empty_and_flag_unread_logs():
     assert g.uncommitted == {1: 50}  # never committed, 50 records no one has read
 
 
-def test_saturation_needs_two_ticks_of_backlog_with_the_same_workers():
+def test_saturation_needs_two_ticks_of_backlog_with_the_same_workers_after_the_change():
     sat = Saturation(lookback_s=60, interval_s=10)
-    assert sat.add(0, 5000, 100, 2) is None  # one tick is not a span
-    assert sat.add(10, 4000, 100, 2) == 10
-    assert sat.add(20, 3000, 100, 2) == 20
-    assert sat.add(30, 3000, 100, 3) is None  # a worker joined: the span restarts
-    assert sat.add(40, 2000, 100, 3) == 10
-    assert sat.add(50, 50, 100, 3) is None  # under a second of arrivals waiting: not saturated
-    assert sat.mean_ready() == pytest.approx(2.5)  # six ticks within the look-back: 2, 2, 2, 3, 3, 3
+    assert sat.add(0, 5000, 100, 2) is None  # the first reading of a count: its pause lies just before
+    assert sat.add(10, 4000, 100, 2) is None  # one tick is not a span
+    assert sat.add(20, 3000, 100, 2) == 10
+    assert sat.add(30, 3000, 100, 2) == 20
+    assert sat.add(40, 3000, 100, 3) is None  # a worker joined: the span restarts after it
+    assert sat.add(50, 2000, 100, 3) is None
+    assert sat.add(60, 1000, 100, 3) == 10
+    assert sat.add(70, 40, 100, 3) is None  # under half a second of arrivals waiting
+    assert sat.mean_ready() == pytest.approx((2 * 3 + 3 * 4) / 7)  # the ticks of the last 60 s
