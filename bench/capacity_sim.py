@@ -273,7 +273,9 @@ class PolicyScaler:
         self.policy = Policy(cfg)
         self.arrivals = ArrivalRate(cfg.autoscale_lookback_s)
         self.service = ServiceRate()
-        self.saturation = Saturation(cfg.autoscale_lookback_s, cfg.autoscale_interval_s)
+        self.saturation = Saturation(
+            cfg.autoscale_lookback_s, cfg.autoscale_interval_s, cfg.autoscale_saturation_backlog_s
+        )
         self.true_rps = true_rps
         self.name = "policy" if true_rps is None else "policy, true rate"
         self.interval_s = cfg.autoscale_interval_s
