@@ -166,11 +166,14 @@ async def env(stack: StackEndpoints) -> Env:
 
 
 class WorkerProcess(supervisor.WorkerProcess):
-    """`sluice worker` as a real subprocess, as operators run it, on the test's topics."""
+    """`sluice worker` (or another `sluice COMMAND ARGS`) as a real subprocess,
+    as operators run it, on the test's topics."""
 
-    def __init__(self, env: Env, **settings: str) -> None:
-        log = Path(os.environ.get("TMPDIR", "/tmp")) / f"sluice-worker-{env.prefix}-{uuid.uuid4().hex[:6]}.log"
-        super().__init__(env.worker_env(**settings), log_path=log, cwd=ROOT, inherit_env=False)
+    def __init__(self, env: Env, command: str = "worker", args: tuple[str, ...] = (), **settings: str) -> None:
+        log = Path(os.environ.get("TMPDIR", "/tmp")) / f"sluice-{command}-{env.prefix}-{uuid.uuid4().hex[:6]}.log"
+        super().__init__(
+            env.worker_env(**settings), log_path=log, cwd=ROOT, inherit_env=False, command=command, args=args
+        )
 
     def start(self, ready_timeout_s: float = 90.0) -> WorkerProcess:  # type: ignore[override]
         try:

@@ -34,6 +34,7 @@ the same objects run the live loop and the capacity simulation under bench/.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from collections.abc import Mapping
@@ -315,21 +316,22 @@ class Policy:
     def _keep(
         self, obs: Observation, desired: int, current: int, mu: float, source: str, cold: float, arrivals: float
     ) -> Decision:
-        last = self.last
-        self.last = Decision(
+        """The last decision again, on this tick's counts (the broker said nothing new)."""
+        base = self.last or Decision(
+            obs.at_s, desired, current, obs.ready, desired, "", 0, arrivals, mu, source, cold, obs.partitions
+        )
+        self.last = dataclasses.replace(
+            base,
             at_s=obs.at_s,
             desired=desired,
             current=current,
             ready=obs.ready,
             recommended=desired,
             reason="no_broker",
-            lag=last.lag if last else 0,
             arrival_rps=arrivals,
             service_rps=mu,
             service_source=source,
             cold_start_s=cold,
-            partitions=obs.partitions,
-            stuck=last.stuck if last else (),
             missing=("broker",),
         )
         return self.last

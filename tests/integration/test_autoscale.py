@@ -8,16 +8,13 @@ in a couple of minutes."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-import uuid
 from pathlib import Path
 
 import orjson
 import pytest
 
-from sluice import supervisor
-from tests.conftest import ROOT
+from tests.conftest import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -29,29 +26,10 @@ MAX_WORKERS = 3
 BURST = 2500
 
 
-class Proc(supervisor.WorkerProcess):
-    def __init__(self, env, command: str, args: tuple[str, ...] = (), **settings: str) -> None:
-        log = Path(os.environ.get("TMPDIR", "/tmp")) / f"sluice-{command}-{env.prefix}-{uuid.uuid4().hex[:6]}.log"
-        super().__init__(
-            env.worker_env(**settings), log_path=log, cwd=ROOT, inherit_env=False, command=command, args=args
-        )
-
-    def start(self, ready_timeout_s: float = 60.0) -> Proc:  # type: ignore[override]
-        try:
-            super().start(ready_timeout_s)
-        except Exception as exc:
-            raise AssertionError(f"{exc}\n{self.log()}") from None
-        return self
-
-    def log(self) -> str:
-        p = self.log_path
-        return p.read_text(errors="replace")[-6000:] if p is not None and p.exists() else ""
-
-
 class Watch:
     """The autoscaler's gauges, sampled every 0.2 s: (t, desired, ready, lag)."""
 
-    def __init__(self, scaler: Proc) -> None:
+    def __init__(self, scaler: WorkerProcess) -> None:
         self.scaler = scaler
         self.samples: list[tuple[float, float, float, float]] = []
         self._task: asyncio.Task[None] | None = None
@@ -97,14 +75,14 @@ async def test_the_fleet_follows_a_step_drains_scales_down_to_zero_and_wakes(env
     from producers.client import make_request
     from producers.corpus import text
 
-    sink = Proc(
+    sink = WorkerProcess(
         env,
         "sink",
         SLUICE_SINK_GROUP_ID=f"{env.prefix}-sink",
         SLUICE_CHDB_PATH=str(tmp_path / "chdb"),
         SLUICE_SINK_BATCH_MAX_S="0.3",
     ).start()
-    scaler = Proc(
+    scaler = WorkerProcess(
         env,
         "autoscale",
         ("--local",),

@@ -21,6 +21,7 @@ from bench.capacity_sim import (
     KedaRule,
     KedaSettings,
     ServiceFit,
+    StaticFleet,
     Telemetry,
     View,
     capacity_rps,
@@ -39,19 +40,6 @@ from sluice.autoscale.signals import GroupOffsets, ServiceReading
 
 ROOT = Path(__file__).resolve().parents[2]
 MU_MISS, MODEL_RPS = 262.0, 1582.0  # a worker's rate with misses only; the model alone (the inputs')
-
-
-class Fixed:
-    """An autoscaler that always asks for the same count."""
-
-    name = "fixed"
-    interval_s = 1000.0
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-
-    def decide(self, view: View) -> int:
-        return self.workers
 
 
 def view(at_s: float, lag: int, replicas: int) -> View:
@@ -114,7 +102,12 @@ def test_load_above_capacity_grows_the_queue_by_the_difference() -> None:
 
 def test_a_starting_worker_is_billed_but_serves_nothing_and_its_join_pauses_the_group() -> None:
     r = simulate(
-        np.full(60, 100.0), Fixed(1), service_rps=1000.0, cold_start_s=10.0, rebalance_pause_s=3.0, base_latency_s=0.0
+        np.full(60, 100.0),
+        StaticFleet(1),
+        service_rps=1000.0,
+        cold_start_s=10.0,
+        rebalance_pause_s=3.0,
+        base_latency_s=0.0,
     )
     assert (r.billed == 1).all()
     assert (r.ready[:10] == 0).all() and (r.ready[10:] == 1).all()
@@ -130,7 +123,12 @@ def test_latency_follows_fifo_from_the_cumulative_curves() -> None:
     # so it waits 10 - 0.9x s; the worst 1% of the minute's 6,000 arrived in
     # its first 0.6 s: p99 about 10 - 0.9 x 0.6 = 9.46 s.
     r = simulate(
-        np.full(60, 100.0), Fixed(1), service_rps=1000.0, cold_start_s=10.0, rebalance_pause_s=0.0, base_latency_s=0.0
+        np.full(60, 100.0),
+        StaticFleet(1),
+        service_rps=1000.0,
+        cold_start_s=10.0,
+        rebalance_pause_s=0.0,
+        base_latency_s=0.0,
     )
     assert r.minute_p99_s[0] == pytest.approx(9.46, abs=0.25)
     assert r.p99_s == pytest.approx(r.minute_p99_s[0])
