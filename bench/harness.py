@@ -77,7 +77,7 @@ def stack() -> Iterator[tuple[str, str]]:
 
     s = load_settings()
     local = LocalStack(s.stack())
-    outcome = local.up(s.topic_partitions())
+    outcome = local.up(s.topic_partitions(), per_topic=s.topics.configs())
     # this process is the load generator, as in `sluice loadtest`
     from sluice.cli import generator_slice
 

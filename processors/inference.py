@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from processors.answers import AnswerSender
@@ -17,6 +17,7 @@ from processors.cache import L1Cache
 from processors.coalescing import Coalescer
 from processors.handoff import Handoff
 from processors.items import Group, Item
+from processors.lookup import KILL_SWITCH
 from processors.metrics import WorkerMetrics
 from processors.model_process import Computed, Job, ModelRun
 from processors.partition_state import PartitionState
@@ -43,8 +44,10 @@ class ModelStage:
         state: PartitionState,
         metrics: WorkerMetrics,
         prices: dict[str, float],
+        stopped: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.model = model
+        self.stopped = stopped  # why inference is stopped (the kill switch), or None
         self.group_max_items = group_max_items
         self.inference_max_items = inference_max_items
         self.l1 = l1
@@ -79,6 +82,10 @@ class ModelStage:
                 if it.cache != "miss" or it.status != "ok":
                     continue
                 if it.expire_if_due(now):
+                    self.coalescer.release(it)
+                    continue
+                if (why := self.stopped()) is not None:  # switched off while it waited for the model
+                    it.reject(KILL_SWITCH, why)
                     self.coalescer.release(it)
                     continue
                 todo.append(it)

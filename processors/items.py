@@ -75,6 +75,11 @@ class Item:
         self.status, self.out, self.error = lead.status, lead.out, lead.error
         self.inference_start_ms, self.inference_end_ms = lead.inference_start_ms, lead.inference_end_ms
 
+    def reject(self, code: str, message: str) -> None:
+        """Answered as `rejected` with `code`, without the model (the kill switch)."""
+        self.status = "rejected"
+        self.error = RequestError(message, code=code, request_id=self.request_id)
+
     def expire_if_due(self, now_ms: int) -> bool:
         """Mark the item expired if its deadline has passed; say whether it did."""
         req = self.request

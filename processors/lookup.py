@@ -7,6 +7,7 @@ misses whose key is already queued or computing to that computation
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from processors.answers import AnswerSender
 from processors.batching import PartitionBatch
@@ -17,6 +18,8 @@ from processors.items import Group, Item
 from processors.metrics import WorkerMetrics
 from processors.partition_state import PartitionState
 from schemas.records import now_ms
+
+KILL_SWITCH = "kill_switch"
 
 
 class Lookup:
@@ -31,8 +34,10 @@ class Lookup:
         state: PartitionState,
         metrics: WorkerMetrics,
         cache_metrics: CacheMetrics,
+        stopped: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.group_max_items = group_max_items
+        self.stopped = stopped  # why inference is stopped (the kill switch), or None
         self.l1 = l1
         self.l2 = l2
         self.coalescer = coalescer
@@ -81,6 +86,11 @@ class Lookup:
         for its in wanted.values():
             for it in its:
                 it.cache = "miss"
+        if (why := self.stopped()) is not None:  # the kill switch: no miss goes to the model
+            for it in group.items:
+                if it.sent is None and it.cache == "miss":
+                    it.reject(KILL_SWITCH, why)
+                    it.cache = "none"
         for it in group.items:
             # an identical request already waiting for (or inside) the model
             # answers this one too: computed once, however many ask meanwhile

@@ -112,6 +112,27 @@ def discover_models(extra_dirs: Sequence[Path] = ()) -> dict[str, Path]:
     return found
 
 
+def load_tokenizer(card: ModelCard, path: Path) -> Any:
+    """The model's tokenizer as the worker runs it: no padding (the shipped
+    tokenizer.json pads everything to 128 tokens, ~6x the work for typical
+    inputs; the runtime pads per sub-batch), truncated at the card's max tokens."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    tok.no_padding()
+    tok.enable_truncation(max_length=card.max_tokens)
+    return tok
+
+
+def model_tokenizer(folder: Path) -> tuple[ModelCard, Any]:
+    """A model folder's card and tokenizer, without its ONNX session (counting tokens elsewhere)."""
+    card = load_card(folder)
+    path = _resolve(card.tokenizer, folder)
+    if not path.is_file():
+        raise ConfigError(f"model {card.name}: file {path} not found")
+    return card, load_tokenizer(card, path)
+
+
 _INT8_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul"}
 
 
@@ -196,7 +217,6 @@ class ModelRuntime:
     # -- loading ---------------------------------------------------------------
     def load(self) -> ModelRuntime:
         import onnxruntime as ort
-        from tokenizers import Tokenizer
 
         card = self.card
         onnx_path = _resolve(card.onnx, self.folder)
@@ -211,12 +231,7 @@ class ModelRuntime:
                     f"model {card.name}: {onnx_path} sha256 {digest[:12]}... does not "
                     f"match the card's {card.onnx_sha256[:12]}..."
                 )
-        tok = Tokenizer.from_file(str(tok_path))
-        # The shipped tokenizer.json pads everything to 128 tokens: ~6x the work
-        # for typical inputs. Pad per sub-batch instead.
-        tok.no_padding()
-        tok.enable_truncation(max_length=card.max_tokens)
-        self._tokenizer = tok
+        self._tokenizer = load_tokenizer(card, tok_path)
 
         available = ort.get_available_providers()
         if self.provider == "auto":

@@ -30,6 +30,9 @@ import logging
 import signal
 import time
 
+from aiokafka.errors import KafkaError
+
+from processors.admission.control import Control, ControlView
 from processors.answers import AnswerSender
 from processors.batching import Batcher, BatchPolicy, PartitionBatch
 from processors.cache import CacheMetrics, L1Cache, L2Cache
@@ -74,6 +77,7 @@ class Worker:
         self._prices: dict[str, float] = {}  # name -> USD per compute hour
         self._loaded = False  # the model process has loaded every model
         self._model_process = ModelProcess(config.model_nice)
+        self._control: ControlView | None = None
         self._consumer: GroupConsumer | None = None
         self._producer: Publisher | None = None  # results
         self._bulk: Publisher | None = None  # telemetry and DLQ: volume matters
@@ -156,6 +160,33 @@ class Worker:
             self.topics.requests,
         )
 
+    def _stopped_because(self) -> str | None:
+        """Why inference is stopped (the kill switch on PREFIX.control), or None."""
+        if self._control is None:
+            return None
+        ks = self._control.control.kill_switch
+        return (ks.reason or "the kill switch is on") if ks.on else None
+
+    async def _follow_control(self) -> None:
+        """Follow PREFIX.control for the kill switch, where the topic exists
+        (`sluice up` and `sluice topics` make it; a cluster without it has none)."""
+        cfg = self.config
+        view = ControlView(cfg.bootstrap_servers, self.topics.control, on_change=self._on_control)
+        try:
+            await view.start_if_exists()
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("kill switch not followed: %s", exc)
+            return
+        if view.following:
+            self._control = view
+            if view.control.kill_switch.on:
+                log.warning("the kill switch is on: %s", view.control.kill_switch.reason)
+
+    def _on_control(self, control: Control, key: str) -> None:
+        if key == "kill_switch":
+            ks = control.kill_switch
+            log.warning("kill switch %s%s", "ON" if ks.on else "off", f": {ks.reason}" if ks.reason else "")
+
     async def _connect(self) -> None:
         """The metrics server, Redis and the producers."""
         cfg = self.config
@@ -168,6 +199,7 @@ class Worker:
         )
         await self._health.start()
         await self._l2.start()
+        await self._follow_control()
         # Telemetry and DLQ records have their own producer: it lingers
         # longer (volume matters, latency does not), and a telemetry burst
         # never shares a produce request with answers.
@@ -250,6 +282,7 @@ class Worker:
             state=state,
             metrics=m,
             cache_metrics=self._cache_metrics,
+            stopped=self._stopped_because,
         )
         model = ModelStage(
             model=self._model_process,
@@ -261,6 +294,7 @@ class Worker:
             state=state,
             metrics=m,
             prices=self._prices,
+            stopped=self._stopped_because,
         )
         checkpoint = Checkpoint(
             sender=sender,
@@ -296,7 +330,7 @@ class Worker:
             await self._close()
 
     async def _close(self) -> None:
-        for closer in (self._consumer, self._producer, self._bulk, self._health, self._l2):
+        for closer in (self._consumer, self._producer, self._bulk, self._health, self._l2, self._control):
             if closer is not None:
                 try:
                     await closer.stop()

@@ -67,6 +67,15 @@ def make_request(
     return doc
 
 
+def destination(config: KafkaConfig, doc: dict[str, Any]) -> tuple[str, bytes]:
+    """(topic, key) of a request: PREFIX.ingress keyed by tenant when an
+    admission stage lets requests through (every request of a tenant meets
+    one stage, which holds its counters), else PREFIX.requests keyed by cache key."""
+    if config.admission:
+        return config.topics.ingress, str(doc.get("tenant", "default")).encode()
+    return config.topics.requests, request_key(doc)
+
+
 def request_key(doc: dict[str, Any]) -> bytes:
     """The partition key: identical requests meet on one partition."""
     labels = doc.get("labels")
@@ -128,7 +137,8 @@ class SluiceClient:
             bootstrap_servers=cfg.bootstrap_servers, acks="all", enable_idempotence=True, linger_ms=self._linger_ms
         )
         await self._producer.start()
-        await self._producer.partitions_for(self.topics.requests)  # metadata now, not at the first send
+        # metadata now, not at the first send
+        await self._producer.partitions_for(self.topics.ingress if cfg.admission else self.topics.requests)
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=cfg.bootstrap_servers,
             enable_auto_commit=False,
@@ -216,13 +226,15 @@ class SluiceClient:
             doc.setdefault("reply_to", self.results_topic)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[doc["id"]] = fut
-        await self._producer.send(self.topics.requests, orjson.dumps(doc), key=request_key(doc))
+        topic, key = destination(self.config, doc)
+        await self._producer.send(topic, orjson.dumps(doc), key=key)
         return fut
 
     async def send_raw(self, value: bytes, key: bytes | None = None) -> None:
         """Produce bytes as they are (tests of bad input, kcat-style use)."""
         assert self._producer is not None, "call start() first"
-        await (await self._producer.send(self.topics.requests, value, key=key))
+        topic = self.topics.ingress if self.config.admission else self.topics.requests
+        await (await self._producer.send(topic, value, key=key))
 
     def expect(self, request_id: str) -> asyncio.Future[dict[str, Any]]:
         """A future for a result of a request sent some other way."""

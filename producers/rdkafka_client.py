@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from producers.client import ClientError, request_key
+from producers.client import ClientError, destination
 from schemas.records import now_ms
 from schemas.topics import KafkaConfig
 
@@ -104,7 +104,10 @@ class RdKafkaClient:
         )
         # metadata for the requests topic now, not at the first send
         await asyncio.get_running_loop().run_in_executor(
-            None, lambda: self._producer.list_topics(self.topics.requests, timeout=10)
+            None,
+            lambda: self._producer.list_topics(
+                self.topics.ingress if self.config.admission else self.topics.requests, timeout=10
+            ),
         )
         self._reader = threading.Thread(target=self._read_results, name="sluice-rdkafka-results", daemon=True)
         self._reader.start()
@@ -182,12 +185,13 @@ class RdKafkaClient:
         doc.setdefault("sent_at_ms", now_ms())
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[doc["id"]] = fut
-        value, key = orjson.dumps(doc), request_key(doc)
+        value = orjson.dumps(doc)
+        topic, key = destination(self.config, doc)
         try:
-            self._producer.produce(self.topics.requests, value, key)
+            self._producer.produce(topic, value, key)
         except BufferError:  # librdkafka's queue is full: let it drain, then once more
             await asyncio.sleep(0.05)
-            self._producer.produce(self.topics.requests, value, key)
+            self._producer.produce(topic, value, key)
         self._producer.poll(0)  # serves error callbacks; delivery reports are off
         return fut
 

@@ -70,6 +70,7 @@ class Timings(BaseModel):
 class ErrorInfo(BaseModel):
     code: str
     message: str
+    retry_after_ms: int | None = None  # a rejection that may succeed later says when
 
 
 class Result(BaseModel):
@@ -305,6 +306,7 @@ def result_doc(
     output: bytes | None = None,
     error_code: str | None = None,
     error_message: str | None = None,
+    retry_after_ms: int | None = None,
 ) -> dict[str, Any]:
     """A result as the worker publishes it. `model` is the model's ref
     (name@version); `output` the serialised output (what the cache stores),
@@ -334,6 +336,8 @@ def result_doc(
         doc["output"] = orjson.Fragment(output)
     elif error_code is not None:
         doc["error"] = {"code": error_code, "message": error_message}
+        if retry_after_ms is not None:
+            doc["error"]["retry_after_ms"] = retry_after_ms
     return doc
 
 

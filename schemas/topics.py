@@ -24,7 +24,11 @@ class KafkaConfig(BaseModel):
     )
     topic_prefix: str = Field(
         "sluice",
-        description="Prefix of every topic name (PREFIX.requests, PREFIX.results, PREFIX.telemetry, PREFIX.dlq, PREFIX.autoscale).",
+        description="Prefix of every topic name (PREFIX.requests, PREFIX.results, PREFIX.telemetry, PREFIX.dlq, PREFIX.autoscale, and with admission PREFIX.ingress, PREFIX.control, PREFIX.admission-state).",
+    )
+    admission: bool = Field(
+        False,
+        description="Producers (the client, `sluice produce`, `sluice loadtest`) write to PREFIX.ingress keyed by tenant, for `sluice admission` to let through; off: straight to PREFIX.requests.",
     )
 
     @field_validator("topic_prefix")
@@ -40,7 +44,17 @@ class KafkaConfig(BaseModel):
 class Topics:
     """The topics of the contract, under one prefix."""
 
-    __slots__ = ("prefix", "requests", "results", "telemetry", "dlq", "autoscale")
+    __slots__ = (
+        "prefix",
+        "requests",
+        "results",
+        "telemetry",
+        "dlq",
+        "autoscale",
+        "ingress",
+        "control",
+        "admission_state",
+    )
 
     def __init__(self, prefix: str = "sluice") -> None:
         check_topic_name(prefix)
@@ -50,8 +64,13 @@ class Topics:
         self.telemetry = f"{prefix}.telemetry"
         self.dlq = f"{prefix}.dlq"
         self.autoscale = f"{prefix}.autoscale"  # the autoscaler's decisions
+        self.ingress = f"{prefix}.ingress"  # requests before admission, keyed by tenant
+        self.control = f"{prefix}.control"  # tenants' limits, the kill switch (compacted)
+        self.admission_state = f"{prefix}.admission-state"  # the admission stage's counters (compacted)
 
-    def partitions(self, requests: int = 12, results: int = 12, telemetry: int = 3, dlq: int = 1) -> dict[str, int]:
+    def partitions(
+        self, requests: int = 12, results: int = 12, telemetry: int = 3, dlq: int = 1, ingress: int = 6
+    ) -> dict[str, int]:
         """Topic -> partition count, as `sluice up` creates them."""
         return {
             self.requests: requests,
@@ -59,4 +78,11 @@ class Topics:
             self.telemetry: telemetry,
             self.dlq: dlq,
             self.autoscale: 1,  # a few records a minute, kept in order
+            self.ingress: ingress,
+            self.control: 1,  # a handful of keys, read whole by every reader
+            self.admission_state: ingress,  # partition p holds the counters of ingress partition p's tenants
         }
+
+    def configs(self) -> dict[str, dict[str, str]]:
+        """Topic -> its own configs: the state topics keep the latest record per key."""
+        return {self.control: {"cleanup.policy": "compact"}, self.admission_state: {"cleanup.policy": "compact"}}

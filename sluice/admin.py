@@ -134,12 +134,13 @@ async def ensure_topics(
     configs: dict[str, str] | None = None,
     replication_factor: int = 1,
     min_insync_replicas: int = 1,
+    per_topic: dict[str, dict[str, str]] | None = None,
 ) -> list[str]:
     """Create missing topics; return the names created. Idempotent: run it again
     and it creates nothing.
 
     New topics get their partition count, `replication_factor` replicas and
-    `configs` plus min.insync.replicas. Existing topics are checked: one with
+    `configs` plus min.insync.replicas (and `per_topic`'s for that topic). Existing topics are checked: one with
     fewer partitions than asked is grown to the count (Kafka can add partitions
     but never remove them; a keyed topic's keys then move, which costs cache
     locality for a while, not correctness, and the count is what caps how many
@@ -171,7 +172,12 @@ async def ensure_topics(
             if missing:
                 response = await client.create_topics(
                     [
-                        NewTopic(name, partitions[name], replication_factor, topic_configs=topic_configs)
+                        NewTopic(
+                            name,
+                            partitions[name],
+                            replication_factor,
+                            topic_configs={**topic_configs, **(per_topic or {}).get(name, {})},
+                        )
                         for name in missing
                     ],
                     timeout_ms=timeout_ms,

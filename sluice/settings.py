@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from processors.admission.config import AdmissionConfig
 from processors.config import WorkerConfig
 from schemas.errors import ConfigError
 from schemas.records import Limits
@@ -26,7 +27,7 @@ from sluice.stack import StackConfig
 ENV_PREFIX = "SLUICE_"
 
 
-class Settings(BaseSettings, WorkerConfig, SinkConfig, StackConfig, AutoscaleConfig):
+class Settings(BaseSettings, AdmissionConfig, SinkConfig, StackConfig, AutoscaleConfig):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
     request_partitions: int = Field(
@@ -36,6 +37,11 @@ class Settings(BaseSettings, WorkerConfig, SinkConfig, StackConfig, AutoscaleCon
     )
     results_partitions: int = Field(
         12, ge=1, description="Partitions of PREFIX.results that `sluice up` and `sluice topics` create."
+    )
+    ingress_partitions: int = Field(
+        6,
+        ge=1,
+        description="Partitions of PREFIX.ingress (and PREFIX.admission-state) that `sluice up` and `sluice topics` create, which caps how many admission stages share the tenants.",
     )
     topic_replication_factor: int = Field(
         1,
@@ -80,6 +86,11 @@ class Settings(BaseSettings, WorkerConfig, SinkConfig, StackConfig, AutoscaleCon
             fields["models_dir"] = (built, *fields["models_dir"])
         return WorkerConfig.model_validate({**fields, **overrides})
 
+    def admission_stage(self) -> AdmissionConfig:
+        fields = self.worker().model_dump()
+        fields.update(self.model_dump(include=set(AdmissionConfig.model_fields) - set(WorkerConfig.model_fields)))
+        return AdmissionConfig.model_validate(fields)
+
     def sink(self) -> SinkConfig:
         return SinkConfig.model_validate(self.model_dump(include=set(SinkConfig.model_fields)))
 
@@ -90,13 +101,16 @@ class Settings(BaseSettings, WorkerConfig, SinkConfig, StackConfig, AutoscaleCon
         return StackConfig.model_validate(self.model_dump(include=set(StackConfig.model_fields)))
 
     def topic_partitions(self) -> dict[str, int]:
-        return self.topics.partitions(requests=self.request_partitions, results=self.results_partitions)
+        return self.topics.partitions(
+            requests=self.request_partitions, results=self.results_partitions, ingress=self.ingress_partitions
+        )
 
-    def topic_replication(self) -> dict[str, int]:
-        """ensure_topics' replication keywords."""
+    def topic_replication(self) -> dict[str, Any]:
+        """ensure_topics' replication and per-topic config keywords."""
         return {
             "replication_factor": self.topic_replication_factor,
             "min_insync_replicas": self.topic_min_insync_replicas,
+            "per_topic": self.topics.configs(),
         }
 
 
@@ -107,6 +121,7 @@ _GROUPS: tuple[tuple[str, str, type], ...] = (
     ("Topics that `sluice up` and `sluice topics` create", "sluice/settings.py", Settings),
     ("Worker", "processors/config.py", WorkerConfig),
     ("Worker: request limits", "schemas/records.py", Limits),
+    ("Admission (rate limits, budgets, overload)", "processors/admission/config.py", AdmissionConfig),
     ("Sink (ClickHouse)", "sinks/config.py", SinkConfig),
     ("Local stack", "sluice/stack/config.py", StackConfig),
     ("Autoscaler", "sluice/autoscale/config.py", AutoscaleConfig),

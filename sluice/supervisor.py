@@ -26,7 +26,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-_PORT_SETTING = {"worker": "SLUICE_METRICS_PORT", "sink": "SLUICE_SINK_PORT", "autoscale": "SLUICE_AUTOSCALE_PORT"}
+_PORT_SETTING = {
+    "worker": "SLUICE_METRICS_PORT",
+    "sink": "SLUICE_SINK_PORT",
+    "autoscale": "SLUICE_AUTOSCALE_PORT",
+    "admission": "SLUICE_ADMISSION_PORT",
+}
 
 
 class WorkerProcess:

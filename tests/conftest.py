@@ -161,7 +161,11 @@ async def env(stack: StackEndpoints) -> Env:
     from sluice.admin import ensure_topics
 
     e = Env(stack, f"t{uuid.uuid4().hex[:10]}", partitions=6)
-    await ensure_topics(stack.bootstrap_servers, e.topics.partitions(requests=e.partitions, results=3, telemetry=2))
+    await ensure_topics(
+        stack.bootstrap_servers,
+        e.topics.partitions(requests=e.partitions, results=3, telemetry=2, ingress=3),
+        per_topic=e.topics.configs(),
+    )
     return e
 
 

@@ -48,6 +48,11 @@ class AutoscaleMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
         self.desired = Gauge("sluice_autoscale_desired_workers", "Workers the last decision asked for.", registry=r)
+        self.recommended = Gauge(
+            "sluice_autoscale_recommended_workers",
+            "Workers the last interval needed, before stabilisation.",
+            registry=r,
+        )
         self.ready = Gauge(
             "sluice_autoscale_ready_workers", "Workers answering when the last decision was made.", registry=r
         )
@@ -248,6 +253,7 @@ class Autoscaler:
     def _record(self, d: Decision, starting: int) -> None:
         m = self.metrics
         m.desired.set(d.desired)
+        m.recommended.set(d.recommended)
         m.ready.set(d.ready)
         m.starting.set(starting)
         m.lag.set(d.lag)

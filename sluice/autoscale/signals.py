@@ -11,111 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
-
+from schemas.service.lag import BrokerSignals, GroupOffsets
 from sinks.analytics import Runner, run
 
+__all__ = ["AnalyticsSignals", "BrokerSignals", "GroupOffsets", "ServiceReading"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class GroupOffsets:
-    """One reading of the requests topic against the workers' group."""
-
-    end: dict[int, int]  # partition -> next offset to be written
-    start: dict[int, int]  # partition -> first offset still in the log
-    committed: dict[int, int]  # partition -> the group's committed offset (only where it has one)
-    members: int  # consumers in the group now
-
-    @property
-    def lag(self) -> dict[int, int]:
-        """Records produced and not committed, on partitions the group has committed on
-        (and 0 on never-committed partitions whose log is empty: nothing to read there)."""
-        return {
-            p: max(0, end - self.committed[p]) if p in self.committed else 0
-            for p, end in self.end.items()
-            if p in self.committed or end <= self.start.get(p, 0)
-        }
-
-    @property
-    def uncommitted(self) -> dict[int, int]:
-        """Partitions the group has never committed on, with records in their log -> how many."""
-        return {
-            p: end - self.start.get(p, 0)
-            for p, end in self.end.items()
-            if p not in self.committed and end > self.start.get(p, 0)
-        }
-
-
-class BrokerSignals:
-    """End offsets and committed offsets of one topic and group, bounded in time."""
-
-    def __init__(self, bootstrap_servers: str, topic: str, group: str, timeout_s: float = 10.0) -> None:
-        self.bootstrap_servers = bootstrap_servers
-        self.topic = topic
-        self.group = group
-        self.timeout_s = timeout_s
-        self._consumer: AIOKafkaConsumer | None = None
-        self._admin: AIOKafkaAdminClient | None = None
-
-    async def start(self) -> None:
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap_servers,
-            group_id=None,
-            enable_auto_commit=False,
-            client_id="sluice-autoscale",
-            request_timeout_ms=int(self.timeout_s * 1000),
-        )
-        self._admin = AIOKafkaAdminClient(
-            bootstrap_servers=self.bootstrap_servers,
-            client_id="sluice-autoscale-admin",
-            request_timeout_ms=int(self.timeout_s * 1000),
-        )
-        # a broker that is down at start is one more missing reading, not a crash
-        for client in (self._consumer, self._admin):
-            try:
-                await asyncio.wait_for(client.start(), self.timeout_s)
-            except (KafkaError, OSError) as exc:
-                log.warning("broker at %s not answering yet: %s", self.bootstrap_servers, exc)
-
-    async def close(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
-        if self._admin is not None:
-            await self._admin.close()
-
-    async def read(self) -> GroupOffsets:
-        """One reading; raises KafkaError or OSError (TimeoutError) when the broker does not answer."""
-        assert self._consumer is not None and self._admin is not None
-        async with asyncio.timeout(self.timeout_s):
-            consumer, admin = self._consumer, self._admin
-            parts = consumer.partitions_for_topic(self.topic)
-            if not parts:
-                await consumer._client.force_metadata_update()
-                parts = consumer.partitions_for_topic(self.topic)
-            if not parts:
-                raise KafkaError(f"topic {self.topic} not found")
-            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
-            end = {tp.partition: off for tp, off in (await consumer.end_offsets(tps)).items()}
-            start = {tp.partition: off for tp, off in (await consumer.beginning_offsets(tps)).items()}
-            offsets = await admin.list_consumer_group_offsets(self.group, partitions=tps)
-            committed = {tp.partition: om.offset for tp, om in offsets.items() if om is not None and om.offset >= 0}
-            members = _members(await admin.describe_consumer_groups([self.group]))
-        return GroupOffsets(end=end, start=start, committed=committed, members=members)
-
-
-def _members(described: list[Any]) -> int:
-    """Members of the one group in a DescribeGroups response (0 if it has none or is unknown)."""
-    for response in described:
-        for group in getattr(response, "groups", []):
-            # (error_code, group_id, state, protocol_type, protocol, members, ...)
-            if group[0] == 0:
-                return len(group[5])
-    return 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from sluice.cli.autoscale import cmd_autoscale
 from sluice.cli.demo import cmd_demo
 from sluice.cli.settings import cmd_settings
 from sluice.cli.stack import cmd_down, cmd_status, cmd_topics, cmd_up
+from sluice.cli.tenants import cmd_admission, cmd_tenants
 from sluice.cli.traffic import cmd_loadtest, cmd_produce, cmd_subscribe, generator_slice
 from sluice.cli.worker import cmd_model, cmd_worker
 from sluice.settings import load_settings
@@ -149,6 +150,42 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--local", action="store_true", help="start and stop `sluice worker` processes on this machine")
     how.add_argument("--recommend", action="store_true", help="only decide, log and record; change nothing")
     au.add_argument("--once", action="store_true", help="with --recommend: decide once, print it and exit")
+    sub.add_parser(
+        "admission",
+        help="run the admission stage until SIGTERM: PREFIX.ingress -> rate limits, budgets, overload -> PREFIX.requests",
+    )
+    te = sub.add_parser(
+        "tenants",
+        help="show or change tenants' limits, the global budget and the kill switch (PREFIX.control)",
+        epilog="examples:\n  sluice tenants                      # limits, use today and this month, what is left\n"
+        "  sluice tenants set acme --rpm 600 --tpm 100000 --daily-usd 5 --monthly-usd 100\n"
+        "  sluice tenants default --rpm 60\n  sluice tenants global --daily-usd 50\n"
+        "  sluice tenants kill-switch on --reason 'runaway cost'\n  sluice tenants load limits.toml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tsub = te.add_subparsers(dest="tenants_command")
+    tsub.add_parser("show", help="limits, use and what is left, per tenant (the default)")
+
+    def limit_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--rpm", type=float, help="requests per minute")
+        p.add_argument("--tpm", type=float, help="tokens per minute (counted with the model's tokenizer)")
+        p.add_argument("--daily-usd", type=float, help="spend per UTC day, in USD")
+        p.add_argument("--monthly-usd", type=float, help="spend per UTC month, in USD")
+
+    ts = tsub.add_parser("set", help="a tenant's limits (unset flags: no limit)")
+    ts.add_argument("name")
+    limit_flags(ts)
+    tu = tsub.add_parser("unset", help="remove a tenant's own limits (the default applies)")
+    tu.add_argument("name")
+    limit_flags(tsub.add_parser("default", help="the limits of every tenant without its own"))
+    tg = tsub.add_parser("global", help="budgets over all tenants together")
+    tg.add_argument("--daily-usd", type=float)
+    tg.add_argument("--monthly-usd", type=float)
+    tk = tsub.add_parser("kill-switch", help="stop (on) or resume (off) all inference within a second")
+    tk.add_argument("state", choices=["on", "off"])
+    tk.add_argument("--reason", help="said in every rejection while on")
+    tl = tsub.add_parser("load", help="write a TOML file's [default], [global] and [tenants.NAME] tables")
+    tl.add_argument("file")
     d = sub.add_parser("demo", help="stack + worker + a load run with repeats; prints a summary")
     _add_load_flags(d, rate=200, duration=15)
     d.add_argument("--metrics-port", type=int, default=0, help="worker metrics port (0: a free one)")
@@ -171,6 +208,8 @@ COMMANDS = {
     "loadtest": cmd_loadtest,
     "demo": cmd_demo,
     "autoscale": cmd_autoscale,
+    "admission": cmd_admission,
+    "tenants": cmd_tenants,
     "model": cmd_model,
 }
 

@@ -48,8 +48,7 @@ def cmd_topics(s: Settings, args: argparse.Namespace) -> int:
         ensure_topics(
             s.bootstrap_servers,
             wanted,
-            replication_factor=s.topic_replication_factor,
-            min_insync_replicas=s.topic_min_insync_replicas,
+            **s.topic_replication(),
         )
     )
     for name, count in wanted.items():

@@ -81,7 +81,12 @@ class LocalStack(KafkaBroker, RedisServer):
     # ------------------------------------------------------------------ public
 
     def up(
-        self, topics: dict[str, int] | None = None, *, replication_factor: int = 1, min_insync_replicas: int = 1
+        self,
+        topics: dict[str, int] | None = None,
+        *,
+        replication_factor: int = 1,
+        min_insync_replicas: int = 1,
+        per_topic: dict[str, dict[str, str]] | None = None,
     ) -> Literal["started", "already running"]:
         """Start whatever is not running, wait until both answer, create `topics`
         (with that replication: the local broker is one node, so more than 1 fails).
@@ -138,6 +143,7 @@ class LocalStack(KafkaBroker, RedisServer):
                         timeout_s=self.config.stack_start_timeout_s,
                         replication_factor=replication_factor,
                         min_insync_replicas=min_insync_replicas,
+                        per_topic=per_topic,
                     )
                 )
                 self._log("kafka: created topics " + ", ".join(created) if created else "kafka: topics already exist")

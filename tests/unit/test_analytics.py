@@ -115,6 +115,7 @@ def test_every_query_file_says_what_it_answers():
         "slo_violations",
         "autoscale_signal",
         "autoscale_events",
+        "rejections",
         "traffic_by_minute",
     }
     assert all(qq.answers for qq in queries.values())
@@ -240,6 +241,24 @@ def test_autoscale_events_lists_the_decisions_in_order(store_and_rows):
         ("scale_up", 1, 3, [4]),
     ]
     assert got[0]["arrival_rps"] == 120.5 and got[0]["lag"] == 5000
+
+
+def test_rejections_count_each_reason_per_tenant_and_minute(tmp_path):
+    store = open_store(SinkConfig(chdb_path=tmp_path / "chdb"))
+    store.start()
+    try:
+        base = make_rows(time.time())[:40]
+        reasons = ["rate_limited", "budget_exhausted", "overloaded", "kill_switch"]
+        for i, r in enumerate(base):
+            if i % 2:
+                r.update(status="rejected", error_code=reasons[i % 4], tenant=["acme", "beta"][i % 3 == 0])
+        store.insert([to_row(orjson.dumps(r)) for r in base], dedup_token="rejections")
+        store.db = "sluice"
+        got = q(store, "rejections")
+        want = Counter((minute_of(r), r["tenant"], r["error_code"]) for r in base if r["status"] == "rejected")
+        assert {(minute_key(g["minute"]), g["tenant"], g["reason"]): g["rejected"] for g in got} == dict(want)
+    finally:
+        store.close()
 
 
 def test_traffic_by_minute(store_and_rows):

@@ -61,13 +61,18 @@ def test_settings_table_names_every_setting_once():
 
 def test_topic_replication_defaults_to_one_broker():
     s = load_settings()
-    assert s.topic_replication() == {"replication_factor": 1, "min_insync_replicas": 1}
+    got = s.topic_replication()
+    assert (got["replication_factor"], got["min_insync_replicas"]) == (1, 1)
 
 
 def test_production_replication_loads(monkeypatch):
     monkeypatch.setenv("SLUICE_TOPIC_REPLICATION_FACTOR", "3")
     monkeypatch.setenv("SLUICE_TOPIC_MIN_INSYNC_REPLICAS", "2")
-    assert load_settings().topic_replication() == {"replication_factor": 3, "min_insync_replicas": 2}
+    got = load_settings().topic_replication()
+    assert (got["replication_factor"], got["min_insync_replicas"]) == (3, 2)
+    # the state topics keep the latest record per key
+    assert got["per_topic"]["sluice.control"] == {"cleanup.policy": "compact"}
+    assert got["per_topic"]["sluice.admission-state"] == {"cleanup.policy": "compact"}
 
 
 def test_min_insync_above_the_replication_factor_is_one_line_naming_both(monkeypatch):
