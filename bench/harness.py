@@ -118,8 +118,12 @@ async def create_topics_async(
     from schemas.topics import Topics
     from sluice.admin import ensure_topics
 
+    topics = Topics(prefix)
     await ensure_topics(
-        bootstrap, Topics(prefix).partitions(requests=partitions, results=results or partitions), configs=config
+        bootstrap,
+        topics.partitions(requests=partitions, results=results or partitions),
+        configs=config,
+        per_topic=topics.configs(),
     )
 
 

@@ -221,15 +221,16 @@ def agreement(where: str, objects: list[tuple[str, dict[str, Any]]]) -> list[str
 
 
 def exported_metrics() -> set[str]:
-    """Sample names the worker (with its cache), the sink and the autoscaler expose, read from
+    """Sample names the worker (with its cache), the sink, the autoscaler and admission expose, read from
     their real collectors: a counter `x` exposes x_total, a histogram
     x_bucket, x_sum and x_count."""
     from processors.cache import CacheMetrics
     from processors.metrics import WorkerMetrics
+    from processors.admission.stage import AdmissionMetrics
     from sinks.sink import SinkMetrics
     from sluice.autoscale.loop import AutoscaleMetrics
 
-    worker, sink, scaler = WorkerMetrics(), SinkMetrics(), AutoscaleMetrics()
+    worker, sink, scaler, admission = WorkerMetrics(), SinkMetrics(), AutoscaleMetrics(), AdmissionMetrics()
     CacheMetrics(worker.registry)
     suffixes = {
         "counter": ("_total", "_created"),
@@ -239,7 +240,7 @@ def exported_metrics() -> set[str]:
         "info": ("_info",),
     }
     names: set[str] = set()
-    for registry in (worker.registry, sink.registry, scaler.registry):
+    for registry in (worker.registry, sink.registry, scaler.registry, admission.registry):
         for family in registry.collect():
             names.update(family.name + s for s in suffixes.get(family.type, ("",)))
     return names
