@@ -5,6 +5,8 @@ requests through to PREFIX.requests or answers them `rejected`."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 
 import pytest
@@ -162,6 +164,20 @@ async def test_a_restarted_stage_keeps_the_counters(env, admission, worker_facto
     statuses = [r["status"] for r in after]
     # 5 left of the minute's 20 (a stage that forgot would admit all 10)
     assert statuses.count("ok") == 5 and statuses.count("rejected") == 5, statuses
+
+    # `sluice tenants` shows the limits and what the 20 admitted cost (reserved or settled)
+    shown = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "sluice", "tenants"],
+        env=env.worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    row = next(line.split() for line in shown.stdout.splitlines() if line.startswith("steady "))
+    assert row[1] == "20" and float(row[4]) > 0, shown.stdout  # req/min, used today
+    assert "kill switch: off" in shown.stdout
 
 
 async def test_overload_rejection_starts_at_the_threshold_and_stops_when_the_lag_drains(
