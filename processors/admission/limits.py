@@ -52,6 +52,9 @@ class GlobalLimits(BaseModel):
     monthly_usd: float | None = Field(None, ge=0)
 
 
+NO_GLOBAL_LIMITS = GlobalLimits()
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     admitted: bool
@@ -97,10 +100,21 @@ class TenantState:
     month: str = ""
     spent_month_usd: float = 0.0
     reserved: dict[str, tuple[float, int]] = field(default_factory=dict)  # request id -> (usd, expires at ms)
+    # derived from `reserved`, kept as it changes (a tenant may hold thousands of reservations)
+    reserved_usd: float = field(default=0.0, compare=False)  # their sum
+    next_expiry_ms: int = field(default=0, compare=False)  # none expires before this (0: look)
 
-    @property
-    def reserved_usd(self) -> float:
-        return sum(usd for usd, _ in self.reserved.values())
+    def hold(self, request_id: str, usd: float, until_ms: int) -> None:
+        self.reserved[request_id] = (usd, until_ms)
+        self.reserved_usd += usd
+        self.next_expiry_ms = min(self.next_expiry_ms, until_ms) if self.next_expiry_ms else until_ms
+
+    def release(self, request_id: str) -> float | None:
+        held = self.reserved.pop(request_id, None)
+        if held is None:
+            return None
+        self.reserved_usd = max(0.0, self.reserved_usd - held[0]) if self.reserved else 0.0
+        return held[0]
 
     def roll(self, at_ms: int) -> None:
         """A new UTC day or month starts its count at zero."""
@@ -112,16 +126,19 @@ class TenantState:
 
     def expire(self, at_ms: int) -> list[str]:
         """Release reservations past their time to live; their ids."""
+        if not self.reserved or (self.next_expiry_ms and at_ms < self.next_expiry_ms):
+            return []
         gone = [rid for rid, (_, until) in self.reserved.items() if until <= at_ms]
         for rid in gone:
-            del self.reserved[rid]
+            self.release(rid)
+        self.next_expiry_ms = min((until for _, until in self.reserved.values()), default=0)
         return gone
 
     def settle(self, request_id: str, cost_usd: float, at_ms: int) -> bool:
         """The measured cost of a reserved request replaces its reservation;
         False when the id holds none (settled already, expired, or never
         admitted here), which makes a replayed telemetry record harmless."""
-        if self.reserved.pop(request_id, None) is None:
+        if self.release(request_id) is None:
             return False
         self.roll(at_ms)
         self.spent_day_usd += cost_usd
@@ -141,6 +158,13 @@ class TenantState:
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> TenantState:
+        st = cls._from(doc)
+        st.reserved_usd = sum(usd for usd, _ in st.reserved.values())
+        st.next_expiry_ms = min((until for _, until in st.reserved.values()), default=0)
+        return st
+
+    @classmethod
+    def _from(cls, doc: dict[str, Any]) -> TenantState:
         return cls(
             request_tat_ms=float(doc.get("request_tat_ms", 0.0)),
             token_tat_ms=float(doc.get("token_tat_ms", 0.0)),
@@ -173,7 +197,7 @@ def admit(
     at_ms: int,
     reservation_ttl_ms: int,
     global_limits: GlobalLimits | None = None,
-    global_spent: tuple[float, float] = (0.0, 0.0),  # (today, this month) over all tenants, reserved included
+    global_spent: tuple[float, float] | None = None,  # (today, this month) over all tenants, reserved included
 ) -> Verdict:
     """Rates first, then budgets; the state changes only when the request is admitted."""
     state.roll(at_ms)
@@ -199,8 +223,14 @@ def admit(
     for name, budget, settled, spent, later_ms in (
         ("daily", limits.daily_usd, state.spent_day_usd, state.spent_day_usd + held, _next_day_ms(at_ms)),
         ("monthly", limits.monthly_usd, state.spent_month_usd, state.spent_month_usd + held, _next_month_ms(at_ms)),
-        ("global daily", global_limits.daily_usd if global_limits else None, None, global_spent[0], None),
-        ("global monthly", global_limits.monthly_usd if global_limits else None, None, global_spent[1], None),
+        ("global daily", global_limits.daily_usd if global_limits else None, None, (global_spent or (0, 0))[0], None),
+        (
+            "global monthly",
+            global_limits.monthly_usd if global_limits else None,
+            None,
+            (global_spent or (0, 0))[1],
+            None,
+        ),
     ):
         if budget is None or spent + estimate_usd <= budget:
             continue
@@ -215,5 +245,5 @@ def admit(
             retry,
         )
     state.request_tat_ms, state.token_tat_ms = request_tat, token_tat
-    state.reserved[request_id] = (estimate_usd, at_ms + reservation_ttl_ms)
+    state.hold(request_id, estimate_usd, at_ms + reservation_ttl_ms)
     return Verdict(True, reserved_usd=estimate_usd)

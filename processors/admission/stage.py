@@ -49,6 +49,7 @@ from processors.admission.config import AdmissionConfig
 from processors.admission.control import ControlView
 from processors.admission.limits import (
     KILL_SWITCH,
+    NO_GLOBAL_LIMITS,
     OVERLOADED,
     TenantState,
     Verdict,
@@ -303,7 +304,8 @@ class AdmissionStage:
                 at_ms=at,
                 reservation_ttl_ms=int(cfg.admission_reservation_ttl_s * 1000),
                 global_limits=control.global_limits,
-                global_spent=self._global_spent(at),
+                # over every tenant: only worth adding up when there is a global budget
+                global_spent=self._global_spent(at) if control.global_limits != NO_GLOBAL_LIMITS else None,
             )
             self._dirty.add((partition, req.tenant))
         self.metrics.requests.labels("admitted" if verdict.admitted else verdict.code).inc()

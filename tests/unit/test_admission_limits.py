@@ -73,6 +73,17 @@ def test_settled_spend_waits_for_the_next_day_and_the_day_starts_afresh():
     assert s.spent_day_usd == 0 and s.spent_month_usd == pytest.approx(0.95)
 
 
+def test_the_held_sum_follows_thousands_of_reservations():
+    limits, s = TenantLimits(daily_usd=1e9), TenantState()
+    for i in range(5000):
+        go(s, limits, f"r{i}", T0 + i, usd=0.001)
+    for i in range(0, 5000, 2):
+        s.settle(f"r{i}", 0.0005, T0 + 6000)
+    assert s.reserved_usd == pytest.approx(sum(usd for usd, _ in s.reserved.values())) == pytest.approx(2.5)
+    assert s.expire(T0 + TTL + 2500) == [f"r{i}" for i in range(1, 2501, 2)]  # those reserved at T0 + 0..2500
+    assert s.reserved_usd == pytest.approx(1.25)
+
+
 def test_a_settlement_counts_once_and_an_unsettled_reservation_expires():
     limits, s = TenantLimits(daily_usd=10.0), TenantState()
     go(s, limits, "a", T0, usd=1.0)
@@ -103,5 +114,5 @@ def test_state_survives_its_document():
     s.settle("a", 0.2, T0 + 1)
     go(s, limits, "b", T0 + 2, usd=0.25)
     back = TenantState.from_doc(s.to_doc())
-    assert back == s
+    assert back == s and back.reserved_usd == pytest.approx(s.reserved_usd) == 0.25
     assert back.day == time.strftime("%Y-%m-%d", time.gmtime(T0 / 1000))
