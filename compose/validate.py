@@ -224,9 +224,9 @@ def exported_metrics() -> set[str]:
     """Sample names the worker (with its cache), the sink, the autoscaler and admission expose, read from
     their real collectors: a counter `x` exposes x_total, a histogram
     x_bucket, x_sum and x_count."""
+    from processors.admission.stage import AdmissionMetrics
     from processors.cache import CacheMetrics
     from processors.metrics import WorkerMetrics
-    from processors.admission.stage import AdmissionMetrics
     from sinks.sink import SinkMetrics
     from sluice.autoscale.loop import AutoscaleMetrics
 

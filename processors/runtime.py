@@ -62,6 +62,9 @@ class ModelCard(BaseModel):
     classify_scale: float = Field(20.0, gt=0)
     label_template: str = "{label}"
     price_per_compute_hour_usd: float = Field(0.10, ge=0)
+    # what a tenant is charged against its budget: per token computed (a cache
+    # hit computes none), known at admission from the tokenizer
+    price_per_million_tokens_usd: float = Field(0.02, ge=0)
     # Dynamic int8 quantises activations per ONNX Runtime call, so a row's
     # output moves a little with its batch-mates. 1 makes every embedding
     # depend on its own text only (what a cache needs), at a small cost on

@@ -48,15 +48,10 @@ class AdmissionConfig(WorkerConfig):
         gt=0,
         description="Seconds a budget reservation waits for its request's telemetry (the measured cost) before it is released.",
     )
-    admission_prior_usd_per_token: float = Field(
-        3e-8,
+    admission_usd_per_million_tokens: float | None = Field(
+        None,
         ge=0,
-        description="Cost of one token, in USD, that reservations use until telemetry has measured the model's own (3e-8: 1 ms per token at 0.10 USD per compute hour).",
-    )
-    admission_estimate_margin: float = Field(
-        1.25,
-        ge=1,
-        description="Factor on the highest measured cost per token of a model's recent misses that a reservation holds (1.25: 25% above), so measured costs stay under the estimates.",
+        description="Price in USD per million tokens computed that budgets charge; unset uses each model card's (0.02 for the built-in models).",
     )
 
     @model_validator(mode="after")

@@ -30,6 +30,7 @@ from pydantic import ValidationError
 
 from processors.admission.limits import GlobalLimits, TenantLimits
 from schemas.records import now_ms
+from schemas.service.lag import partitions_of
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +111,8 @@ class ControlView:
             client_id="sluice-control",
         )
         await self._consumer.start()
-        parts = self._consumer.partitions_for_topic(self.topic)
-        if not parts:
-            await self._consumer._client.force_metadata_update()
-            parts = self._consumer.partitions_for_topic(self.topic)
-        if not parts:
+        tps = await partitions_of(self._consumer, self.topic)
+        if not tps:
             await self._consumer.stop()
             self._consumer = None
             if required:
@@ -122,7 +120,6 @@ class ControlView:
             log.info("no %s topic: the kill switch and tenant limits are not followed", self.topic)
             return
         self.following = True
-        tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
         self._consumer.assign(tps)
         await self._consumer.seek_to_beginning(*tps)
         ends = await self._consumer.end_offsets(tps)
@@ -152,12 +149,17 @@ class ControlView:
                     self.caught_up.set()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._consumer is not None:
-            await self._consumer.stop()
+        await stop_following(self._task, self._consumer)
+
+
+async def stop_following(task: asyncio.Task[None] | None, consumer: AIOKafkaConsumer | None) -> None:
+    """Stop a topic follower: its task, then its consumer."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if consumer is not None:
+        await consumer.stop()
 
 
 async def write_control(bootstrap_servers: str, topic: str, records: dict[str, Any]) -> None:

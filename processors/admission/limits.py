@@ -5,15 +5,17 @@ one timestamp): a tenant with a limit of R per minute may send R at once
 and then one every 60/R s; a request that would go past that gets the
 milliseconds until it would fit. Requests and tokens have a limit each.
 
-Budgets are in USD per UTC day and month. A request reserves its estimated
-cost when it is admitted (its tokens, counted with the model's tokenizer,
-times the model's cost per token as measured from telemetry) and the
-reservation is replaced by the measured cost when its telemetry record
-comes back (a cache hit costs almost nothing, so most of it is returned).
-Admission checks spent + reserved + this request's estimate against each
-budget, so concurrent requests can never overspend on estimates; the
-measured cost may differ from the estimate by a fraction of one request. A
+Budgets are in USD per UTC day and month, charged per token computed at
+the model's price (`price_per_million_tokens_usd` on its card; a cache hit
+computes no token). A request reserves its charge when it is admitted (its
+tokens, counted with the model's own tokenizer, so the estimate is exact
+for embeddings and an upper bound for classification, whose labels are
+often cached) and the reservation is replaced by the charge its telemetry
+record shows. Admission checks spent + reserved + this request's charge
+against each budget, so concurrent requests can never overspend. A
 reservation never settled expires after its time to live and is released.
+The compute cost in telemetry (`cost_usd`, the instance's time) is what
+Sluice costs its operator; the charge is what a tenant is billed.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Each round:
   1. fetch up to `admission_batch_max_records` ingress records;
   2. decide each, in order, per tenant: the kill switch, overload (the
      workers' lag), the tenant's rates, then its budgets (a reservation of
-     the estimated cost: tokens counted with the model's tokenizer times
-     the model's measured cost per token);
+     its charge: tokens counted with the model's tokenizer times the
+     model's price per token);
   3. publish: admitted requests, unchanged, to PREFIX.requests keyed by
      their cache key (so cache affinity holds); a `rejected` result to the
      request's reply_to (or PREFIX.results) and its telemetry record; the
@@ -22,8 +22,9 @@ the rates count them twice, which errs towards refusing, never towards
 overspending.
 
 Settlement: the stage follows PREFIX.telemetry; a record of a reserved
-request replaces the reservation with its measured cost, and misses teach
-the cost model each model's cost per token.
+request replaces the reservation with what it was charged: the tokens the
+worker computed at the model's price (a cache hit computed none, so its
+reservation comes back).
 
 Records that are not valid requests (or name an unknown model) go through
 untouched: the workers answer them with the error, as without admission.
@@ -36,7 +37,6 @@ import contextlib
 import logging
 import signal
 import time
-from collections import defaultdict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -46,7 +46,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from processors.admission.config import AdmissionConfig
-from processors.admission.control import ControlView
+from processors.admission.control import ControlView, stop_following
 from processors.admission.limits import (
     KILL_SWITCH,
     NO_GLOBAL_LIMITS,
@@ -62,7 +62,7 @@ from schemas.errors import RequestError
 from schemas.keys import partition_key
 from schemas.records import Request, encode, now_ms, parse_request, result_doc, telemetry_doc
 from schemas.service.http import HealthServer
-from schemas.service.lag import BrokerSignals
+from schemas.service.lag import BrokerSignals, partitions_of
 from schemas.service.tasks import supervise
 
 log = logging.getLogger(__name__)
@@ -91,24 +91,9 @@ class AdmissionMetrics:
         self.kill_switch = Gauge("sluice_admission_kill_switch", "1 while the kill switch is on.", registry=r)
         self.tenants = Gauge("sluice_admission_tenants", "Tenants whose counters this stage holds.", registry=r)
         self.assigned = Gauge("sluice_admission_assigned_partitions", "Ingress partitions this stage owns.", registry=r)
-
-
-class CostModel:
-    """USD per token of each model: the highest cost per token among its
-    recent misses (telemetry), times a margin; the prior until it has one."""
-
-    def __init__(self, prior_usd_per_token: float, margin: float, window: int = 256) -> None:
-        self.prior = prior_usd_per_token
-        self.margin = margin
-        self._seen: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=window))
-
-    def observe(self, model: str, tokens: int, cost_usd: float) -> None:
-        if tokens > 0 and cost_usd > 0:
-            self._seen[model].append(cost_usd / tokens)
-
-    def per_token(self, model: str) -> float:
-        seen = self._seen.get(model)
-        return max(seen) * self.margin if seen else self.prior
+        self.usd_per_token = Gauge(
+            "sluice_admission_usd_per_token", "What budgets charge per token computed, by model.", ["model"], registry=r
+        )
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -128,7 +113,7 @@ class AdmissionStage:
         self.topics = config.topics
         self.metrics = metrics or AdmissionMetrics()
         self.name = f"admission:{config.worker_id}"
-        self.costs = CostModel(config.admission_prior_usd_per_token, config.admission_estimate_margin)
+        self._usd_per_token: dict[str, float] = {}  # model ref -> what a computed token is charged
         self.control = ControlView(config.bootstrap_servers, self.topics.control, on_change=self._on_control)
         self.states = StateView(config.bootstrap_servers, self.topics.admission_state)
         self.lag = BrokerSignals(config.bootstrap_servers, self.topics.requests, config.group_id)
@@ -153,6 +138,10 @@ class AdmissionStage:
         for name, folder in discover_models(cfg.models_dir).items():
             card, tok = model_tokenizer(folder)
             self._tokenizers[name] = (tok, card.ref)
+            per_million = cfg.admission_usd_per_million_tokens
+            price = (card.price_per_million_tokens_usd if per_million is None else per_million) / 1e6
+            self._usd_per_token[card.ref] = price
+            self.metrics.usd_per_token.labels(card.ref).set(price)
         await self.control.start()
         await self.states.start()
         await self.lag.start()
@@ -300,7 +289,7 @@ class AdmissionStage:
                 control.limits_of(req.tenant),
                 request_id=req.id,
                 tokens=tokens,
-                estimate_usd=tokens * self.costs.per_token(ref),
+                estimate_usd=tokens * self._usd_per_token[ref],
                 at_ms=at,
                 reservation_ttl_ms=int(cfg.admission_reservation_ttl_s * 1000),
                 global_limits=control.global_limits,
@@ -441,11 +430,7 @@ class AdmissionStage:
             client_id="sluice-admission-telemetry",
         )
         await consumer.start()
-        parts = consumer.partitions_for_topic(self.topics.telemetry)
-        if not parts:
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(self.topics.telemetry) or set()
-        tps = [TopicPartition(self.topics.telemetry, p) for p in sorted(parts)]
+        tps = await partitions_of(consumer, self.topics.telemetry)
         consumer.assign(tps)
         since = now_ms() - int(self.config.admission_reservation_ttl_s * 1000)
         found = await consumer.offsets_for_times(dict.fromkeys(tps, since))
@@ -466,20 +451,22 @@ class AdmissionStage:
                         self._settle(rec.value)
 
     def _settle(self, raw: bytes | None) -> None:
+        """A telemetry record settles its request's reservation at what it was
+        charged: the tokens the worker computed (none for a cache hit) at the
+        model's price."""
         try:
             doc = orjson.loads(raw) if raw else None
             if not isinstance(doc, dict) or doc.get("status") == "rejected":
                 return
-            cost, tokens = float(doc.get("cost_usd", 0.0)), int(doc.get("tokens", 0))
-            if doc.get("cache") == "miss":
-                self.costs.observe(f"{doc.get('model')}@{doc.get('model_version')}", tokens, cost)
+            price = self._usd_per_token.get(f"{doc.get('model')}@{doc.get('model_version')}", 0.0)
+            charge = int(doc.get("tokens", 0)) * price if doc.get("cache") == "miss" else 0.0
             tenant, rid = str(doc.get("tenant")), str(doc.get("id"))
             at = int(doc.get("published_at_ms") or now_ms())
         except (orjson.JSONDecodeError, TypeError, ValueError):
             return
         for partition, tenants in self._tenants.items():
             st = tenants.get(tenant)
-            if st is not None and st.settle(rid, cost, at):
+            if st is not None and st.settle(rid, charge, at):
                 self.metrics.settled.inc()
                 self._dirty.add((partition, tenant))
                 return
@@ -564,11 +551,7 @@ class StateView:
             bootstrap_servers=self.bootstrap_servers, group_id=None, enable_auto_commit=False, client_id="sluice-state"
         )
         await c.start()
-        parts = c.partitions_for_topic(self.topic)
-        if not parts:
-            await c._client.force_metadata_update()
-            parts = c.partitions_for_topic(self.topic) or set()
-        self._tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+        self._tps = await partitions_of(c, self.topic)
         c.assign(self._tps)
         await c.seek_to_beginning(*self._tps)
         self._task = supervise(self._follow(), name="admission state view")
@@ -609,12 +592,7 @@ class StateView:
         return True
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._consumer is not None:
-            await self._consumer.stop()
+        await stop_following(self._task, self._consumer)
 
 
 async def serve(config: AdmissionConfig, on_ready: Callable[[AdmissionStage], None] | None = None) -> None:

@@ -15,6 +15,16 @@ from aiokafka.errors import KafkaError
 log = logging.getLogger(__name__)
 
 
+async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """A topic's partitions, asking the broker once more when the consumer's
+    metadata does not know the topic yet (a topic created a moment ago); [] if none."""
+    parts = consumer.partitions_for_topic(topic)
+    if not parts:
+        await consumer._client.force_metadata_update()
+        parts = consumer.partitions_for_topic(topic)
+    return [TopicPartition(topic, p) for p in sorted(parts or ())]
+
+
 @dataclass(frozen=True, slots=True)
 class GroupOffsets:
     """One reading of the requests topic against the workers' group."""
@@ -86,13 +96,9 @@ class BrokerSignals:
         assert self._consumer is not None and self._admin is not None
         async with asyncio.timeout(self.timeout_s):
             consumer, admin = self._consumer, self._admin
-            parts = consumer.partitions_for_topic(self.topic)
-            if not parts:
-                await consumer._client.force_metadata_update()
-                parts = consumer.partitions_for_topic(self.topic)
-            if not parts:
+            tps = await partitions_of(consumer, self.topic)
+            if not tps:
                 raise KafkaError(f"topic {self.topic} not found")
-            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
             end = {tp.partition: off for tp, off in (await consumer.end_offsets(tps)).items()}
             start = {tp.partition: off for tp, off in (await consumer.beginning_offsets(tps)).items()}
             offsets = await admin.list_consumer_group_offsets(self.group, partitions=tps)
