@@ -116,3 +116,29 @@ def test_state_survives_its_document():
     back = TenantState.from_doc(s.to_doc())
     assert back == s and back.reserved_usd == pytest.approx(s.reserved_usd) == 0.25
     assert back.day == time.strftime("%Y-%m-%d", time.gmtime(T0 / 1000))
+
+
+def test_a_limits_file_becomes_control_records_and_a_bad_one_is_one_line(tmp_path):
+    from schemas.errors import ConfigError
+    from sluice.cli.tenants import limits_from_file
+
+    good = tmp_path / "limits.toml"
+    good.write_text(
+        "[default]\nrequests_per_minute = 60\n\n[global]\ndaily_usd = 50.0\n\n"
+        "[tenants.acme]\nrequests_per_minute = 600\ntokens_per_minute = 200000\ndaily_usd = 5.0\n"
+    )
+    assert limits_from_file(good) == {
+        "default": {"requests_per_minute": 60.0},
+        "global": {"daily_usd": 50.0},
+        "tenant:acme": {"requests_per_minute": 600.0, "tokens_per_minute": 200000.0, "daily_usd": 5.0},
+    }
+    for body, said in (
+        ("[tenants.acme]\nrequests_per_minute = -1\n", "requests_per_minute"),
+        ("[tenants.acme]\nrpm = 5\n", "rpm"),
+        ("[tenant.acme]\nrequests_per_minute = 5\n", "unknown tables"),
+        ("[default\n", "limits.toml"),
+    ):
+        good.write_text(body)
+        with pytest.raises(ConfigError) as err:
+            limits_from_file(good)
+        assert said in str(err.value) and "\n" not in str(err.value), str(err.value)
