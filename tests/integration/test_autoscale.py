@@ -236,7 +236,8 @@ async def test_no_analytics_answer_is_said_once_and_never_scales_the_group_to_ze
     recorded = await read_topic(env.stack.bootstrap_servers, env.topics.autoscale, expect=len(decisions))
     docs = [orjson.loads(r.value) for r in recorded]
     assert [d["desired"] for d in docs] == [1] * len(decisions)
-    assert all(d["mode"] == "recommend" and d["missing"] == ["analytics"] for d in docs)
+    # (a tick may also find the request's partition not committed yet: "commits")
+    assert all(d["mode"] == "recommend" and "analytics" in d["missing"] for d in docs), docs
 
 
 async def test_no_broker_answer_keeps_the_last_decision_and_says_so_once(env, caplog):

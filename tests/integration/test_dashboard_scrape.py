@@ -53,7 +53,9 @@ async def test_the_dashboard_names_only_metrics_a_running_worker_exports(worker_
         for target in panel.get("targets") or []:
             asked |= validate.metric_names(target.get("expr", ""))
     worker_side = {
-        n for n in asked if n.startswith("sluice_") and not n.startswith(("sluice_sink_", "sluice_autoscale_"))
+        n
+        for n in asked
+        if n.startswith("sluice_") and not n.startswith(("sluice_sink_", "sluice_autoscale_", "sluice_admission_"))
     }
     assert worker_side, "the dashboard asks the workers for nothing"
     missing = sorted(n for n in worker_side if n not in scraped)
