@@ -79,6 +79,12 @@ async def test_a_tenant_over_its_rate_is_refused_while_another_is_not(env, admis
     assert {r["error"]["code"] for r in refused} == {"rate_limited"}
     assert all(0 < r["error"]["retry_after_ms"] <= 60_000 for r in refused)
 
+    # not a valid request: admission passes it through untouched and the worker answers the error
+    bad = gated.expect("bad-input-1")
+    await gated.send_raw(b'{"v": 1, "id": "bad-input-1", "input": 5, "tenant": "noisy"}', key=b"noisy")
+    answer = await asyncio.wait_for(bad, 60)
+    assert (answer["status"], answer["error"]["code"]) == ("error", "invalid_input"), answer
+
 
 async def test_a_budget_is_never_exceeded_by_more_than_one_request_under_four_producers(
     env, admission, worker_factory, gated
