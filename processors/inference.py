@@ -7,9 +7,10 @@ its inputs; each computed request pays its share of the compute."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Protocol
 
 from processors.answers import AnswerSender
@@ -28,7 +29,7 @@ from schemas.records import now_ms
 class Model(Protocol):
     """What this stage needs of the model (processors.model_process.ModelProcess)."""
 
-    def compute_pieces(self, pieces: list[list[Job]]) -> AsyncIterator[Computed]: ...
+    def compute_pieces(self, pieces: list[list[Job]]) -> AsyncGenerator[Computed, None]: ...
 
 
 class ModelStage:
@@ -114,12 +115,21 @@ class ModelStage:
         pieces = [todo[i : i + size] for i in range(0, len(todo), size)]
         jobs = [[_job(it) for it in piece] for piece in pieces]
         done, answering = iter(pieces), 0.0
-        async for computed in self.model.compute_pieces(jobs):
-            piece = next(done)
-            self._take_outcomes(piece, computed)
-            t1 = time.perf_counter()
-            await self._answer(piece)
-            answering += time.perf_counter() - t1
+        # closed on leaving the loop (the kill switch), which cancels the pieces not started
+        async with contextlib.aclosing(self.model.compute_pieces(jobs)) as computing:
+            async for computed in computing:
+                piece = next(done)
+                self._take_outcomes(piece, computed)
+                t1 = time.perf_counter()
+                await self._answer(piece)
+                answering += time.perf_counter() - t1
+                if (why := self.stopped()) is not None:
+                    # the kill switch: the pieces not started are refused, not computed
+                    for rest in done:
+                        for it in rest:
+                            it.reject(KILL_SWITCH, why)
+                            self.coalescer.release(it)
+                    break
         self.metrics.inference.observe(time.perf_counter() - t0 - answering)
         self.metrics.batch_items.observe(len(todo))
         self.l1.update_gauges()

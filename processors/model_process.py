@@ -28,7 +28,7 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -191,7 +191,7 @@ class ModelProcess:
     async def compute(self, jobs: list[Job]) -> Computed:
         return await self._call(_compute, jobs)
 
-    async def compute_pieces(self, pieces: list[list[Job]]) -> AsyncIterator[Computed]:
+    async def compute_pieces(self, pieces: list[list[Job]]) -> AsyncGenerator[Computed, None]:
         """Each piece's answers as soon as the child has computed it, in
         order. Every piece is queued at once, so the child goes from one to
         the next without waiting for the event loop to take the answers."""

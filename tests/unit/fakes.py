@@ -6,7 +6,7 @@ run the same stages on the real broker, Redis and model."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
@@ -115,7 +115,7 @@ class FakeModel:
         self.seconds_per_token = seconds_per_token
         self.between: Any = None
 
-    async def compute_pieces(self, pieces: list[list[Job]]) -> AsyncIterator[Computed]:
+    async def compute_pieces(self, pieces: list[list[Job]]) -> AsyncGenerator[Computed, None]:
         for n, jobs in enumerate(pieces):
             if n and self.between is not None:
                 await self.between()

@@ -59,6 +59,7 @@ class Rig:
         self.batcher: Batcher[Item] = Batcher(
             BatchPolicy(self.cfg.batch_max_items, self.cfg.batch_max_tokens, self.cfg.batch_max_wait_ms)
         )
+        self.stop_reason: str | None = None  # the kill switch, as the worker reads it from PREFIX.control
         self.pending: Handoff[PartitionBatch[Item]] = Handoff("pending")
         self.model_queue: Handoff[Group] = Handoff("model")
         self.to_publish: Handoff[Group] = Handoff("publish")
@@ -83,6 +84,7 @@ class Rig:
             state=self.state,
             metrics=self.metrics,
             cache_metrics=self.cache_metrics,
+            stopped=lambda: self.stop_reason,
         )
         self.modelled = ModelStage(
             model=self.model,
@@ -94,6 +96,7 @@ class Rig:
             state=self.state,
             metrics=self.metrics,
             prices=self.prices,
+            stopped=lambda: self.stop_reason,
         )
         self.checkpoint = Checkpoint(
             sender=self.sender,
@@ -263,6 +266,31 @@ async def test_model_answers_each_piece_before_the_next_is_computed():
 
 async def _note(seen: list[int], n: int) -> None:
     seen.append(n)
+
+
+async def test_the_kill_switch_refuses_misses_at_lookup_and_stops_the_model_between_pieces():
+    rig = Rig(inference_max_items=2)
+    rig.stop_reason = "runaway cost"
+    g = rig.group(0, [request(i, f"text {i}") for i in range(3)])
+    await rig.lookup.look_up(g)
+    answers = rig.answers()
+    assert {a["status"] for a in answers.values()} == {"rejected"} and len(answers) == 3
+    assert {a["error"]["code"] for a in answers.values()} == {"kill_switch"}
+    assert rig.model.pieces == []
+
+    rig = Rig(inference_max_items=2)
+    g = rig.group(0, [request(i, "word " * (i + 1)) for i in range(5)])
+    await rig.lookup.look_up(g)
+
+    async def switch_on() -> None:  # while the model computes the second piece
+        rig.stop_reason = "runaway cost"
+
+    rig.model.between = switch_on
+    await rig.modelled.infer([g])
+    assert [len(p) for p in rig.model.pieces] == [2, 2]  # the third piece never reached the model
+    refused = [it for it in g.items if it.status == "rejected"]
+    assert len(refused) == 1 and refused[0].error is not None and refused[0].error.code == "kill_switch"
+    assert sum(it.status == "ok" for it in g.items) == 4
 
 
 async def test_a_poison_input_fails_alone_and_followers_get_their_leaders_answer():
