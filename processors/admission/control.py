@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -176,7 +175,3 @@ async def write_control(bootstrap_servers: str, topic: str, records: dict[str, A
 
 def kill_switch_doc(on: bool, reason: str = "") -> dict[str, Any]:
     return {"on": on, "reason": reason, "at_ms": now_ms()}
-
-
-def monotonic_ms() -> int:
-    return int(time.monotonic() * 1000)

@@ -37,6 +37,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -243,8 +244,10 @@ class AdmissionStage:
                 if tp in self._consumer.assignment():
                     self._consumer.seek(tp, records[0].offset)
                 continue
-            for rec in records:
-                sends.extend(await self._decide(tp.partition, rec))
+            parsed = [(rec, self._parse(rec)) for rec in records]
+            tokens = self._count_tokens([req for _, req in parsed if req is not None])
+            for rec, req in parsed:
+                sends.extend(await self._decide(tp.partition, rec, req, tokens))
             offsets[tp] = records[-1].offset + 1
         sends.extend(await self._write_states())
         if sends:
@@ -256,18 +259,41 @@ class AdmissionStage:
                 log.warning("commit of %s failed (the round is replayed by the next owner): %s", offsets, exc)
         self.metrics.round_seconds.observe(time.perf_counter() - t0)
 
-    async def _decide(self, partition: int, rec: Any) -> list[asyncio.Future[Any]]:
+    def _parse(self, rec: Any) -> Request | None:
+        """The request, or None when it is not one (the workers answer its error)."""
+        try:
+            return parse_request(rec.value, self.config)
+        except RequestError:
+            return None
+
+    def _count_tokens(self, reqs: list[Request]) -> dict[int, int]:
+        """Tokens of each request (input plus labels, by id() of the request),
+        one tokenizer call per model for the whole batch of a partition."""
+        by_model: dict[str, list[Request]] = defaultdict(list)
+        for req in reqs:
+            by_model[req.model or self.config.default_model].append(req)
+        counts: dict[int, int] = {}
+        for model, group in by_model.items():
+            if model not in self._tokenizers:
+                continue  # passed through untouched
+            tok = self._tokenizers[model][0]
+            texts = [t for req in group for t in (req.input, *(req.labels or ()))]
+            lengths = iter(len(enc.ids) for enc in tok.encode_batch(texts, add_special_tokens=True))
+            for req in group:
+                counts[id(req)] = sum(next(lengths) for _ in range(1 + len(req.labels or ())))
+        return counts
+
+    async def _decide(
+        self, partition: int, rec: Any, req: Request | None, tokens_of: dict[int, int]
+    ) -> list[asyncio.Future[Any]]:
         assert self._producer is not None
         cfg = self.config
-        try:
-            req = parse_request(rec.value, cfg)
-        except RequestError:
+        if req is None:
             return [await self._pass(rec)]
-        model = req.model or cfg.default_model
-        counted = self._tokenizers.get(model)
+        counted = self._tokenizers.get(req.model or cfg.default_model)
         if counted is None:
             return [await self._pass(rec)]
-        tok, ref = counted
+        ref = counted[1]
         at = now_ms()
         control = self.control.control
         if control.kill_switch.on:
@@ -282,7 +308,7 @@ class AdmissionStage:
                 cfg.admission_overload_retry_after_ms,
             )
         else:
-            tokens = self._tokens(tok, req)
+            tokens = tokens_of[id(req)]
             state = self._tenants[partition].setdefault(req.tenant, TenantState())
             verdict = admit(
                 state,
@@ -307,11 +333,6 @@ class AdmissionStage:
         assert self._producer is not None
         self.metrics.requests.labels("passed").inc()
         return await self._producer.send(self.topics.requests, rec.value, key=rec.key)
-
-    @staticmethod
-    def _tokens(tok: Any, req: Request) -> int:
-        texts = [req.input, *(req.labels or ())]
-        return sum(len(enc.ids) for enc in tok.encode_batch(texts, add_special_tokens=True))
 
     async def _reject(
         self, req: Request, ref: str, verdict: Verdict, partition: int, offset: int, at: int
