@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -54,16 +53,6 @@ def rate_at(t: float) -> float:
             break
         current = rate
     return current
-
-
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-        out = {}
-        for line in r.read().decode().splitlines():
-            if line and not line.startswith("#") and " " in line:
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
 
 
 async def real_run(bootstrap: str, prefix: str) -> dict:
@@ -107,7 +96,7 @@ async def real_run(bootstrap: str, prefix: str) -> dict:
     async def watch() -> None:
         while True:
             try:
-                m = await asyncio.to_thread(scrape, port)
+                m = await asyncio.to_thread(scaler.scrape)
                 timeline.append(
                     {
                         "t": time.monotonic() - t0,

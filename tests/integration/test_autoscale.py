@@ -14,6 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from sinks.query_endpoint import remote_runner
 from tests.conftest import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -152,8 +153,7 @@ async def test_the_fleet_follows_a_step_drains_scales_down_to_zero_and_wakes(env
         deadline = time.monotonic() + 20
         while True:
             cols, rows = await asyncio.to_thread(
-                sink_query,
-                sink.port,
+                remote_runner("127.0.0.1", sink.port),
                 "SELECT reason, count() AS n, max(desired) AS most FROM sluice.autoscale_events GROUP BY reason",
             )
             got = {r[0]: (r[1], r[2]) for r in rows}
@@ -171,15 +171,6 @@ async def test_the_fleet_follows_a_step_drains_scales_down_to_zero_and_wakes(env
         # the autoscaler stops the workers it started: none is left running
         leftovers = [p for p in Path("/proc").glob("[0-9]*") if _is_worker_of(p, env.prefix)]
         assert not leftovers, f"workers left running: {leftovers}"
-
-
-def sink_query(port: int, sql: str):
-    import urllib.request
-
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/query", data=orjson.dumps({"sql": sql}))
-    with urllib.request.urlopen(req, timeout=30) as r:
-        doc = orjson.loads(r.read())
-    return doc["columns"], doc["rows"]
 
 
 def _is_worker_of(proc_dir: Path, prefix: str) -> bool:
