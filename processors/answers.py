@@ -6,12 +6,13 @@ lookup's hits and errors, the model's pieces, the checkpoint's rest)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from processors.cache import CacheMetrics
 from processors.items import Item
 from processors.metrics import WorkerMetrics
-from processors.publisher import Publisher
+from processors.publisher import Publisher, PublishError
 from schemas.records import dlq_record, encode, now_ms, result_doc
 from schemas.topics import Topics
 
@@ -33,8 +34,13 @@ class AnswerSender:
         prices: dict[str, float],
         default_model: str,
         slice_gap_ms: float,
+        early: bool = True,
     ) -> None:
         self.topics = topics
+        # at-least-once answers as soon as an answer exists; exactly-once
+        # sends every answer in its round's transaction, with its offsets
+        self.early = early
+        self._topics_seen: dict[str, tuple[bool, float]] = {}  # reply_to topic -> (listed, until)
         self.worker_id = worker_id
         self.results = results  # answers: latency matters
         self.bulk = bulk  # telemetry and DLQ: volume matters
@@ -91,13 +97,33 @@ class AnswerSender:
         it.topic = (
             (it.request.reply_to if it.request else None) or (it.error.reply_to if it.error else None) or topics.results
         )
+        if not self.early and it.topic != topics.results and not await self._reply_to_known(it.topic):
+            # in a transaction a refused send aborts the whole round, and
+            # the round would be refused again after every restart
+            failure = PublishError("not a topic this worker can write to")
+            it.topic = topics.results
+            return await self.send_fallback(it, failure, reply_to=it.request.reply_to if it.request else None)
         return await self.results.send(it.topic, encode(self.result(it)), key=rid.encode())
 
-    async def send_fallback(self, it: Item, failure: BaseException) -> asyncio.Future:
+    async def _reply_to_known(self, topic: str) -> bool:
+        """Whether the broker lists `topic` for this worker (remembered a minute)."""
+        now = time.monotonic()
+        known = self._topics_seen.get(topic)
+        if known is None or known[1] < now:
+            try:
+                await asyncio.wait_for(self.results.partitions_for(topic), 10)
+                known = (True, now + 60)
+            except (PublishError, TimeoutError):
+                known = (False, now + 60)
+            self._topics_seen[topic] = known
+        return known[0]
+
+    async def send_fallback(self, it: Item, failure: BaseException, reply_to: str | None = None) -> asyncio.Future:
         """A reply_to topic refused the answer: say so on the results topic."""
         doc = self.result(it)
         doc.pop("output", None)
-        doc.update(status="error", error={"code": "reply_to_failed", "message": f"reply_to {it.topic}: {failure}"})
+        topic = reply_to or it.topic
+        doc.update(status="error", error={"code": "reply_to_failed", "message": f"reply_to {topic}: {failure}"})
         return await self.results.send(self.topics.results, encode(doc), key=doc["id"].encode())
 
     async def answer_now(self, it: Item, lookup_ms: float, n: int) -> None:
@@ -109,7 +135,8 @@ class AnswerSender:
             name = it.model.name if it.model else self.default_model
             it.cost_usd = lookup_ms / 1000 / max(1, n) * self.prices.get(name, 0.0) / 3600.0
         it.done_ms = now_ms()
-        it.sent = await self.send(it)
+        if self.early:
+            it.sent = await self.send(it)
 
     async def pace(self, sent: int) -> None:
         """Called before each answer of a run sent together, with how many

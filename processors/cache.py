@@ -105,8 +105,18 @@ _WRITE_CHUNK = 128
 class L2Cache:
     """Redis behind a timeout budget and a back-off breaker. `url=""` turns L2 off."""
 
-    def __init__(self, url: str, *, ttl_s: int, timeout_ms: float, backoff_max_s: float, metrics: CacheMetrics) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl_s: int,
+        timeout_ms: float,
+        backoff_max_s: float,
+        metrics: CacheMetrics,
+        options: dict[str, Any] | None = None,
+    ) -> None:
         self.url = url
+        self._options = options or {}  # credentials and TLS, kept out of the URL (and so of logs)
         self.ttl_s = ttl_s
         self.timeout_s = timeout_ms / 1000.0
         self.backoff_max_s = backoff_max_s
@@ -135,6 +145,7 @@ class L2Cache:
             retry_on_timeout=False,
             health_check_interval=0,
             max_connections=8,
+            **self._options,
         )
         # EVALSHA, and EVAL once more if the server lost its script cache (a restart)
         self._set_all = self._redis.register_script(_SET_ALL_EX)

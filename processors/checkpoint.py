@@ -11,6 +11,11 @@ model stage finished (several at once when they piled up):
 A failed step raises before the commit, so the round's records are read
 again by the partition's next owner (at-least-once): nothing is committed
 before its results are acknowledged.
+
+Exactly-once: the round is one Kafka transaction. It opens before the first
+send, every answer of the round is sent in it (none earlier), and step 4
+puts the offsets into it and commits: results, telemetry and offsets become
+visible to read_committed readers together, or, aborted, not at all.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from processors.handoff import Handoff
 from processors.items import Group, Item
 from processors.metrics import WorkerMetrics
 from processors.partition_state import PartitionState
+from processors.publisher import TransactionAborted
 from schemas.errors import error_label
 from schemas.records import encode, now_ms, telemetry_doc
 
@@ -36,7 +42,11 @@ log = logging.getLogger(__name__)
 class Committer(Protocol):
     """What the checkpoint needs of the consumer (processors.consumer.GroupConsumer)."""
 
+    topic: str
+
     async def commit(self, offsets: dict[int, int]) -> None: ...
+
+    async def group_metadata(self) -> Any: ...
 
 
 class Checkpoint:
@@ -49,7 +59,9 @@ class Checkpoint:
         state: PartitionState,
         metrics: WorkerMetrics,
         publish_max_items: int,
+        transactional: bool = False,
     ) -> None:
+        self.transactional = transactional
         self.sender = sender
         self.l2 = l2
         self.committer = committer
@@ -73,6 +85,8 @@ class Checkpoint:
     async def publish(self, group: Group) -> None:
         sender, topics = self.sender, self.sender.topics
         t0 = time.perf_counter()
+        if self.transactional:
+            sender.results.begin()
         # 1. results. A model hand-off's answers come out together: hundreds,
         # with the coalesced requests that waited on them, each a few KB.
         # Sent at once they reach the broker, and every client reading the
@@ -113,7 +127,10 @@ class Checkpoint:
         if writes:
             await self.l2.put_many(writes)
         # 4. commit
-        await self.commit(group.offsets())
+        if self.transactional:
+            await self.commit_transaction(group.offsets())
+        else:
+            await self.commit(group.offsets())
 
     def telemetry(self, it: Item, published_ms: int) -> dict[str, Any]:
         req, model = it.request, it.model
@@ -154,6 +171,19 @@ class Checkpoint:
             if n % YIELD_EVERY == 0:
                 await asyncio.sleep(0)
         self.metrics.observe_stage("publish", publish_s)
+
+    async def commit_transaction(self, offsets: dict[int, int]) -> None:
+        from confluent_kafka import TopicPartition
+
+        topic = self.committer.topic
+        try:
+            await self.sender.results.commit(
+                [TopicPartition(topic, p, off) for p, off in offsets.items()], await self.committer.group_metadata()
+            )
+        except TransactionAborted:
+            self.metrics.commits.labels("aborted").inc()
+            raise
+        self.metrics.commits.labels("ok").inc()
 
     async def commit(self, offsets: dict[int, int]) -> None:
         try:

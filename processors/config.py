@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from schemas.records import Limits
 from schemas.topics import KafkaConfig
@@ -122,6 +123,16 @@ class WorkerConfig(KafkaConfig, Limits):
         ge=1,
         description="Most results one publish round carries (rounds ready together share one wait for acks and one commit); 1 publishes and commits record by record.",
     )
+    transactional_id: str = Field(
+        "",
+        description="Transactional id of this worker under exactly-once; empty: GROUP-WORKER_ID. Keep it (and SLUICE_WORKER_ID) stable across restarts so a restarted worker fences its predecessor at once.",
+    )
+    transaction_timeout_ms: int = Field(
+        10_000,
+        ge=1000,
+        le=900_000,
+        description="Under exactly-once, how long the broker keeps a transaction its worker left open (a crash) before aborting it, in ms; read_committed readers of its partitions wait that long at most.",
+    )
     publish_compression: str = Field(
         "none",
         pattern="^(none|gzip|snappy|lz4|zstd)$",
@@ -164,6 +175,18 @@ class WorkerConfig(KafkaConfig, Limits):
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0", description="Redis URL of the shared L2 cache; empty turns L2 off."
     )
+    redis_username: str = Field(
+        "", description="Redis ACL user of the L2 cache; empty uses the URL's or the default user."
+    )
+    redis_password: SecretStr = Field(
+        SecretStr(""), description="Redis password of that user; prefer SLUICE_REDIS_PASSWORD_FILE. Never printed."
+    )
+    redis_password_file: Path | None = Field(
+        None, description="File whose first line is the Redis password (read at start; wins over the variable)."
+    )
+    redis_ssl_cafile: Path | None = Field(
+        None, description="PEM file of the CA that signed Redis's certificate, for a rediss:// URL (TLS)."
+    )
     redis_timeout_ms: float = Field(
         50.0,
         gt=0,
@@ -194,6 +217,34 @@ class WorkerConfig(KafkaConfig, Limits):
     metrics_port: int = Field(
         9400, ge=0, le=65535, description="Port of the worker's metrics server; 0 picks a free port."
     )
+
+    @model_validator(mode="after")
+    def _redis_password_from_file(self) -> WorkerConfig:
+        if self.redis_password_file is not None:
+            try:
+                lines = self.redis_password_file.read_text().splitlines()
+            except OSError as exc:
+                raise ValueError(f"SLUICE_REDIS_PASSWORD_FILE: cannot read it ({exc.strerror})") from None
+            object.__setattr__(self, "redis_password", SecretStr(lines[0] if lines else ""))
+        if self.redis_ssl_cafile is not None and not self.redis_ssl_cafile.is_file():
+            raise ValueError(f"SLUICE_REDIS_SSL_CAFILE: no such file {self.redis_ssl_cafile}")
+        if "@" in self.redis_url.split("//", 1)[-1].split("/", 1)[0]:
+            raise ValueError(
+                "SLUICE_REDIS_URL holds credentials: give them as SLUICE_REDIS_USERNAME and SLUICE_REDIS_PASSWORD_FILE, "
+                "so they stay out of logs and process listings"
+            )
+        return self
+
+    def redis_options(self) -> dict[str, Any]:
+        """redis-py connection keywords for the credentials and TLS settings."""
+        options: dict[str, Any] = {}
+        if self.redis_username:
+            options["username"] = self.redis_username
+        if self.redis_password.get_secret_value():
+            options["password"] = self.redis_password.get_secret_value()
+        if self.redis_ssl_cafile is not None:
+            options["ssl_ca_certs"] = str(self.redis_ssl_cafile)
+        return options
 
     @model_validator(mode="after")
     def _budgets_agree(self) -> WorkerConfig:

@@ -37,6 +37,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from schemas.errors import SluiceError
+from schemas.topics import KafkaConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class GroupConsumer:
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        kafka: str | KafkaConfig,
         *,
         group_id: str,
         client_id: str,
@@ -80,7 +81,7 @@ class GroupConsumer:
     ) -> None:
         self.topic = topic
         self._conf = {
-            "bootstrap.servers": bootstrap_servers,
+            **KafkaConfig.of(kafka).rdkafka(),
             "group.id": group_id,
             "client.id": client_id,
             "enable.auto.commit": False,
@@ -114,8 +115,9 @@ class GroupConsumer:
         self._taken = 0
         self._arrived = asyncio.Event()
         self._failed: BaseException | None = None
-        # asked of the thread by the loop: (offsets, future)
-        self._commits: queue.SimpleQueue[tuple[dict[int, int], asyncio.Future]] = queue.SimpleQueue()
+        # asked of the thread by the loop: (offsets, future), or (None,
+        # future) for the group metadata
+        self._commits: queue.SimpleQueue[tuple[dict[int, int] | None, asyncio.Future]] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._paused = False  # the thread's own: fetching paused (hand-off full)
         self._closing = False
@@ -172,6 +174,17 @@ class GroupConsumer:
         fut = self._loop.create_future()
         self._commits.put((offsets, fut))
         await fut
+
+    async def group_metadata(self) -> Any:
+        """The member's group, generation and id, for a transaction's offsets:
+        the coordinator refuses them from a member the group has moved past,
+        which fences a worker that lost its partitions (KIP-447). Read on the
+        thread, like every call on the handle (from the loop it waits for
+        the thread's poll, which never yields it)."""
+        assert self._loop is not None
+        fut = self._loop.create_future()
+        self._commits.put((None, fut))
+        return await fut
 
     async def stop(self) -> None:
         """Make the commits asked for, leave the group and close."""
@@ -253,11 +266,15 @@ class GroupConsumer:
 
         asked: list[asyncio.Future] = []
         merged: dict[int, int] = {}
+        assert self._loop is not None
         while True:
             try:
                 offsets, fut = self._commits.get_nowait()
             except queue.Empty:
                 break
+            if offsets is None:
+                self._loop.call_soon_threadsafe(_settle, fut, None, self._consumer.consumer_group_metadata())
+                continue
             asked.append(fut)
             for p, off in offsets.items():
                 merged[p] = max(merged.get(p, 0), off)
@@ -273,7 +290,6 @@ class GroupConsumer:
                 error = CommitError(f"commit refused for partitions {', '.join(refused)}")
         except KafkaException as exc:
             error = CommitError(exc.args[0].str() if exc.args else str(exc))
-        assert self._loop is not None
         for fut in asked:
             self._loop.call_soon_threadsafe(_settle, fut, error)
 
@@ -310,10 +326,10 @@ class GroupConsumer:
         (log.error if err.fatal() else log.warning)("consumer: %s", err.str())
 
 
-def _settle(fut: asyncio.Future, error: BaseException | None) -> None:
+def _settle(fut: asyncio.Future, error: BaseException | None, value: Any = None) -> None:
     if fut.done():
         return
     if error is None:
-        fut.set_result(None)
+        fut.set_result(value)
     else:
         fut.set_exception(error)

@@ -166,8 +166,10 @@ class ModelStage:
                     continue
                 if it is not lead:
                     it.follow(lead)
-                await self.sender.pace(sent)
                 it.done_ms = now_ms()
+                if not self.sender.early:
+                    continue  # sent in its round's transaction
+                await self.sender.pace(sent)
                 it.sent = await self.sender.send(it)
                 sent += 1
             lead.followers = None  # each follower points at its leader: no cycle left for the GC

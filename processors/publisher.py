@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from functools import partial
 from typing import Any
 
 from schemas.errors import SluiceError
 from schemas.service.tasks import supervise
+from schemas.topics import KafkaConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +37,23 @@ class PublishError(SluiceError):
     retriable = True
 
 
+class TransactionAborted(SluiceError):
+    """A round's transaction was aborted (or the producer fenced): its
+    results are invisible to read_committed readers, and its records must be
+    read again from the last committed offsets, which only a restart (or the
+    partitions' next owner) does safely: a later round's commit would cover
+    them."""
+
+    code = "transaction_aborted"
+    retriable = False
+
+
 class Publisher:
     """`fut = await pub.send(topic, value, key)`; `await fut` is the broker's ack."""
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        kafka: str | KafkaConfig,
         *,
         client_id: str,
         linger_ms: float,
@@ -48,10 +61,13 @@ class Publisher:
         max_message_bytes: int = 4 << 20,
         delivery_timeout_ms: int = 30_000,
         ack_poll_s: float = 0.002,
+        transactional_id: str | None = None,
+        transaction_timeout_ms: int = 10_000,
     ) -> None:
         self.client_id = client_id
+        self.transactional_id = transactional_id
         self._conf = {
-            "bootstrap.servers": bootstrap_servers,
+            **KafkaConfig.of(kafka).rdkafka(),
             "client.id": client_id,
             # acks from every in-sync replica, no duplicates on retry, order kept
             "acks": "all",
@@ -67,7 +83,17 @@ class Publisher:
             "socket.nagle.disable": True,
             "error_cb": self._on_error,
         }
+        if transactional_id:
+            self._conf["transactional.id"] = transactional_id
+            # the coordinator aborts a transaction its producer left open this
+            # long (a killed worker's): until then read_committed readers of
+            # its partitions wait behind it
+            self._conf["transaction.timeout.ms"] = transaction_timeout_ms
+            self._conf["delivery.timeout.ms"] = min(delivery_timeout_ms, transaction_timeout_ms)
+        self._txn_timeout_s = transaction_timeout_ms / 1000
         self._ack_poll_s = ack_poll_s
+        self._loop_thread = threading.get_ident()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._producer: Any = None
         self._unacked = 0
         self._wake = asyncio.Event()
@@ -81,7 +107,61 @@ class Publisher:
             self._producer = Producer(self._conf)
         except KafkaException as exc:  # a bad option value: say which client
             raise PublishError(f"producer {self.client_id}: {exc}") from None
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        if self.transactional_id:
+            # fences an older producer of this id (a worker restarted with
+            # the same id) and aborts what it left open
+            await self._txn_call("init_transactions", self._txn_timeout_s * 3)
         self._poller = supervise(self._poll_acks(), name=f"acks-{self.client_id}", on_failure=self._poller_failed)
+
+    # -- transactions (exactly-once) ------------------------------------------
+    def begin(self) -> None:
+        """Open the round's transaction: every send until `commit` is in it."""
+        from confluent_kafka import KafkaException
+
+        try:
+            self._producer.begin_transaction()
+        except KafkaException as exc:
+            raise TransactionAborted(f"producer {self.client_id}: begin: {exc.args[0].str()}") from None
+
+    async def commit(self, offsets: list[Any], group_metadata: Any) -> None:
+        """Commit the open transaction with the consumed `offsets` in it, so
+        results, telemetry and offsets become visible together or not at all.
+        Every send of the round must be acknowledged first: librdkafka serves
+        delivery reports on the thread that commits."""
+        await self._txn_call("send_offsets_to_transaction", self._txn_timeout_s, offsets, group_metadata)
+        await self._txn_call("commit_transaction", self._txn_timeout_s)
+
+    async def _txn_call(self, name: str, timeout_s: float, *args: Any) -> None:
+        from confluent_kafka import KafkaException
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            call = partial(getattr(self._producer, name), *args, max(0.1, deadline - loop.time()))
+            try:
+                await loop.run_in_executor(None, call)
+                return
+            except KafkaException as exc:
+                err = exc.args[0]
+                if err.retriable() and loop.time() < deadline:
+                    log.warning("producer %s: %s: %s (retrying)", self.client_id, name, err.str())
+                    await asyncio.sleep(0.1)
+                    continue
+                if err.txn_requires_abort():
+                    await self._abort()
+                raise TransactionAborted(f"producer {self.client_id}: {name}: {err.str()}") from None
+
+    async def _abort(self) -> None:
+        from confluent_kafka import KafkaException
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, partial(self._producer.abort_transaction, self._txn_timeout_s)
+            )
+        except KafkaException as exc:
+            log.error("producer %s: abort failed: %s", self.client_id, exc.args[0].str())
 
     async def partitions_for(self, topic: str) -> int:
         """Learn a topic's metadata now, so the first send does not wait for it."""
@@ -121,6 +201,12 @@ class Publisher:
         return fut
 
     def _delivered(self, fut: asyncio.Future, err: Any, msg: Any) -> None:
+        if threading.get_ident() != self._loop_thread:
+            # a transaction's abort purges what it held and reports it on
+            # the aborting thread: settle on the loop, where the future lives
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._delivered, fut, err, msg)
+            return
         self._unacked -= 1
         if fut.done():
             return

@@ -92,6 +92,7 @@ class Worker:
             timeout_ms=config.redis_timeout_ms,
             backoff_max_s=config.redis_backoff_max_s,
             metrics=self._cache_metrics,
+            options=config.redis_options(),
         )
 
     # -- lifecycle -----------------------------------------------------------
@@ -134,7 +135,7 @@ class Worker:
                 used,
             )
         self._consumer = GroupConsumer(
-            cfg.bootstrap_servers,
+            cfg,
             group_id=cfg.group_id,
             client_id=f"sluice-worker-{cfg.worker_id}",
             topic=self.topics.requests,
@@ -171,7 +172,7 @@ class Worker:
         """Follow PREFIX.control for the kill switch, where the topic exists
         (`sluice up` and `sluice topics` make it; a cluster without it has none)."""
         cfg = self.config
-        view = ControlView(cfg.bootstrap_servers, self.topics.control, on_change=self._on_control)
+        view = ControlView(cfg, self.topics.control, on_change=self._on_control)
         try:
             await view.start_if_exists()
         except (KafkaError, OSError, TimeoutError) as exc:
@@ -203,21 +204,27 @@ class Worker:
         # Telemetry and DLQ records have their own producer: it lingers
         # longer (volume matters, latency does not), and a telemetry burst
         # never shares a produce request with answers.
+        # Exactly-once: one producer, since a transaction is one producer's.
         compression = cfg.publish_compression
         self._producer = Publisher(
-            cfg.bootstrap_servers,
+            cfg,
             client_id=f"sluice-worker-{cfg.worker_id}",
             linger_ms=cfg.publish_linger_ms,
             compression=compression,
-        )
-        self._bulk = Publisher(
-            cfg.bootstrap_servers,
-            client_id=f"sluice-worker-{cfg.worker_id}-bulk",
-            linger_ms=max(20, cfg.publish_linger_ms),
-            compression=compression,
+            transactional_id=(cfg.transactional_id or f"{cfg.group_id}-{cfg.worker_id}") if cfg.exactly_once else None,
+            transaction_timeout_ms=cfg.transaction_timeout_ms,
         )
         await self._producer.start()
-        await self._bulk.start()
+        if cfg.exactly_once:
+            self._bulk = self._producer
+        else:
+            self._bulk = Publisher(
+                cfg,
+                client_id=f"sluice-worker-{cfg.worker_id}-bulk",
+                linger_ms=max(20, cfg.publish_linger_ms),
+                compression=compression,
+            )
+            await self._bulk.start()
         # A first send to a topic waits for its metadata, and the fetch loop
         # (which answers L1 hits at intake) would wait with it: a new
         # worker's first answers stalled ~300 ms. Learn the topics now.
@@ -271,6 +278,7 @@ class Worker:
             prices=self._prices,
             default_model=cfg.default_model,
             slice_gap_ms=cfg.publish_slice_gap_ms,
+            early=not cfg.exactly_once,
         )
         intake = Intake(cfg, self._models, self._batcher, self._l1, state, self._pending, sender)
         lookup = Lookup(
@@ -303,6 +311,7 @@ class Worker:
             state=state,
             metrics=m,
             publish_max_items=cfg.publish_max_items,
+            transactional=cfg.exactly_once,
         )
         return intake, lookup, model, checkpoint
 
@@ -330,7 +339,8 @@ class Worker:
             await self._close()
 
     async def _close(self) -> None:
-        for closer in (self._consumer, self._producer, self._bulk, self._health, self._l2, self._control):
+        bulk = self._bulk if self._bulk is not self._producer else None
+        for closer in (self._consumer, self._producer, bulk, self._health, self._l2, self._control):
             if closer is not None:
                 try:
                     await closer.stop()

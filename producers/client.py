@@ -134,13 +134,13 @@ class SluiceClient:
     async def start(self) -> None:
         cfg = self.config
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=cfg.bootstrap_servers, acks="all", enable_idempotence=True, linger_ms=self._linger_ms
+            **cfg.aiokafka(), acks="all", enable_idempotence=True, linger_ms=self._linger_ms
         )
         await self._producer.start()
         # metadata now, not at the first send
         await self._producer.partitions_for(self.topics.ingress if cfg.admission else self.topics.requests)
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=cfg.bootstrap_servers,
+            **cfg.aiokafka(),
             enable_auto_commit=False,
             group_id=None,
             isolation_level="read_committed",

@@ -78,10 +78,10 @@ class RdKafkaClient:
     async def start(self) -> None:
         ck = _confluent()
         self._loop = asyncio.get_running_loop()
-        servers = self.config.bootstrap_servers
+        servers = self.config.rdkafka()
         self._producer = ck.Producer(
             {
-                "bootstrap.servers": servers,
+                **servers,
                 "acks": "all",
                 "enable.idempotence": True,
                 "linger.ms": self._linger_ms,
@@ -93,7 +93,7 @@ class RdKafkaClient:
         )
         self._consumer = ck.Consumer(
             {
-                "bootstrap.servers": servers,
+                **servers,
                 "group.id": f"sluice-loadgen-{now_ms()}",
                 "enable.auto.commit": False,
                 "isolation.level": "read_committed",

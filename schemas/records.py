@@ -219,6 +219,12 @@ def parse_request(raw: bytes | None, limits: Limits) -> Request:
             raise RequestError(
                 "field 'reply_to': must be a valid topic name", code="invalid_field", request_id=rid
             ) from None
+        if reply_to.startswith("__"):  # the broker refuses writes there, and a transaction with it
+            raise RequestError(
+                "field 'reply_to': Kafka's internal topics (__*) take no results",
+                code="invalid_field",
+                request_id=rid,
+            )
 
     def fail(message: str, code: str = "invalid_field") -> RequestError:
         return RequestError(message, code=code, request_id=rid, reply_to=reply_to)

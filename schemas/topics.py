@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import ssl
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 _TOPIC_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -31,10 +35,101 @@ class KafkaConfig(BaseModel):
         description="Producers (the client, `sluice produce`, `sluice loadtest`) write to PREFIX.ingress keyed by tenant, for `sluice admission` to let through; off: straight to PREFIX.requests.",
     )
 
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT",
+        description="How every Kafka client of Sluice talks to the broker: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (`sluice up --secure` makes a SASL_SSL broker).",
+    )
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism of the Kafka clients when the protocol is SASL_*."
+    )
+    kafka_sasl_username: str = Field("", description="SASL user (the Kafka principal User:NAME) of the Kafka clients.")
+    kafka_sasl_password: SecretStr = Field(
+        SecretStr(""),
+        description="SASL password of the Kafka clients; prefer SLUICE_KAFKA_SASL_PASSWORD_FILE. Never printed.",
+    )
+    kafka_sasl_password_file: Path | None = Field(
+        None, description="File whose first line is the SASL password (read at start; wins over the variable)."
+    )
+    kafka_ssl_cafile: Path | None = Field(
+        None, description="PEM file of the CA that signed the broker's certificate; unset trusts the system's CAs."
+    )
+    kafka_ssl_check_hostname: bool = Field(
+        True, description="Check that the broker's certificate names the host connected to (off only for tests)."
+    )
+    delivery: Literal["at-least-once", "exactly-once"] = Field(
+        "at-least-once",
+        description="Delivery mode of the workers: at-least-once (a crash may repeat a result) or exactly-once (results, telemetry and offsets in one Kafka transaction per round; clients read read_committed).",
+    )
+    tenant_topics: bool = Field(
+        False,
+        description="Each tenant writes PREFIX.requests.TENANT and reads PREFIX.results.TENANT, so broker ACLs can hold tenants apart; workers take the tenant from the topic.",
+    )
+
     @field_validator("topic_prefix")
     @classmethod
     def _prefix_is_a_topic_name(cls, v: str) -> str:
         return check_topic_name(v)
+
+    @model_validator(mode="after")
+    def _credentials_complete(self) -> KafkaConfig:
+        if self.kafka_sasl_password_file is not None:
+            try:
+                lines = self.kafka_sasl_password_file.read_text().splitlines()
+            except OSError as exc:
+                raise ValueError(f"SLUICE_KAFKA_SASL_PASSWORD_FILE: cannot read it ({exc.strerror})") from None
+            object.__setattr__(self, "kafka_sasl_password", SecretStr(lines[0] if lines else ""))
+        sasl = self.kafka_security_protocol.startswith("SASL")
+        if sasl and not (self.kafka_sasl_username and self.kafka_sasl_password.get_secret_value()):
+            raise ValueError(
+                f"SLUICE_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs SLUICE_KAFKA_SASL_USERNAME "
+                "and a password (SLUICE_KAFKA_SASL_PASSWORD_FILE or SLUICE_KAFKA_SASL_PASSWORD)"
+            )
+        if self.kafka_ssl_cafile is not None and not self.kafka_ssl_cafile.is_file():
+            raise ValueError(f"SLUICE_KAFKA_SSL_CAFILE: no such file {self.kafka_ssl_cafile}")
+        return self
+
+    @classmethod
+    def of(cls, kafka: str | KafkaConfig) -> KafkaConfig:
+        """A connection from bootstrap servers alone (plaintext) or a config as it is."""
+        return kafka if isinstance(kafka, KafkaConfig) else cls(bootstrap_servers=kafka)
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.delivery == "exactly-once"
+
+    def rdkafka(self) -> dict[str, Any]:
+        """librdkafka (confluent-kafka) options that reach the broker: servers and security."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_security_protocol.startswith("SASL"):
+            conf["sasl.mechanism"] = self.kafka_sasl_mechanism
+            conf["sasl.username"] = self.kafka_sasl_username
+            conf["sasl.password"] = self.kafka_sasl_password.get_secret_value()
+        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            if self.kafka_ssl_cafile is not None:
+                conf["ssl.ca.location"] = str(self.kafka_ssl_cafile)
+            conf["ssl.endpoint.identification.algorithm"] = "https" if self.kafka_ssl_check_hostname else "none"
+        return conf
+
+    def aiokafka(self) -> dict[str, Any]:
+        """aiokafka keyword arguments that reach the broker: servers and security."""
+        kw: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_security_protocol.startswith("SASL"):
+            kw["sasl_mechanism"] = self.kafka_sasl_mechanism
+            kw["sasl_plain_username"] = self.kafka_sasl_username
+            kw["sasl_plain_password"] = self.kafka_sasl_password.get_secret_value()
+        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            context = ssl.create_default_context(
+                cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile is not None else None
+            )
+            context.check_hostname = self.kafka_ssl_check_hostname
+            kw["ssl_context"] = context
+        return kw
 
     @property
     def topics(self) -> Topics:

@@ -172,13 +172,15 @@ class TelemetrySink:
         await self._in_db(self.store.start)
         self._store_ready = True
         await self._start_http()
-        self._admin = AIOKafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers, client_id="sluice-sink-admin")
+        self._admin = AIOKafkaAdminClient(**cfg.aiokafka(), client_id="sluice-sink-admin")
         await self._admin.start()
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=cfg.bootstrap_servers,
+            **cfg.aiokafka(),
             group_id=cfg.sink_group_id,
             client_id="sluice-sink",
             enable_auto_commit=False,
+            # an exactly-once worker's aborted rounds are never counted
+            isolation_level="read_committed",
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=8 << 20,
             fetch_max_bytes=64 << 20,

@@ -21,7 +21,7 @@ from aiokafka.errors import (
     for_code,
 )
 
-from schemas.topics import check_topic_name
+from schemas.topics import KafkaConfig, check_topic_name
 from sluice.errors import StackError
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,9 @@ def quiet_logger(name: str | None, level: int = logging.CRITICAL) -> Iterator[No
 
 
 @contextlib.asynccontextmanager
-async def _admin(bootstrap_servers: str, timeout_s: float) -> AsyncIterator[AIOKafkaAdminClient]:
+async def _admin(kafka: str | KafkaConfig, timeout_s: float) -> AsyncIterator[AIOKafkaAdminClient]:
     client = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap_servers,
+        **KafkaConfig.of(kafka).aiokafka(),
         request_timeout_ms=max(1000, int(timeout_s * 1000)),
     )
     try:
@@ -59,19 +59,19 @@ async def _admin(bootstrap_servers: str, timeout_s: float) -> AsyncIterator[AIOK
         await client.close()
 
 
-async def _probe(bootstrap_servers: str, timeout_s: float) -> None:
+async def _probe(kafka: str | KafkaConfig, timeout_s: float) -> None:
     """One attempt: raises unless the broker serves metadata with a live broker in it.
 
     A KRaft broker accepts TCP before it has caught up with the controller;
     only a metadata answer that lists a broker means requests will be served.
     """
-    async with _admin(bootstrap_servers, timeout_s) as client:
+    async with _admin(kafka, timeout_s) as client:
         cluster = await client.describe_cluster()
         if not cluster.get("brokers"):
             raise KafkaError("broker answered, but lists no brokers yet")
 
 
-async def wait_for_broker(bootstrap_servers: str, timeout_s: float) -> None:
+async def wait_for_broker(kafka: str | KafkaConfig, timeout_s: float) -> None:
     """Return once the broker answers a metadata request; StackError after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     last_error: BaseException | None = None
@@ -83,13 +83,15 @@ async def wait_for_broker(bootstrap_servers: str, timeout_s: float) -> None:
             try:
                 # aiokafka's own timeouts do not bound bootstrap retries, so bound
                 # each attempt here to keep the overall deadline honest.
-                await asyncio.wait_for(_probe(bootstrap_servers, min(remaining, 5.0)), remaining)
+                await asyncio.wait_for(_probe(kafka, min(remaining, 5.0)), remaining)
                 return
             except (KafkaError, OSError) as exc:  # TimeoutError is an OSError
                 last_error = exc
             await asyncio.sleep(min(_RETRY_PAUSE_S, max(0.0, deadline - time.monotonic())))
     detail = f": {type(last_error).__name__}: {last_error}" if last_error else ""
-    raise StackError(f"Kafka at {bootstrap_servers} did not answer within {timeout_s:g} s{detail}")
+    raise StackError(
+        f"Kafka at {KafkaConfig.of(kafka).bootstrap_servers} did not answer within {timeout_s:g} s{detail}"
+    )
 
 
 def _partition_counts(described: list[dict[str, Any]]) -> dict[str, int]:
@@ -127,7 +129,7 @@ async def _wait_until_visible(client: AIOKafkaAdminClient, names: set[str], dead
 
 
 async def ensure_topics(
-    bootstrap_servers: str,
+    kafka: str | KafkaConfig,
     partitions: dict[str, int],
     *,
     timeout_s: float = 30.0,
@@ -161,7 +163,7 @@ async def ensure_topics(
     try:
         # One bound for the whole exchange: aiokafka's request timeout covers
         # single requests, not bootstrap retries and the visibility wait.
-        async with asyncio.timeout(timeout_s), _admin(bootstrap_servers, timeout_s) as client:
+        async with asyncio.timeout(timeout_s), _admin(kafka, timeout_s) as client:
             # list_topics asks for all topics; asking metadata for named topics
             # instead would let a broker with auto.create.topics.enable create
             # the missing ones itself, with the default partition count.
@@ -230,22 +232,24 @@ async def ensure_topics(
     except StackError:
         raise
     except (KafkaError, OSError) as exc:  # TimeoutError is an OSError
-        raise StackError(f"could not ensure topics on {bootstrap_servers}: {type(exc).__name__}: {exc}") from exc
+        raise StackError(
+            f"could not ensure topics on {KafkaConfig.of(kafka).bootstrap_servers}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
-async def delete_topics_with_prefix(bootstrap_servers: str, prefix: str, *, timeout_s: float = 60.0) -> list[str]:
+async def delete_topics_with_prefix(kafka: str | KafkaConfig, prefix: str, *, timeout_s: float = 60.0) -> list[str]:
     """Delete every topic whose name starts with `prefix`; return their names.
     For throwaway topics (benchmarks): each partition costs the broker heap
     and file handles for as long as it exists, and they add up."""
     if not prefix:
         raise ValueError("refusing to delete every topic: give a non-empty prefix")
     try:
-        async with asyncio.timeout(timeout_s), _admin(bootstrap_servers, timeout_s) as client:
+        async with asyncio.timeout(timeout_s), _admin(kafka, timeout_s) as client:
             names = sorted(t for t in await client.list_topics() if t.startswith(prefix))
             for i in range(0, len(names), 100):  # a bounded request each
                 await client.delete_topics(names[i : i + 100], timeout_ms=int(timeout_s * 1000))
             return names
     except (KafkaError, OSError) as exc:
         raise StackError(
-            f"could not delete topics {prefix}* on {bootstrap_servers}: {type(exc).__name__}: {exc}"
+            f"could not delete topics {prefix}* on {KafkaConfig.of(kafka).bootstrap_servers}: {type(exc).__name__}: {exc}"
         ) from exc

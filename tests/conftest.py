@@ -228,14 +228,24 @@ def autogroup(pid: int | str = "self") -> tuple[str, int] | None:
 
 
 async def read_topic(
-    bootstrap: str, topic: str, *, expect: int | None = None, timeout_s: float = 30.0, idle_s: float = 2.0
+    bootstrap: str,
+    topic: str,
+    *,
+    expect: int | None = None,
+    timeout_s: float = 30.0,
+    idle_s: float = 2.0,
+    isolation_level: str = "read_uncommitted",
 ) -> list:
     """Every record of a topic from the beginning (until `expect` records or
     `idle_s` without new ones)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, auto_offset_reset="earliest"
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        group_id=None,
+        auto_offset_reset="earliest",
+        isolation_level=isolation_level,
     )
     await consumer.start()
     try:

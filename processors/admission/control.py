@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from processors.admission.limits import GlobalLimits, TenantLimits
 from schemas.records import now_ms
 from schemas.service.lag import partitions_of
+from schemas.topics import KafkaConfig
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,9 @@ class ControlView:
     """Follows PREFIX.control in the background; `control` is always the latest."""
 
     def __init__(
-        self, bootstrap_servers: str, topic: str, *, on_change: Callable[[Control, str], None] | None = None
+        self, kafka: str | KafkaConfig, topic: str, *, on_change: Callable[[Control, str], None] | None = None
     ) -> None:
-        self.bootstrap_servers = bootstrap_servers
+        self.kafka = KafkaConfig.of(kafka)
         self.topic = topic
         self.control = Control()
         self._on_change = on_change
@@ -104,7 +105,7 @@ class ControlView:
 
     async def _start(self, timeout_s: float, required: bool) -> None:
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap_servers,
+            **self.kafka.aiokafka(),
             group_id=None,
             enable_auto_commit=False,
             client_id="sluice-control",
@@ -161,9 +162,9 @@ async def stop_following(task: asyncio.Task[None] | None, consumer: AIOKafkaCons
         await consumer.stop()
 
 
-async def write_control(bootstrap_servers: str, topic: str, records: dict[str, Any]) -> None:
+async def write_control(kafka: str | KafkaConfig, topic: str, records: dict[str, Any]) -> None:
     """Write control records (key -> document; None removes the key), acknowledged by all replicas."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", client_id="sluice-tenants")
+    producer = AIOKafkaProducer(**KafkaConfig.of(kafka).aiokafka(), acks="all", client_id="sluice-tenants")
     await producer.start()
     try:
         for key, doc in records.items():

@@ -65,6 +65,7 @@ from schemas.records import Request, encode, now_ms, parse_request, result_doc, 
 from schemas.service.http import HealthServer
 from schemas.service.lag import BrokerSignals, partitions_of
 from schemas.service.tasks import supervise
+from schemas.topics import KafkaConfig
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +116,9 @@ class AdmissionStage:
         self.metrics = metrics or AdmissionMetrics()
         self.name = f"admission:{config.worker_id}"
         self._usd_per_token: dict[str, float] = {}  # model ref -> what a computed token is charged
-        self.control = ControlView(config.bootstrap_servers, self.topics.control, on_change=self._on_control)
-        self.states = StateView(config.bootstrap_servers, self.topics.admission_state)
-        self.lag = BrokerSignals(config.bootstrap_servers, self.topics.requests, config.group_id)
+        self.control = ControlView(config, self.topics.control, on_change=self._on_control)
+        self.states = StateView(config, self.topics.admission_state)
+        self.lag = BrokerSignals(config, self.topics.requests, config.group_id)
         self.overloaded = False
         self._tenants: dict[int, dict[str, TenantState]] = {}  # owned ingress partition -> tenant -> counters
         self._dirty: set[tuple[int, str]] = set()
@@ -147,7 +148,7 @@ class AdmissionStage:
         await self.states.start()
         await self.lag.start()
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=cfg.bootstrap_servers,
+            **cfg.aiokafka(),
             client_id="sluice-admission",
             acks="all",
             enable_idempotence=True,
@@ -156,7 +157,7 @@ class AdmissionStage:
         await self._producer.start()
         await self._start_telemetry()
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=cfg.bootstrap_servers,
+            **cfg.aiokafka(),
             group_id=cfg.admission_group_id,
             client_id="sluice-admission",
             enable_auto_commit=False,
@@ -445,10 +446,11 @@ class AdmissionStage:
     async def _start_telemetry(self) -> None:
         """Follow telemetry from the oldest reservation that may still wait for it."""
         consumer = self._telemetry = AIOKafkaConsumer(
-            bootstrap_servers=self.config.bootstrap_servers,
+            **self.config.aiokafka(),
             group_id=None,
             enable_auto_commit=False,
             client_id="sluice-admission-telemetry",
+            isolation_level="read_committed",
         )
         await consumer.start()
         tps = await partitions_of(consumer, self.topics.telemetry)
@@ -559,8 +561,8 @@ class StateView:
     """Follows PREFIX.admission-state whole: the latest counters of every tenant,
     by (partition, tenant); read back on assignment, summed for the global budget."""
 
-    def __init__(self, bootstrap_servers: str, topic: str) -> None:
-        self.bootstrap_servers = bootstrap_servers
+    def __init__(self, kafka: str | KafkaConfig, topic: str) -> None:
+        self.kafka = KafkaConfig.of(kafka)
         self.topic = topic
         self.latest: dict[tuple[int, str], dict[str, Any]] = {}
         self._consumer: AIOKafkaConsumer | None = None
@@ -569,7 +571,7 @@ class StateView:
 
     async def start(self) -> None:
         c = self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap_servers, group_id=None, enable_auto_commit=False, client_id="sluice-state"
+            **self.kafka.aiokafka(), group_id=None, enable_auto_commit=False, client_id="sluice-state"
         )
         await c.start()
         self._tps = await partitions_of(c, self.topic)

@@ -12,6 +12,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from schemas.topics import KafkaConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -57,8 +59,8 @@ class GroupOffsets:
 class BrokerSignals:
     """End offsets and committed offsets of one topic and group, bounded in time."""
 
-    def __init__(self, bootstrap_servers: str, topic: str, group: str, timeout_s: float = 10.0) -> None:
-        self.bootstrap_servers = bootstrap_servers
+    def __init__(self, kafka: str | KafkaConfig, topic: str, group: str, timeout_s: float = 10.0) -> None:
+        self.kafka = KafkaConfig.of(kafka)
         self.topic = topic
         self.group = group
         self.timeout_s = timeout_s
@@ -67,14 +69,14 @@ class BrokerSignals:
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap_servers,
+            **self.kafka.aiokafka(),
             group_id=None,
             enable_auto_commit=False,
             client_id="sluice-autoscale",
             request_timeout_ms=int(self.timeout_s * 1000),
         )
         self._admin = AIOKafkaAdminClient(
-            bootstrap_servers=self.bootstrap_servers,
+            **self.kafka.aiokafka(),
             client_id="sluice-autoscale-admin",
             request_timeout_ms=int(self.timeout_s * 1000),
         )
@@ -83,7 +85,7 @@ class BrokerSignals:
             try:
                 await asyncio.wait_for(client.start(), self.timeout_s)
             except (KafkaError, OSError) as exc:
-                log.warning("broker at %s not answering yet: %s", self.bootstrap_servers, exc)
+                log.warning("broker at %s not answering yet: %s", self.kafka.bootstrap_servers, exc)
 
     async def close(self) -> None:
         if self._consumer is not None:

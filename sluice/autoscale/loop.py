@@ -100,7 +100,7 @@ class Autoscaler:
         self.saturation = Saturation(
             config.autoscale_lookback_s, config.autoscale_interval_s, config.autoscale_saturation_backlog_s
         )
-        self.broker = BrokerSignals(kafka.bootstrap_servers, kafka.topics.requests, group)
+        self.broker = BrokerSignals(kafka, kafka.topics.requests, group)
         self._producer: AIOKafkaProducer | None = None
         self._http: HealthServer | None = None
         self._stopping = asyncio.Event()
@@ -113,9 +113,7 @@ class Autoscaler:
     async def start(self) -> None:
         cfg = self.config
         await self.broker.start()
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self.kafka.bootstrap_servers, client_id="sluice-autoscale", acks="all"
-        )
+        self._producer = AIOKafkaProducer(**self.kafka.aiokafka(), client_id="sluice-autoscale", acks="all")
         try:
             await asyncio.wait_for(self._producer.start(), 10)
         except (KafkaError, OSError) as exc:

@@ -15,7 +15,7 @@ from sluice.cli.analytics import cmd_analytics, cmd_report, cmd_sink
 from sluice.cli.autoscale import cmd_autoscale
 from sluice.cli.demo import cmd_demo
 from sluice.cli.settings import cmd_settings
-from sluice.cli.stack import cmd_down, cmd_status, cmd_topics, cmd_up
+from sluice.cli.stack import add_up_flags, cmd_down, cmd_status, cmd_topics, cmd_up
 from sluice.cli.tenants import cmd_admission, cmd_tenants
 from sluice.cli.traffic import cmd_loadtest, cmd_produce, cmd_subscribe, generator_slice
 from sluice.cli.worker import cmd_model, cmd_worker
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="start the local stack (Kafka KRaft + Redis) and create topics")
+    add_up_flags(sub.add_parser("up", help="start the local stack (Kafka KRaft + Redis) and create topics"))
     sub.add_parser("down", help="stop the local stack")
     sub.add_parser("status", help="show the local stack's processes")
     sub.add_parser(

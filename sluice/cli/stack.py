@@ -7,12 +7,33 @@ import argparse
 from sluice.settings import Settings
 
 
-def cmd_up(s: Settings, args: argparse.Namespace) -> int:
-    from sluice.stack import LocalStack
+def add_up_flags(p: argparse.ArgumentParser) -> None:
+    """`sluice up`'s flags."""
+    p.add_argument(
+        "--secure",
+        action="store_true",
+        help="Kafka with only a SASL_SSL listener, SCRAM users and ACLs; Redis with an ACL user "
+        "(SLUICE_STACK_SECURE=1 does the same); prints the env file to source",
+    )
 
-    stack = LocalStack(s.stack())
-    outcome = stack.up(s.topic_partitions(), **s.topic_replication())
-    print(f"stack {outcome}: kafka {stack.bootstrap_servers}, redis {stack.redis_url}, state {s.state_dir}")
+
+def cmd_up(s: Settings, args: argparse.Namespace) -> int:
+    from sluice.stack import CLIENT_USER, REDIS_USER, SERVICE_USER, LocalStack
+
+    config = s.stack()
+    if getattr(args, "secure", False):
+        config = config.model_copy(update={"stack_secure": True})
+    stack = LocalStack(config)
+    outcome = stack.up(s.topic_partitions(), **s.topic_replication(), topic_prefix=s.topic_prefix)
+    if not config.stack_secure:
+        print(f"stack {outcome}: kafka {stack.bootstrap_servers}, redis {stack.redis_url}, state {s.state_dir}")
+        return 0
+    print(
+        f"secure stack {outcome}: kafka SASL_SSL {stack.bootstrap_servers}, redis {stack.redis_url} "
+        f"(user {REDIS_USER}), state {s.state_dir}\n"
+        f"workers, sink, admission, autoscaler: source {stack.env_file(SERVICE_USER)}\n"
+        f"client applications:                  source {stack.env_file(CLIENT_USER)}"
+    )
     return 0
 
 
@@ -46,7 +67,7 @@ def cmd_topics(s: Settings, args: argparse.Namespace) -> int:
     wanted = s.topic_partitions()
     created = asyncio.run(
         ensure_topics(
-            s.bootstrap_servers,
+            s.kafka(),
             wanted,
             **s.topic_replication(),
         )

@@ -81,7 +81,7 @@ def cmd_tenants(s: Settings, args: argparse.Namespace) -> int:
         records = limits_from_file(Path(args.file))
     else:  # argparse allows nothing else
         raise ConfigError(f"sluice tenants {action}: unknown")
-    asyncio.run(write_control(s.bootstrap_servers, topic, records))
+    asyncio.run(write_control(s.kafka(), topic, records))
     for key, doc in records.items():
         print(f"{key}: {'removed' if doc is None else doc}")
     return 0
@@ -98,8 +98,8 @@ async def _show(s: Settings) -> str:
     from processors.admission.stage import StateView
     from schemas.records import now_ms
 
-    control = ControlView(s.bootstrap_servers, s.topics.control)
-    states = StateView(s.bootstrap_servers, s.topics.admission_state)
+    control = ControlView(s.kafka(), s.topics.control)
+    states = StateView(s.kafka(), s.topics.admission_state)
     await control.start()
     await states.start()
     try:

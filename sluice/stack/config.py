@@ -19,7 +19,10 @@ class StackConfig(BaseModel):
 
     state_dir: Path = Field(Path(".sluice"), description="Folder for the local stack's jars, data, logs and pid files.")
     kafka_port: int = Field(
-        9092, ge=1, le=65535, description="Port of the local Kafka broker's PLAINTEXT listener on 127.0.0.1."
+        9092,
+        ge=1,
+        le=65535,
+        description="Port of the local Kafka broker's client listener on 127.0.0.1 (PLAINTEXT; SASL_SSL with SLUICE_STACK_SECURE).",
     )
     kafka_controller_port: int = Field(
         9093, ge=1, le=65535, description="Port of the local Kafka broker's KRaft controller listener on 127.0.0.1."
@@ -44,6 +47,10 @@ class StackConfig(BaseModel):
         ge=0,
         le=100_000,
         description="CPU time slice (Linux 6.12+) that `sluice up` asks for every thread of the local broker and redis-server, in µs, so they preempt the model's compute as they wake; 0 leaves them as they are.",
+    )
+    stack_secure: bool = Field(
+        False,
+        description="`sluice up` starts Kafka with only a SASL_SSL listener (SCRAM users, ACLs) and Redis with an ACL user and password, secrets under STATE_DIR/secrets/ (`sluice up --secure` sets it).",
     )
     stack_start_timeout_s: float = Field(
         90.0, gt=0, le=3600, description="Seconds to wait for each service of the local stack to answer after start."

@@ -12,10 +12,12 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from schemas.topics import KafkaConfig
 from sluice.admin import wait_for_broker
 from sluice.errors import StackError
 from sluice.stack.config import StackConfig
 from sluice.stack.processes import _LOG_TAIL_LINES, _run_sync, _Service
+from sluice.stack.security import StackSecrets, write_private
 
 # The broker's Maven manifest is package data, so an installed sluice has it too.
 _POM = resources.files("sluice.stack").joinpath("kafka/pom.xml")
@@ -41,6 +43,13 @@ _GC_OPTIONS: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# The secure broker's principals. `admin` is the super user every Kafka-side
+# task of the stack runs as (inter-broker traffic, topic creation, users,
+# ACLs); `controller` only authenticates the KRaft controller listener.
+ADMIN_USER = "admin"
+CONTROLLER_USER = "controller"
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+
 
 class KafkaBroker:
     """LocalStack's Kafka part (a mixin: it uses the stack's config,
@@ -51,8 +60,12 @@ class KafkaBroker:
         _kafka: _Service
         _log: Callable[[str], None]
 
+        _secrets: StackSecrets
+
         @property
         def bootstrap_servers(self) -> str: ...
+        @property
+        def kafka_admin(self) -> str | KafkaConfig: ...
 
         @staticmethod
         def _which(program: str, hint: str) -> str: ...
@@ -111,7 +124,7 @@ class KafkaBroker:
         """
         kafka_dir = self._kafka.dir
         port, cport = self.config.kafka_port, self.config.kafka_controller_port
-        settings = {
+        settings: dict[str, str] = {
             # One node that is both the KRaft controller and the broker.
             "process.roles": "broker,controller",
             "node.id": "1",
@@ -120,7 +133,7 @@ class KafkaBroker:
             "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
             "controller.listener.names": "CONTROLLER",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-            "log.dirs": str(kafka_dir / "data"),
+            "log.dirs": str(self._kafka_data_dir()),
             # Internal topics must fit on a single broker.
             "offsets.topic.replication.factor": "1",
             "transaction.state.log.replication.factor": "1",
@@ -147,11 +160,16 @@ class KafkaBroker:
             "num.io.threads": "4",
             "offsets.topic.num.partitions": "10",
         }
+        if self.config.stack_secure:
+            settings.update(self._security_settings())
         server_properties = kafka_dir / "server.properties"
-        server_properties.write_text(
-            "# Written by sluice.stack on every start; edits are overwritten.\n"
-            + "".join(f"{key}={value}\n" for key, value in settings.items())
+        text = "# Written by sluice.stack on every start; edits are overwritten.\n" + "".join(
+            f"{key}={value}\n" for key, value in settings.items()
         )
+        if self.config.stack_secure:
+            write_private(server_properties, text)  # it holds the stores' and JAAS passwords
+        else:
+            server_properties.write_text(text)
         (kafka_dir / "log4j.properties").write_text(
             "log4j.rootLogger=WARN, stdout\n"
             "log4j.appender.stdout=org.apache.log4j.ConsoleAppender\n"
@@ -160,12 +178,84 @@ class KafkaBroker:
         )
         return server_properties
 
+    def _security_settings(self) -> dict[str, str]:
+        """server.properties of the secure broker: one SASL_SSL listener for
+        clients and for the broker itself, SCRAM, ACLs with no allow-by-default,
+        and a controller listener that takes a password too.
+
+        The controller listener uses SASL_PLAINTEXT with PLAIN and a static
+        JAAS user: KRaft cannot serve SCRAM there (SCRAM credentials live in
+        the metadata log the controller itself serves), and it stays on
+        127.0.0.1. The broker's own side of both listeners logs in with the
+        `username`/`password` of the same JAAS entries.
+        """
+        port = self.config.kafka_port
+        cport = self.config.kafka_controller_port
+        sec = self._secrets
+        admin_pw = self._admin_password()
+        controller_pw = sec.password(CONTROLLER_USER)
+        return {
+            "listeners": f"SASL_SSL://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
+            "advertised.listeners": f"SASL_SSL://127.0.0.1:{port}",
+            "listener.security.protocol.map": "SASL_SSL:SASL_SSL,CONTROLLER:SASL_PLAINTEXT",
+            "inter.broker.listener.name": "SASL_SSL",
+            "sasl.mechanism.inter.broker.protocol": SCRAM_MECHANISM,
+            "sasl.mechanism.controller.protocol": "PLAIN",
+            "listener.name.sasl_ssl.sasl.enabled.mechanisms": SCRAM_MECHANISM,
+            f"listener.name.sasl_ssl.{SCRAM_MECHANISM.lower()}.sasl.jaas.config": (
+                "org.apache.kafka.common.security.scram.ScramLoginModule required "
+                f'username="{ADMIN_USER}" password="{admin_pw}";'
+            ),
+            "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.controller.plain.sasl.jaas.config": (
+                "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                f'username="{CONTROLLER_USER}" password="{controller_pw}" '
+                f'user_{CONTROLLER_USER}="{controller_pw}";'
+            ),
+            "ssl.keystore.type": "PKCS12",
+            "ssl.keystore.location": str(sec.keystore),
+            "ssl.keystore.password": sec.password("keystore"),
+            "ssl.key.password": sec.password("keystore"),
+            "ssl.truststore.type": "PKCS12",
+            "ssl.truststore.location": str(sec.truststore),
+            "ssl.truststore.password": sec.password("truststore"),
+            "ssl.client.auth": "none",
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": f"User:{ADMIN_USER};User:{CONTROLLER_USER}",
+            "allow.everyone.if.no.acl.found": "false",
+        }
+
+    def _admin_password(self) -> str:
+        """The admin's password: made before the secure data folder is
+        formatted, fixed from then on (the folder's metadata holds it)."""
+        data = self._kafka_data_dir()
+        return self._secrets.password(
+            ADMIN_USER,
+            create=not (data / "meta.properties").exists(),
+            hint=f"{data} was formatted with it; restore it, or `sluice down` and delete {data} to start over",
+        )
+
+    def _kafka_data_dir(self) -> Path:
+        """The KRaft log dirs. The secure broker keeps its own: a folder
+        formatted plaintext holds no admin SCRAM credential (it can only be
+        added at format time) and no ACLs, and the plaintext stack's data
+        stays intact for when the stack runs without --secure again."""
+        return self._kafka.dir / ("data-secure" if self.config.stack_secure else "data")
+
     def _format_storage(self, java_bin: str, libs: Path, server_properties: Path) -> None:
-        data = self._kafka.dir / "data"
+        data = self._kafka_data_dir()
         if (data / "meta.properties").exists():
             return
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
         self._log(f"kafka: formatting storage in {data} (cluster id {cluster_id})")
+        scram: list[str] = []
+        if self.config.stack_secure:
+            # The admin's credential must be in the metadata before the broker
+            # starts: the broker logs in as admin over its own SASL_SSL listener,
+            # and only admin may create the other users. The storage tool takes
+            # it only as an argument (a short-lived process, never a running one).
+            password = self._admin_password()
+            scram = ["--add-scram", f"{SCRAM_MECHANISM}=[name={ADMIN_USER},password={password}]"]
         done = subprocess.run(
             [
                 java_bin,
@@ -178,6 +268,7 @@ class KafkaBroker:
                 "--standalone",
                 "--config",
                 str(server_properties),
+                *scram,
             ],
             cwd=self._kafka.dir,
             stdin=subprocess.DEVNULL,
@@ -187,6 +278,8 @@ class KafkaBroker:
         )
         if done.returncode != 0:
             output = "\n".join((done.stdout + done.stderr).splitlines()[-_LOG_TAIL_LINES:])
+            if scram:  # the tool may quote its arguments back
+                output = output.replace(self._admin_password(), "<redacted>")
             raise StackError(f"formatting Kafka storage failed (exit {done.returncode}):\n{output}")
 
     def _start_kafka(self, java_bin: str, libs: Path, server_properties: Path) -> int:
@@ -211,9 +304,11 @@ class KafkaBroker:
         return pid
 
     def _wait_kafka(self, pid: int, *, announce: bool) -> None:
+        admin = self.kafka_admin  # outside the loop: a missing secret fails at once
+
         def answers(timeout_s: float) -> bool:
             try:
-                _run_sync(wait_for_broker(self.bootstrap_servers, timeout_s))
+                _run_sync(wait_for_broker(admin, timeout_s))
             except StackError:
                 return False
             return True
