@@ -42,9 +42,11 @@ log = logging.getLogger(__name__)
 class Committer(Protocol):
     """What the checkpoint needs of the consumer (processors.consumer.GroupConsumer)."""
 
-    topic: str
-
     async def commit(self, offsets: dict[int, int]) -> None: ...
+
+    def where(self, slot: int) -> tuple[str, int]: ...
+
+    def topic_partitions(self, offsets: dict[int, int]) -> list[Any]: ...
 
     async def group_metadata(self) -> Any: ...
 
@@ -146,7 +148,7 @@ class Checkpoint:
             tokens=it.tokens,
             batch_size=it.batch_size,
             worker=self.sender.worker_id,
-            partition=it.partition,
+            partition=self.committer.where(it.partition)[1],
             offset=it.offset,
             sent_at_ms=it.sent_ms,
             received_at_ms=it.received_ms,
@@ -173,12 +175,9 @@ class Checkpoint:
         self.metrics.observe_stage("publish", publish_s)
 
     async def commit_transaction(self, offsets: dict[int, int]) -> None:
-        from confluent_kafka import TopicPartition
-
-        topic = self.committer.topic
         try:
             await self.sender.results.commit(
-                [TopicPartition(topic, p, off) for p, off in offsets.items()], await self.committer.group_metadata()
+                self.committer.topic_partitions(offsets), await self.committer.group_metadata()
             )
         except TransactionAborted:
             self.metrics.commits.labels("aborted").inc()

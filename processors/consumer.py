@@ -58,11 +58,18 @@ class ConsumerError(SluiceError):
     code = "consumer"
 
 
-Records = dict[int, list[Any]]  # partition -> confluent_kafka.Message, in offset order
+Records = dict[int, list[Any]]  # slot -> confluent_kafka.Message, in offset order
 
 
 class GroupConsumer:
-    """One topic, one consumer group, manual commits, at-least-once."""
+    """One topic (or every topic a `^regex` names), one consumer group,
+    manual commits.
+
+    The stages know a partition by one int, its slot: of one topic, the
+    partition number itself; of a pattern's topics (a topic per tenant), a
+    number this consumer gives each (topic, partition) it meets, never
+    reused, so a slot's state can never be mistaken for another's.
+    """
 
     def __init__(
         self,
@@ -80,6 +87,9 @@ class GroupConsumer:
         on_revoked: Callable[[set[int]], Awaitable[None]],
     ) -> None:
         self.topic = topic
+        self._pattern = topic.startswith("^")
+        self._slots: dict[tuple[str, int], int] = {}  # written by the thread only
+        self._where: dict[int, tuple[str, int]] = {}
         self._conf = {
             **KafkaConfig.of(kafka).rdkafka(),
             "group.id": group_id,
@@ -100,6 +110,8 @@ class GroupConsumer:
             "socket.nagle.disable": True,
             "error_cb": self._on_error,
         }
+        if self._pattern:  # a new tenant's topic is found within this long
+            self._conf["topic.metadata.refresh.interval.ms"] = 10_000
         self._max_buffered = max_buffered
         self._on_assigned = on_assigned
         self._on_revoked = on_revoked
@@ -138,6 +150,25 @@ class GroupConsumer:
 
     def assignment(self) -> frozenset[int]:
         return self._assignment
+
+    def where(self, slot: int) -> tuple[str, int]:
+        """The (topic, partition) of a slot."""
+        return self._where.get(slot, (self.topic, slot)) if self._pattern else (self.topic, slot)
+
+    def topic_partitions(self, offsets: dict[int, int]) -> list[Any]:
+        """Slot -> offset as confluent-kafka TopicPartitions."""
+        from confluent_kafka import TopicPartition
+
+        return [TopicPartition(*self.where(slot), off) for slot, off in offsets.items()]
+
+    def _slot(self, topic: str, partition: int) -> int:
+        if not self._pattern:
+            return partition
+        slot = self._slots.get((topic, partition))
+        if slot is None:
+            slot = self._slots[(topic, partition)] = len(self._slots)
+            self._where[slot] = (topic, partition)
+        return slot
 
     @property
     def buffered(self) -> int:
@@ -242,7 +273,7 @@ class GroupConsumer:
                     if m.error() is not None:
                         log.warning("consumer: %s", m.error().str())
                         continue
-                    by[m.partition()].append(m)
+                    by[self._slot(m.topic(), m.partition())].append(m)
                     n += 1
                 if n:
                     self._handed += n
@@ -262,7 +293,7 @@ class GroupConsumer:
 
     def _serve_commits(self) -> None:
         """Make every commit asked for so far, as one."""
-        from confluent_kafka import KafkaException, TopicPartition
+        from confluent_kafka import KafkaException
 
         asked: list[asyncio.Future] = []
         merged: dict[int, int] = {}
@@ -282,10 +313,8 @@ class GroupConsumer:
             return
         error: BaseException | None = None
         try:
-            done = self._consumer.commit(
-                offsets=[TopicPartition(self.topic, p, off) for p, off in merged.items()], asynchronous=False
-            )
-            refused = [f"{tp.partition}: {tp.error.str()}" for tp in done or () if tp.error is not None]
+            done = self._consumer.commit(offsets=self.topic_partitions(merged), asynchronous=False)
+            refused = [f"{tp.topic}/{tp.partition}: {tp.error.str()}" for tp in done or () if tp.error is not None]
             if refused:
                 error = CommitError(f"commit refused for partitions {', '.join(refused)}")
         except KafkaException as exc:
@@ -296,13 +325,13 @@ class GroupConsumer:
     def _assigned(self, consumer: Any, partitions: list[Any]) -> None:
         # eager protocol: the whole new assignment (librdkafka assigns it
         # when this returns)
-        self._assignment = frozenset(tp.partition for tp in partitions)
+        self._assignment = frozenset(self._slot(tp.topic, tp.partition) for tp in partitions)
         self._paused = False  # a new assignment starts fetching
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._on_assigned, set(self._assignment))
 
     def _revoked(self, consumer: Any, partitions: list[Any]) -> None:
-        parts = {tp.partition for tp in partitions}
+        parts = {self._slot(tp.topic, tp.partition) for tp in partitions}
         self._assignment = frozenset()
         if self._closing:
             return  # the worker has drained already

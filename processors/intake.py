@@ -96,10 +96,14 @@ class Intake:
         now, received = time.monotonic(), now_ms()
         items: list[Item] = []
         by_model: dict[str, list[Item]] = defaultdict(list)
+        # tenant topics: the topic says whose requests these are, whatever they say
+        tenant = cfg.topics.tenant_of(records[0].topic()) if cfg.tenant_topics and records else None
         for m in records:
             item = Item(partition, m.offset(), m.key(), m.value(), m.timestamp()[1], received)
             items.append(item)
             card = self._check(item)
+            if tenant is not None:
+                self._hold_to_tenant(item, tenant)
             if card is not None:
                 by_model[card.name].append(item)
         shared = cfg.shared_cache_models
@@ -125,6 +129,27 @@ class Intake:
             tokens = it.serve.est_tokens if it.serve is not None else 0
             self.batcher.add(partition, it, tokens=max(1, tokens), offset=it.offset, now=now)
         return hits
+
+    def _hold_to_tenant(self, item: Item, tenant: str) -> None:
+        """The topic's tenant is the request's, and its answer goes to that
+        tenant's results (or a reply topic under them): a tenant can reach
+        neither another's cache nor another's results."""
+        results = self.config.topics.tenant_results(tenant)
+        counted = self.sender.metrics.tenant_overrides
+        req = item.request
+        if req is not None:
+            update: dict[str, Any] = {}
+            if req.tenant != tenant:
+                update["tenant"] = tenant
+                counted.labels("tenant").inc()
+            if req.reply_to is None or not (req.reply_to == results or req.reply_to.startswith(results + ".")):
+                if req.reply_to is not None:
+                    counted.labels("reply_to").inc()
+                update["reply_to"] = results
+            if update:
+                item.request = req.model_copy(update=update)
+        if item.error is not None:
+            item.error.reply_to = results
 
     def _check(self, item: Item) -> ModelCard | None:
         """The item's model if it can be served; else its error is set."""

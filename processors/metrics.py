@@ -32,6 +32,12 @@ class WorkerMetrics:
             "sluice_request_errors_total", "Error results and DLQ records, by code.", ["code"], registry=r
         )
         self.dlq = Counter("sluice_dlq_records_total", "Records sent to the DLQ.", registry=r)
+        self.tenant_overrides = Counter(
+            "sluice_tenant_overrides_total",
+            "Requests on a tenant's topic whose tenant or reply_to named another, replaced by the topic's.",
+            ["field"],
+            registry=r,
+        )
         self.latency = Histogram(
             "sluice_stage_seconds", "Time per request in each stage.", ["stage"], buckets=_LATENCY_BUCKETS, registry=r
         )

@@ -125,7 +125,7 @@ def _load(folders: dict[str, Path], options: dict[str, Any]) -> tuple[int, dict[
 
 def _compute(jobs: list[Job]) -> Computed:
     """One embed call per model over all its jobs, then classify heads. A
-    model failure fails its jobs, not the process."""
+    model failure fails only the inputs it fails on, never the process."""
     outcomes = [Outcome() for _ in jobs]
     by_model: dict[str, list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
@@ -135,23 +135,37 @@ def _compute(jobs: list[Job]) -> Computed:
         model = _RUNTIMES[name]
         run = runs[name] = ModelRun(start_ms=now_ms())
         try:
-            encoded = model.encode([jobs[i].text for i in idx])
-            vectors = model.embed_encoded(encoded, run)
-            for i, enc, vec in zip(idx, encoded, vectors):
-                job, o = jobs[i], outcomes[i]
-                o.tokens, o.truncated = enc.tokens, enc.truncated
-                if job.task == "classify":
-                    labels = list(job.labels)
-                    output = model.classify(vec, labels, model.label_embeddings(labels, run))
-                else:
-                    output = {"embedding": vec}
-                o.out = encode(output)
+            _run_model(model, jobs, outcomes, idx, run)
         except Exception as exc:  # ONNX Runtime raises untyped errors
-            log.exception("model %s failed on %d items", name, len(idx))
+            log.warning("model %s failed on %d items (%s): computing them one by one", name, len(idx), exc)
+            # One bad input (a poison) must not fail its batch-mates: alone,
+            # each either succeeds or fails by itself. Rare, so one call
+            # each rather than a bisection.
             for i in idx:
-                outcomes[i].out, outcomes[i].error = None, f"model {name} failed: {exc}"
+                try:
+                    _run_model(model, jobs, outcomes, [i], run)
+                except Exception as one:
+                    log.error("model %s failed on one input: %s", name, one)
+                    outcomes[i].out, outcomes[i].error = None, f"model {name} failed on this input: {one}"
         run.end_ms = now_ms()
     return Computed(outcomes, runs)
+
+
+def _run_model(model: Any, jobs: list[Job], outcomes: list[Outcome], idx: list[int], run: ModelRun) -> None:
+    encoded = model.encode([jobs[i].text for i in idx])
+    vectors = model.embed_encoded(encoded, run)
+    done = []
+    for i, enc, vec in zip(idx, encoded, vectors):
+        job = jobs[i]
+        if job.task == "classify":
+            labels = list(job.labels)
+            output = model.classify(vec, labels, model.label_embeddings(labels, run))
+        else:
+            output = {"embedding": vec}
+        done.append((i, enc, encode(output)))
+    for i, enc, out in done:  # all or none of them, so a retry starts clean
+        o = outcomes[i]
+        o.tokens, o.truncated, o.out = enc.tokens, enc.truncated, out
 
 
 # -- the parent -----------------------------------------------------------------

@@ -138,7 +138,7 @@ class Worker:
             cfg,
             group_id=cfg.group_id,
             client_id=f"sluice-worker-{cfg.worker_id}",
-            topic=self.topics.requests,
+            topic=self.topics.tenant_requests_pattern if cfg.tenant_topics else self.topics.requests,
             session_timeout_ms=cfg.session_timeout_ms,
             max_poll_interval_ms=max(300_000, int(cfg.drain_timeout_s * 2000)),
             fetch_max_wait_ms=cfg.fetch_max_wait_ms,

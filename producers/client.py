@@ -71,9 +71,24 @@ def destination(config: KafkaConfig, doc: dict[str, Any]) -> tuple[str, bytes]:
     """(topic, key) of a request: PREFIX.ingress keyed by tenant when an
     admission stage lets requests through (every request of a tenant meets
     one stage, which holds its counters), else PREFIX.requests keyed by cache key."""
+    if config.tenant_topics:  # the broker holds the tenant to its topic
+        doc["tenant"] = config.tenant
+        return config.topics.tenant_requests(config.tenant), request_key(doc)
     if config.admission:
         return config.topics.ingress, str(doc.get("tenant", "default")).encode()
     return config.topics.requests, request_key(doc)
+
+
+def results_topic_of(config: KafkaConfig) -> str:
+    """Where a client's results come by default: its tenant's topic under tenant topics."""
+    return config.topics.tenant_results(config.tenant) if config.tenant_topics else config.topics.results
+
+
+def requests_topic_of(config: KafkaConfig) -> str:
+    """The topic a client's requests go to first."""
+    if config.tenant_topics:
+        return config.topics.tenant_requests(config.tenant)
+    return config.topics.ingress if config.admission else config.topics.requests
 
 
 def request_key(doc: dict[str, Any]) -> bytes:
@@ -106,7 +121,7 @@ class SluiceClient:
     ) -> None:
         self.config = config or KafkaConfig()
         self.topics = self.config.topics
-        self.results_topic = results_topic or self.topics.results
+        self.results_topic = results_topic or results_topic_of(self.config)
         self.timeout_s = timeout_s
         self._linger_ms = linger_ms
         # The broker holds a results fetch until fetch_min_bytes gather or
@@ -125,7 +140,11 @@ class SluiceClient:
         self._prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
 
     async def __aenter__(self) -> SluiceClient:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()  # what did start is closed, not left to warn at exit
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -138,7 +157,7 @@ class SluiceClient:
         )
         await self._producer.start()
         # metadata now, not at the first send
-        await self._producer.partitions_for(self.topics.ingress if cfg.admission else self.topics.requests)
+        await self._producer.partitions_for(requests_topic_of(cfg))
         self._consumer = AIOKafkaConsumer(
             **cfg.aiokafka(),
             enable_auto_commit=False,
@@ -164,10 +183,10 @@ class SluiceClient:
             if parts:
                 return parts
             if asyncio.get_running_loop().time() > deadline:
-                raise ClientError(
-                    f"results topic {topic!r} not found on {self.config.bootstrap_servers}"
-                    " (is the stack up? `sluice up`)"
-                )
+                user = self.config.kafka_sasl_username
+                # a broker lists no topic its principal may not describe
+                hint = f"or the ACLs do not let {user} read it" if user else "is the stack up? `sluice up`"
+                raise ClientError(f"results topic {topic!r} not found on {self.config.bootstrap_servers} ({hint})")
             await self._consumer._client.force_metadata_update()  # aiokafka has no public refresh
             await asyncio.sleep(0.2)
 
@@ -233,8 +252,7 @@ class SluiceClient:
     async def send_raw(self, value: bytes, key: bytes | None = None) -> None:
         """Produce bytes as they are (tests of bad input, kcat-style use)."""
         assert self._producer is not None, "call start() first"
-        topic = self.topics.ingress if self.config.admission else self.topics.requests
-        await (await self._producer.send(topic, value, key=key))
+        await (await self._producer.send(requests_topic_of(self.config), value, key=key))
 
     def expect(self, request_id: str) -> asyncio.Future[dict[str, Any]]:
         """A future for a result of a request sent some other way."""

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from producers.client import ClientError, destination
+from producers.client import ClientError, destination, requests_topic_of, results_topic_of
 from schemas.records import now_ms
 from schemas.topics import KafkaConfig
 
@@ -53,6 +53,7 @@ class RdKafkaClient:
     ) -> None:
         self.config = config or KafkaConfig()
         self.topics = self.config.topics
+        self.results_topic = results_topic_of(self.config)
         self._linger_ms = linger_ms
         # results are fetched at most every fetch_max_wait_ms (unless
         # fetch_min_bytes gather sooner): a few ms more per result, far
@@ -105,18 +106,16 @@ class RdKafkaClient:
         # metadata for the requests topic now, not at the first send
         await asyncio.get_running_loop().run_in_executor(
             None,
-            lambda: self._producer.list_topics(
-                self.topics.ingress if self.config.admission else self.topics.requests, timeout=10
-            ),
+            lambda: self._producer.list_topics(requests_topic_of(self.config), timeout=10),
         )
         self._reader = threading.Thread(target=self._read_results, name="sluice-rdkafka-results", daemon=True)
         self._reader.start()
         ready = await asyncio.get_running_loop().run_in_executor(None, self._ready.wait, 30.0)
         if self._error is not None:
-            raise ClientError(f"results topic {self.topics.results!r}: {self._error}")
+            raise ClientError(f"results topic {self.results_topic!r}: {self._error}")
         if not ready:
             raise ClientError(
-                f"results topic {self.topics.results!r} not readable on {servers} "
+                f"results topic {self.results_topic!r} not readable on {servers} "
                 "within 30 s (is the stack up? `sluice up`)"
             )
 
@@ -129,15 +128,15 @@ class RdKafkaClient:
         hand each fetched batch of results to the event loop in one call."""
         ck = _confluent()
         try:
-            meta = self._consumer.list_topics(self.topics.results, timeout=30)
-            parts = meta.topics[self.topics.results].partitions
+            meta = self._consumer.list_topics(self.results_topic, timeout=30)
+            parts = meta.topics[self.results_topic].partitions
             if not parts:
                 raise ClientError("no partitions")
             # the end offsets, resolved now: before any request goes out
             tps = []
             for p in parts:
-                _, high = self._consumer.get_watermark_offsets(ck.TopicPartition(self.topics.results, p), timeout=10)
-                tps.append(ck.TopicPartition(self.topics.results, p, high))
+                _, high = self._consumer.get_watermark_offsets(ck.TopicPartition(self.results_topic, p), timeout=10)
+                tps.append(ck.TopicPartition(self.results_topic, p, high))
             self._consumer.assign(tps)
         except Exception as exc:  # reported by start()
             self._error = exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import ssl
 from pathlib import Path
 from typing import Any, Literal
@@ -60,6 +61,10 @@ class KafkaConfig(BaseModel):
         "at-least-once",
         description="Delivery mode of the workers: at-least-once (a crash may repeat a result) or exactly-once (results, telemetry and offsets in one Kafka transaction per round; clients read read_committed).",
     )
+    tenant: str = Field(
+        "default",
+        description="Tenant the client, `sluice produce`, `subscribe` and `loadtest` speak for; with SLUICE_TENANT_TOPICS they write PREFIX.requests.TENANT and read PREFIX.results.TENANT.",
+    )
     tenant_topics: bool = Field(
         False,
         description="Each tenant writes PREFIX.requests.TENANT and reads PREFIX.results.TENANT, so broker ACLs can hold tenants apart; workers take the tenant from the topic.",
@@ -69,6 +74,12 @@ class KafkaConfig(BaseModel):
     @classmethod
     def _prefix_is_a_topic_name(cls, v: str) -> str:
         return check_topic_name(v)
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant_names_a_topic(cls, v: str) -> str:
+        check_topic_name(v)
+        return v
 
     @model_validator(mode="after")
     def _credentials_complete(self) -> KafkaConfig:
@@ -162,6 +173,24 @@ class Topics:
         self.ingress = f"{prefix}.ingress"  # requests before admission, keyed by tenant
         self.control = f"{prefix}.control"  # tenants' limits, the kill switch (compacted)
         self.admission_state = f"{prefix}.admission-state"  # the admission stage's counters (compacted)
+
+    # Tenant-topic mode: a topic pair per tenant, so that broker ACLs can
+    # let each tenant's principal write and read only its own.
+    def tenant_requests(self, tenant: str) -> str:
+        return check_topic_name(f"{self.requests}.{tenant}")
+
+    def tenant_results(self, tenant: str) -> str:
+        return check_topic_name(f"{self.results}.{tenant}")
+
+    @property
+    def tenant_requests_pattern(self) -> str:
+        """librdkafka's subscription regex for every tenant's requests topic."""
+        return "^" + re.escape(self.requests + ".") + ".+$"
+
+    def tenant_of(self, requests_topic: str) -> str | None:
+        """The tenant whose requests topic this is, or None."""
+        head = self.requests + "."
+        return requests_topic[len(head) :] or None if requests_topic.startswith(head) else None
 
     def partitions(
         self, requests: int = 12, results: int = 12, telemetry: int = 3, dlq: int = 1, ingress: int = 6

@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -227,8 +228,13 @@ def autogroup(pid: int | str = "self") -> tuple[str, int] | None:
     return name, int(nice)
 
 
+async def read_topic_as(kafka: Any, topic: str, **options: Any) -> list:
+    """read_topic with a connection's security settings (a KafkaConfig)."""
+    return await read_topic(kafka, topic, **options)
+
+
 async def read_topic(
-    bootstrap: str,
+    bootstrap: Any,
     topic: str,
     *,
     expect: int | None = None,
@@ -240,8 +246,10 @@ async def read_topic(
     `idle_s` without new ones)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
+    from schemas.topics import KafkaConfig
+
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **KafkaConfig.of(bootstrap).aiokafka(),
         enable_auto_commit=False,
         group_id=None,
         auto_offset_reset="earliest",

@@ -10,6 +10,8 @@ in 39100-39199, so it never meets the suite's plaintext stack.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -374,6 +376,73 @@ def test_env_files_name_files_and_no_password_leaks(secure: Secure) -> None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         for password in passwords:
             assert password not in cmdline
+
+
+# ------------------------------------------------ a worker and clients on it
+
+
+async def test_a_worker_serves_each_tenant_on_its_own_topics_over_sasl_ssl(tenants: Secure, tmp_path: Path) -> None:
+    """The whole path on the secure stack: an exactly-once worker as
+    `sluice`, tenant-topic mode, each tenant's client as its own principal.
+    A request that claims another tenant is served as its topic's tenant
+    (and counted); no password reaches the worker's log."""
+    import orjson
+    from aiokafka.errors import KafkaConnectionError
+
+    from producers.client import ClientError, SluiceClient, make_request
+    from sluice.supervisor import WorkerProcess
+    from tests.conftest import read_topic_as
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    env |= _parse_env(tenants.stack.env_file(SERVICE_USER))
+    env |= {
+        "SLUICE_TOPIC_PREFIX": tenants.prefix,
+        "SLUICE_GROUP_ID": f"sluice-workers-{tenants.prefix}",
+        "SLUICE_TENANT_TOPICS": "true",
+        "SLUICE_DELIVERY": "exactly-once",
+        "SLUICE_ORT_INTRA_OP_THREADS": "1",
+        "SLUICE_DEFAULT_MODEL": "all-minilm-l6-v2",
+    }
+    worker = WorkerProcess(env, log_path=tmp_path / "worker.log", cwd=ROOT, inherit_env=False)
+    worker.start(90)
+    try:
+        a = tenants.as_user("a").model_copy(update={"tenant_topics": True, "tenant": "a"})
+        async with SluiceClient(a, timeout_s=60) as client:
+            ok = await client.submit("a request of tenant a")
+            assert ok.status == "ok" and ok.output is not None
+            # claims tenant b on a's topic: a's request all the same
+            doc = make_request("who am i", tenant="b")
+            fut = client.expect(doc["id"])
+            await client.send_raw(orjson.dumps(doc))
+            claimed = await asyncio.wait_for(fut, 60)
+            assert claimed["status"] == "ok"
+        telemetry = await read_topic_as(
+            tenants.as_user(SERVICE_USER), tenants.topics.telemetry, expect=2, isolation_level="read_committed"
+        )
+        # (other tests of the module wrote a bare b"x" here)
+        by_id = {d["id"]: d for d in (orjson.loads(r.value) for r in telemetry if r.value.startswith(b"{"))}
+        assert by_id[doc["id"]]["tenant"] == "a" and by_id[ok.id]["tenant"] == "a"
+        assert worker.scrape()['sluice_tenant_overrides_total{field="tenant"}'] == 1.0
+
+        # a's principal reading b's results: the broker refuses, the client says so
+        with pytest.raises(ClientError, match="ACLs do not let a read it"):
+            async with SluiceClient(a, results_topic=tenants.topics.tenant_results("b"), timeout_s=10):
+                pass
+        # no credentials: refused
+        bare = KafkaConfig(
+            bootstrap_servers=tenants.stack.bootstrap_servers, topic_prefix=tenants.prefix, tenant_topics=True
+        )
+        with pytest.raises(KafkaConnectionError):
+            async with asyncio.timeout(20), SluiceClient(bare, timeout_s=10):
+                pass
+    finally:
+        worker.stop()
+    log = (tmp_path / "worker.log").read_text()
+    assert "worker" in log and "assigned partitions" in log
+    secrets = [tenants.password(u) for u in (SERVICE_USER, "a", "b")]
+    secrets.append(tenants.stack.secrets.password("redis"))
+    leaked = [s for s in secrets if s in log]
+    assert not leaked, "a password is in the worker's log"
 
 
 def _parse_env(path: Path) -> dict[str, str]:

@@ -103,6 +103,12 @@ class FakeConsumer:
         self.log.append(("commit", dict(offsets)))
         self.commits.append(dict(offsets))
 
+    def where(self, slot: int) -> tuple[str, int]:
+        return "requests", slot
+
+    def topic_partitions(self, offsets: dict[int, int]) -> list[Any]:
+        return [(*self.where(slot), off) for slot, off in offsets.items()]
+
 
 class FakeModel:
     """Computes each job as [len(text)]; a text containing 'poison' fails.
