@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  sluice tenants                      # limits, use today and this month, what is left\n"
         "  sluice tenants set acme --rpm 600 --tpm 100000 --daily-usd 5 --monthly-usd 100\n"
         "  sluice tenants default --rpm 60\n  sluice tenants global --daily-usd 50\n"
-        "  sluice tenants kill-switch on --reason 'runaway cost'\n  sluice tenants load limits.toml",
+        "  sluice tenants kill-switch on --reason 'runaway cost'\n  sluice tenants load limits.toml\n"
+        "  sluice tenants grant acme --password-file acme.password   # with SLUICE_TENANT_TOPICS, as an admin",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     tsub = te.add_subparsers(dest="tenants_command")
@@ -186,6 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--reason", help="said in every rejection while on")
     tl = tsub.add_parser("load", help="write a TOML file's [default], [global] and [tenants.NAME] tables")
     tl.add_argument("file")
+    ta = tsub.add_parser(
+        "grant",
+        help="tenant topics on a secured cluster: make the tenant's Kafka user (SCRAM), its two topics and its ACLs (as an admin)",
+    )
+    ta.add_argument("name")
+    ta.add_argument(
+        "--password-file",
+        required=True,
+        help="the tenant's password: read from this file, or written there (mode 0600) when it does not exist",
+    )
+    ta.add_argument("--partitions", type=int, default=3, help="partitions of each of the tenant's two topics")
     d = sub.add_parser("demo", help="stack + worker + a load run with repeats; prints a summary")
     _add_load_flags(d, rate=200, duration=15)
     d.add_argument("--metrics-port", type=int, default=0, help="worker metrics port (0: a free one)")

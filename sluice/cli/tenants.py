@@ -79,11 +79,45 @@ def cmd_tenants(s: Settings, args: argparse.Namespace) -> int:
         records = {"kill_switch": kill_switch_doc(args.state == "on", args.reason or "")}
     elif action == "load":
         records = limits_from_file(Path(args.file))
+    elif action == "grant":
+        return _grant(s, args)
     else:  # argparse allows nothing else
         raise ConfigError(f"sluice tenants {action}: unknown")
     asyncio.run(write_control(s.kafka(), topic, records))
     for key, doc in records.items():
         print(f"{key}: {'removed' if doc is None else doc}")
+    return 0
+
+
+def _grant(s: Settings, args: argparse.Namespace) -> int:
+    """A tenant of tenant-topic mode: its SCRAM user, its two topics, its ACLs."""
+    import secrets
+
+    from sluice import access
+    from sluice.stack.security import write_private
+
+    path = Path(args.password_file)
+    if path.exists():
+        lines = path.read_text().splitlines()
+        password = lines[0] if lines else ""
+        if not password:
+            raise ConfigError(f"--password-file {path}: empty")
+    else:
+        password = secrets.token_urlsafe(32)
+        write_private(path, password + "\n")
+    admin = s.kafka()
+    access.create_user(admin, args.name, password, mechanism=admin.kafka_sasl_mechanism)
+    bindings = access.grant_tenant(
+        admin,
+        s.topic_prefix,
+        args.name,
+        requests_partitions=args.partitions,
+        results_partitions=args.partitions,
+        replication_factor=s.topic_replication_factor,
+    )
+    requests, results = access.tenant_topics(s.topic_prefix, args.name)
+    print(f"tenant {args.name}: Kafka user {args.name} (password in {path}); writes {requests}, reads {results}")
+    print(f"{len(bindings)} ACLs granted; its clients set SLUICE_TENANT_TOPICS=true SLUICE_TENANT={args.name}")
     return 0
 
 

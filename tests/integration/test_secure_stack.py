@@ -378,6 +378,35 @@ def test_env_files_name_files_and_no_password_leaks(secure: Secure) -> None:
             assert password not in cmdline
 
 
+def test_sluice_tenants_grant_makes_a_tenant_that_writes_only_its_topic(tenants: Secure, tmp_path: Path) -> None:
+    """The operator's command, run as the admin: user, topics and ACLs."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    env |= _parse_env(tenants.stack.env_file(SERVICE_USER))
+    env |= {
+        "SLUICE_KAFKA_SASL_USERNAME": "admin",
+        "SLUICE_KAFKA_SASL_PASSWORD_FILE": str(tenants.stack.secrets.password_file("admin")),
+        "SLUICE_TOPIC_PREFIX": tenants.prefix,
+    }
+    pw_file = tmp_path / "c.password"
+    done = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "sluice"), "tenants", "grant", "c", "--password-file", str(pw_file)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    password = pw_file.read_text().strip()
+    assert oct(pw_file.stat().st_mode & 0o777) == "0o600"
+    assert password not in done.stdout + done.stderr
+    c = tenants.as_user("c", password)
+    assert _produce(c, tenants.topics.tenant_requests("c")) is None
+    refused = _produce(c, tenants.topics.tenant_requests("a"))
+    assert refused is not None and refused.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+
+
 # ------------------------------------------------ a worker and clients on it
 
 

@@ -99,3 +99,43 @@ def test_ensure_topics_refuses_min_insync_above_replicas_before_connecting():
     # nothing listens on port 1: the check comes first
     with pytest.raises(ValueError, match="min.insync.replicas=3"):
         asyncio.run(ensure_topics("127.0.0.1:1", {"t.requests": 1}, replication_factor=2, min_insync_replicas=3))
+
+
+def test_secrets_come_from_files_and_are_never_printed(monkeypatch, tmp_path, capsys):
+    from sluice.cli import main
+
+    kafka_pw, redis_pw = "kafka-Secret-4711", "redis-Secret-0815"
+    (tmp_path / "k").write_text(kafka_pw + "\n")
+    (tmp_path / "r").write_text(redis_pw + "\n")
+    monkeypatch.setenv("SLUICE_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("SLUICE_KAFKA_SASL_USERNAME", "sluice")
+    monkeypatch.setenv("SLUICE_KAFKA_SASL_PASSWORD", "overridden-by-the-file")
+    monkeypatch.setenv("SLUICE_KAFKA_SASL_PASSWORD_FILE", str(tmp_path / "k"))
+    monkeypatch.setenv("SLUICE_REDIS_USERNAME", "sluice")
+    monkeypatch.setenv("SLUICE_REDIS_PASSWORD_FILE", str(tmp_path / "r"))
+    s = load_settings()
+    # the files win, and reach the clients
+    assert s.kafka().rdkafka()["sasl.password"] == kafka_pw
+    assert s.kafka().aiokafka()["sasl_plain_password"] == kafka_pw
+    assert s.worker().redis_options() == {"username": "sluice", "password": redis_pw}
+    # and nothing shows them: reprs, dumps as JSON, `sluice settings`
+    shown = repr(s) + str(s) + repr(s.worker()) + s.model_dump_json() + s.worker().model_dump_json()
+    assert main(["settings"]) == 0
+    shown += capsys.readouterr().out
+    assert kafka_pw not in shown and redis_pw not in shown and "overridden-by-the-file" not in shown
+
+
+def test_sasl_without_credentials_fails_in_one_line(monkeypatch):
+    monkeypatch.setenv("SLUICE_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    with pytest.raises(ConfigError, match="needs SLUICE_KAFKA_SASL_USERNAME and a password"):
+        load_settings()
+    monkeypatch.setenv("SLUICE_KAFKA_SASL_USERNAME", "sluice")
+    monkeypatch.setenv("SLUICE_KAFKA_SASL_PASSWORD_FILE", "/nonexistent/pw")
+    with pytest.raises(ConfigError, match="SLUICE_KAFKA_SASL_PASSWORD_FILE: cannot read it"):
+        load_settings()
+
+
+def test_a_redis_url_with_a_password_is_refused(monkeypatch):
+    monkeypatch.setenv("SLUICE_REDIS_URL", "redis://user:pw@127.0.0.1:6379/0")
+    with pytest.raises(ConfigError, match="SLUICE_REDIS_URL holds credentials"):
+        load_settings().worker()
