@@ -4,6 +4,7 @@ end offsets); the autoscaler and the admission stage's overload guard read it.""
 from __future__ import annotations
 
 import asyncio
+import re
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -61,7 +62,8 @@ class BrokerSignals:
 
     def __init__(self, kafka: str | KafkaConfig, topic: str, group: str, timeout_s: float = 10.0) -> None:
         self.kafka = KafkaConfig.of(kafka)
-        self.topic = topic
+        self.topic = topic  # or a `^regex` of topics (a tenant's each), summed
+        self._pattern = re.compile(topic) if topic.startswith("^") else None
         self.group = group
         self.timeout_s = timeout_s
         self._consumer: AIOKafkaConsumer | None = None
@@ -93,18 +95,29 @@ class BrokerSignals:
         if self._admin is not None:
             await self._admin.close()
 
+    async def _partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+        if self._pattern is None:
+            return await partitions_of(consumer, self.topic)
+        await consumer._client.force_metadata_update()  # a new tenant's topic counts at once
+        names = sorted(t for t in consumer._client.cluster.topics() if self._pattern.match(t))
+        return [TopicPartition(t, p) for t in names for p in sorted(consumer.partitions_for_topic(t) or ())]
+
     async def read(self) -> GroupOffsets:
         """One reading; raises KafkaError or OSError (TimeoutError) when the broker does not answer."""
         assert self._consumer is not None and self._admin is not None
         async with asyncio.timeout(self.timeout_s):
             consumer, admin = self._consumer, self._admin
-            tps = await partitions_of(consumer, self.topic)
+            tps = await self._partitions(consumer)
             if not tps:
                 raise KafkaError(f"topic {self.topic} not found")
-            end = {tp.partition: off for tp, off in (await consumer.end_offsets(tps)).items()}
-            start = {tp.partition: off for tp, off in (await consumer.beginning_offsets(tps)).items()}
+            # one int per partition, as the group's worker counts them: of one
+            # topic its number; of a pattern's topics (one per tenant) its place
+            # among them all
+            slot = {tp: (i if self._pattern else tp.partition) for i, tp in enumerate(tps)}
+            end = {slot[tp]: off for tp, off in (await consumer.end_offsets(tps)).items()}
+            start = {slot[tp]: off for tp, off in (await consumer.beginning_offsets(tps)).items()}
             offsets = await admin.list_consumer_group_offsets(self.group, partitions=tps)
-            committed = {tp.partition: om.offset for tp, om in offsets.items() if om is not None and om.offset >= 0}
+            committed = {slot[tp]: om.offset for tp, om in offsets.items() if om is not None and om.offset >= 0}
             members = _members(await admin.describe_consumer_groups([self.group]))
         return GroupOffsets(end=end, start=start, committed=committed, members=members)
 

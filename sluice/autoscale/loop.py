@@ -100,7 +100,8 @@ class Autoscaler:
         self.saturation = Saturation(
             config.autoscale_lookback_s, config.autoscale_interval_s, config.autoscale_saturation_backlog_s
         )
-        self.broker = BrokerSignals(kafka, kafka.topics.requests, group)
+        requests = kafka.topics.tenant_requests_pattern if kafka.tenant_topics else kafka.topics.requests
+        self.broker = BrokerSignals(kafka, requests, group)
         self._producer: AIOKafkaProducer | None = None
         self._http: HealthServer | None = None
         self._stopping = asyncio.Event()

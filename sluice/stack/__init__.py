@@ -20,7 +20,7 @@ listener and ACLs, redis-server an ACL user, and these are added:
     <state>/redis/users.acl            redis-server's users
     <state>/secure.env, client.env     settings to `source` for the service and client principals
 
-See docs/security-stack.md.
+See docs/security.md.
 """
 
 from __future__ import annotations

@@ -73,3 +73,35 @@ async def test_a_different_replication_factor_is_reported(stack, caplog) -> None
             await ensure_topics(stack.bootstrap_servers, {name: 1}, replication_factor=3, min_insync_replicas=2) == []
         )
     assert f"topic {name} has replication factor 1, SLUICE_TOPIC_REPLICATION_FACTOR is 3" in caplog.text
+
+
+async def test_lag_under_tenant_topics_counts_every_tenants_partitions(stack):
+    """The autoscaler's reading with SLUICE_TENANT_TOPICS: every
+    PREFIX.requests.TENANT partition, a new tenant's at once, and not the
+    shared PREFIX.requests."""
+    from aiokafka import AIOKafkaProducer
+
+    from schemas.service.lag import BrokerSignals
+    from schemas.topics import KafkaConfig
+
+    kafka = KafkaConfig(bootstrap_servers=stack.bootstrap_servers, topic_prefix=f"lag{uuid.uuid4().hex[:8]}")
+    t = kafka.topics
+    await ensure_topics(kafka, {t.tenant_requests("a"): 2, t.tenant_requests("b"): 3, t.requests: 4})
+    producer = AIOKafkaProducer(**kafka.aiokafka())
+    await producer.start()
+    try:
+        for _ in range(5):
+            await producer.send_and_wait(t.tenant_requests("b"), b"{}", partition=2)
+        signals = BrokerSignals(kafka, t.tenant_requests_pattern, f"{t.prefix}-workers")
+        await signals.start()
+        try:
+            first = await signals.read()
+            assert len(first.end) == 5 and sum(first.uncommitted.values()) == 5
+            await ensure_topics(kafka, {t.tenant_requests("c"): 1})
+            await producer.send_and_wait(t.tenant_requests("c"), b"{}")
+            second = await signals.read()
+            assert len(second.end) == 6 and sum(second.uncommitted.values()) == 6
+        finally:
+            await signals.close()
+    finally:
+        await producer.stop()
