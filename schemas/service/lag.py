@@ -4,8 +4,8 @@ end offsets); the autoscaler and the admission stage's overload guard read it.""
 from __future__ import annotations
 
 import asyncio
-import re
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
