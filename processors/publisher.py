@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -46,6 +47,44 @@ class TransactionAborted(SluiceError):
 
     code = "transaction_aborted"
     retriable = False
+
+
+class TransactionStuck(TransactionAborted):
+    """A transaction call of librdkafka did not return within its own timeout:
+    send_offsets_to_transaction, after a broker restart, 3 times in 4 in the
+    fault suite (librdkafka#5456: its coordinator requests ignore their
+    timeout). The thread in it cannot be stopped, and neither could the
+    producer be closed, so the worker ends its process."""
+
+    code = "transaction_stuck"
+
+
+# How long past its own timeout a transaction call may take before it is
+# taken for stuck.
+_STUCK_GRACE_S = 10.0
+
+
+def _on_daemon_thread(fn: Callable[[], Any]) -> asyncio.Future:
+    """Run a blocking call on a thread of its own, a daemon: one that never
+    returns then keeps neither the loop nor the process's exit waiting, as an
+    executor's thread would."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not fut.done():
+            fut.set_exception(error) if error is not None else fut.set_result(result)
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=run, daemon=True, name="kafka-transaction").start()
+    return fut
 
 
 class Publisher:
@@ -139,10 +178,15 @@ class Publisher:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
-            call = partial(getattr(self._producer, name), *args, max(0.1, deadline - loop.time()))
+            timeout = max(0.1, deadline - loop.time())
+            call = partial(getattr(self._producer, name), *args, timeout)
             try:
-                await loop.run_in_executor(None, call)
+                await asyncio.wait_for(_on_daemon_thread(call), timeout + _STUCK_GRACE_S)
                 return
+            except TimeoutError:
+                raise TransactionStuck(
+                    f"producer {self.client_id}: {name} did not return within {timeout + _STUCK_GRACE_S:.0f} s"
+                ) from None
             except KafkaException as exc:
                 err = exc.args[0]
                 if err.retriable() and loop.time() < deadline:
@@ -157,11 +201,12 @@ class Publisher:
         from confluent_kafka import KafkaException
 
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                None, partial(self._producer.abort_transaction, self._txn_timeout_s)
-            )
+            call = partial(self._producer.abort_transaction, self._txn_timeout_s)
+            await asyncio.wait_for(_on_daemon_thread(call), self._txn_timeout_s + _STUCK_GRACE_S)
         except KafkaException as exc:
             log.error("producer %s: abort failed: %s", self.client_id, exc.args[0].str())
+        except TimeoutError:
+            raise TransactionStuck(f"producer {self.client_id}: abort_transaction did not return") from None
 
     async def partitions_for(self, topic: str) -> int:
         """Learn a topic's metadata now, so the first send does not wait for it."""

@@ -27,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
+import sys
 import time
 
 from aiokafka.errors import KafkaError
@@ -48,7 +50,7 @@ from processors.lookup import Lookup
 from processors.metrics import HealthServer, WorkerMetrics
 from processors.model_process import ModelProcess
 from processors.partition_state import PartitionState
-from processors.publisher import Publisher
+from processors.publisher import Publisher, TransactionStuck
 from processors.runtime import ModelCard, discover_models, load_card
 from processors.scheduling import slice_problem
 from schemas.errors import ConfigError
@@ -332,7 +334,10 @@ class Worker:
         except BaseExceptionGroup as group:
             # one stage failed and the others were cancelled: raise its error
             # as itself, so the CLI can say it in one line
-            raise group.exceptions[0] from None
+            first = group.exceptions[0]
+            if isinstance(first, TransactionStuck):
+                _end_process(first)
+            raise first from None
         finally:
             lag.cancel()
             self.metrics.watch_gc(False)
@@ -402,4 +407,26 @@ async def serve(config: WorkerConfig) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGUSR1, _log_tasks)
     await running
+
+
+def _end_process(exc: TransactionStuck) -> None:
+    """A thread is stuck inside librdkafka: closing the producer would wait
+    for it for ever, so the process ends here. Nothing is lost: what was not
+    committed is read again by the partitions' next owner."""
+    log.critical("%s: ending the process (a restart resumes from the last committed transaction)", exc)
+    print(f"sluice worker: {exc}", file=sys.stderr, flush=True)
+    logging.shutdown()
+    os._exit(70)
+
+
+def _log_tasks() -> None:
+    """SIGUSR1: where every task of the worker waits, in its log (py-spy
+    sees the event loop idle, not the coroutine that waits)."""
+    import io
+
+    for task in asyncio.all_tasks():
+        out = io.StringIO()
+        task.print_stack(file=out)
+        log.warning("task %s:\n%s", task.get_name(), out.getvalue())
