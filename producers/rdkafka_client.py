@@ -123,6 +123,23 @@ class RdKafkaClient:
         if err.fatal():
             self._error = ClientError(str(err))
 
+    def _end_offset(self, ck: Any, partition: int, attempts: int = 20) -> int:
+        """A partition's end offset; a topic made a moment ago may have no
+        leader for it yet (NOT_LEADER_FOR_PARTITION), which passes."""
+        for attempt in range(attempts):
+            try:
+                _, high = self._consumer.get_watermark_offsets(
+                    ck.TopicPartition(self.results_topic, partition), timeout=10
+                )
+                return int(high)
+            except ck.KafkaException as exc:
+                err = exc.args[0]
+                passing = (ck.KafkaError.NOT_LEADER_FOR_PARTITION, ck.KafkaError.LEADER_NOT_AVAILABLE)
+                if not (err.retriable() or err.code() in passing) or attempt == attempts - 1:
+                    raise
+                time.sleep(0.25)
+        raise AssertionError("unreachable")
+
     def _read_results(self) -> None:
         """On its own thread: assign every results partition at its end, then
         hand each fetched batch of results to the event loop in one call."""
@@ -133,10 +150,7 @@ class RdKafkaClient:
             if not parts:
                 raise ClientError("no partitions")
             # the end offsets, resolved now: before any request goes out
-            tps = []
-            for p in parts:
-                _, high = self._consumer.get_watermark_offsets(ck.TopicPartition(self.results_topic, p), timeout=10)
-                tps.append(ck.TopicPartition(self.results_topic, p, high))
+            tps = [ck.TopicPartition(self.results_topic, p, self._end_offset(ck, p)) for p in parts]
             self._consumer.assign(tps)
         except Exception as exc:  # reported by start()
             self._error = exc
