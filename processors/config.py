@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import Field, SecretStr, model_validator
 
 from schemas.records import Limits
-from schemas.topics import KafkaConfig
+from schemas.topics import KafkaConfig, secret_from_file
 
 
 def _default_worker_id() -> str:
@@ -221,11 +221,8 @@ class WorkerConfig(KafkaConfig, Limits):
     @model_validator(mode="after")
     def _redis_password_from_file(self) -> WorkerConfig:
         if self.redis_password_file is not None:
-            try:
-                lines = self.redis_password_file.read_text().splitlines()
-            except OSError as exc:
-                raise ValueError(f"SLUICE_REDIS_PASSWORD_FILE: cannot read it ({exc.strerror})") from None
-            object.__setattr__(self, "redis_password", SecretStr(lines[0] if lines else ""))
+            secret = secret_from_file(self.redis_password_file, "SLUICE_REDIS_PASSWORD_FILE")
+            object.__setattr__(self, "redis_password", secret)
         if self.redis_ssl_cafile is not None and not self.redis_ssl_cafile.is_file():
             raise ValueError(f"SLUICE_REDIS_SSL_CAFILE: no such file {self.redis_ssl_cafile}")
         if "@" in self.redis_url.split("//", 1)[-1].split("/", 1)[0]:

@@ -19,6 +19,16 @@ def check_topic_name(name: str) -> str:
     return name
 
 
+def secret_from_file(path: Path, setting: str) -> SecretStr:
+    """A secret's file's first line (a mounted Kubernetes secret, a file of
+    `sluice up --secure`), so the secret never sits in an environment."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ValueError(f"{setting}: cannot read it ({exc.strerror})") from None
+    return SecretStr(lines[0] if lines else "")
+
+
 class KafkaConfig(BaseModel):
     """Where the broker is and how topics are named; shared by all parts."""
 
@@ -84,11 +94,8 @@ class KafkaConfig(BaseModel):
     @model_validator(mode="after")
     def _credentials_complete(self) -> KafkaConfig:
         if self.kafka_sasl_password_file is not None:
-            try:
-                lines = self.kafka_sasl_password_file.read_text().splitlines()
-            except OSError as exc:
-                raise ValueError(f"SLUICE_KAFKA_SASL_PASSWORD_FILE: cannot read it ({exc.strerror})") from None
-            object.__setattr__(self, "kafka_sasl_password", SecretStr(lines[0] if lines else ""))
+            secret = secret_from_file(self.kafka_sasl_password_file, "SLUICE_KAFKA_SASL_PASSWORD_FILE")
+            object.__setattr__(self, "kafka_sasl_password", secret)
         sasl = self.kafka_security_protocol.startswith("SASL")
         if sasl and not (self.kafka_sasl_username and self.kafka_sasl_password.get_secret_value()):
             raise ValueError(

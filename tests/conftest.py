@@ -124,6 +124,39 @@ def stack() -> Iterator[StackEndpoints]:
             local.down()
 
 
+def own_stack_config(tmp_path_factory: Any, name: str, ports: range, **settings: Any) -> Any:
+    """The StackConfig of a stack of a test module's own (one it may kill,
+    or a secure one): a fresh state folder with the jars resolved before,
+    and three free ports in `ports`, away from the suite's stack."""
+    from sluice.stack import StackConfig
+    from sluice.stack.processes import _port_free
+
+    state = tmp_path_factory.mktemp(name)
+    reuse_kafka_jars(state)
+    free = [p for p in ports if _port_free(p)][:3]
+    if len(free) < 3:
+        pytest.skip(f"fewer than 3 free ports in {ports.start}-{ports.stop - 1}")
+    kafka_port, controller_port, redis_port = free
+    return StackConfig(
+        state_dir=state,
+        kafka_port=kafka_port,
+        kafka_controller_port=controller_port,
+        redis_port=redis_port,
+        kafka_heap_mb=512,
+        **settings,
+    )
+
+
+def reuse_kafka_jars(state: Path) -> None:
+    """Give a stack of its own (a test's state folder) the Kafka jars a local
+    stack resolved before, if any: saves a Maven run."""
+    for resolved in (ROOT / ".sluice" / "test-stack" / "kafka" / "libs", ROOT / ".sluice" / "kafka" / "libs"):
+        if any(resolved.glob("kafka_2.13-*.jar")):
+            (state / "kafka").mkdir(exist_ok=True)
+            (state / "kafka" / "libs").symlink_to(resolved)
+            return
+
+
 @dataclass
 class Env:
     """One test's slice of the stack: its own topic prefix and group."""

@@ -263,8 +263,9 @@ class KafkaBroker:
                 f"{libs}/*",
                 "kafka.tools.StorageTool",
                 "format",
-                "--cluster-id",
-                cluster_id,
+                # one word: a URL-safe base64 id starts with "-" one time in
+                # 64, and the tool then took it for an option
+                f"--cluster-id={cluster_id}",
                 "--standalone",
                 "--config",
                 str(server_properties),

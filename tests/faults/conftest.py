@@ -17,40 +17,14 @@ from pathlib import Path
 import pytest
 
 from processors.runtime import BUILTIN_MODELS
-from sluice.stack import LocalStack, StackConfig
-from sluice.stack.processes import _port_free
+from sluice.stack import LocalStack
+from tests.conftest import own_stack_config
 from tests.faults import harness
-
-_PORTS = range(39200, 39300)
-
-
-def _free_ports(count: int) -> list[int]:
-    ports = [p for p in _PORTS if _port_free(p)][:count]
-    if len(ports) < count:
-        pytest.skip(f"fewer than {count} free ports in {_PORTS.start}-{_PORTS.stop - 1}")
-    return ports
 
 
 @pytest.fixture(scope="session")
 def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    state = tmp_path_factory.mktemp("fault-stack")
-    # The jars a local stack resolved before, if any: saves a Maven run.
-    for resolved in (
-        harness.ROOT / ".sluice" / "test-stack" / "kafka" / "libs",
-        harness.ROOT / ".sluice" / "kafka" / "libs",
-    ):
-        if any(resolved.glob("kafka_2.13-*.jar")):
-            (state / "kafka").mkdir()
-            (state / "kafka" / "libs").symlink_to(resolved)
-            break
-    kafka_port, controller_port, redis_port = _free_ports(3)
-    config = StackConfig(
-        state_dir=state,
-        kafka_port=kafka_port,
-        kafka_controller_port=controller_port,
-        redis_port=redis_port,
-        kafka_heap_mb=512,
-    )
+    config = own_stack_config(tmp_path_factory, "fault-stack", range(39200, 39300))
     log: list[str] = []
     stack = LocalStack(config, log=log.append)
     try:  # also when `up` fails half-way: stop what it started

@@ -15,7 +15,6 @@ import re
 import signal
 import threading
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -30,6 +29,7 @@ from producers.client import make_request, request_key
 from producers.corpus import text
 from schemas.errors import SluiceError
 from schemas.topics import Topics
+from sinks.query_endpoint import remote_runner
 from sluice import supervisor
 from sluice.admin import ensure_topics
 from sluice.stack import LocalStack
@@ -452,14 +452,7 @@ def _read_committed(
 
 # ----------------------------------------------------------------------- sink
 def sink_query(port: int, sql: str) -> list[list[Any]]:
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/query",
-        data=orjson.dumps({"sql": sql}),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return orjson.loads(r.read())["rows"]
+    return remote_runner("127.0.0.1", port, timeout_s=10)(sql)[1]
 
 
 def sink_counts(port: int) -> tuple[int, int]:

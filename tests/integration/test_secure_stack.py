@@ -28,9 +28,8 @@ from redis.retry import Retry
 from schemas.topics import KafkaConfig, Topics
 from sluice import access
 from sluice.errors import StackError
-from sluice.stack import CLIENT_USER, REDIS_USER, SERVICE_USER, LocalStack, StackConfig
-from sluice.stack.processes import _port_free
-from tests.conftest import ROOT
+from sluice.stack import CLIENT_USER, REDIS_USER, SERVICE_USER, LocalStack
+from tests.conftest import ROOT, own_stack_config
 
 pytestmark = pytest.mark.integration
 
@@ -59,31 +58,9 @@ class Secure:
         return self.stack.secrets.password(user)
 
 
-def _free_ports(count: int) -> list[int]:
-    ports = [p for p in _PORTS if _port_free(p)][:count]
-    if len(ports) < count:
-        pytest.skip(f"fewer than {count} free ports in {_PORTS.start}-{_PORTS.stop - 1}")
-    return ports
-
-
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
-    state = tmp_path_factory.mktemp("secure-stack")
-    # The jars a local stack resolved before, if any: saves a Maven run.
-    for resolved in (ROOT / ".sluice" / "test-stack" / "kafka" / "libs", ROOT / ".sluice" / "kafka" / "libs"):
-        if any(resolved.glob("kafka_2.13-*.jar")):
-            (state / "kafka").mkdir()
-            (state / "kafka" / "libs").symlink_to(resolved)
-            break
-    kafka_port, controller_port, redis_port = _free_ports(3)
-    config = StackConfig(
-        state_dir=state,
-        kafka_port=kafka_port,
-        kafka_controller_port=controller_port,
-        redis_port=redis_port,
-        kafka_heap_mb=512,
-        stack_secure=True,
-    )
+    config = own_stack_config(tmp_path_factory, "secure-stack", _PORTS, stack_secure=True)
     prefix = f"s{uuid.uuid4().hex[:8]}"
     log: list[str] = []
     stack = LocalStack(config, log=log.append)
@@ -434,6 +411,13 @@ async def test_a_worker_serves_each_tenant_on_its_own_topics_over_sasl_ssl(tenan
     }
     worker = WorkerProcess(env, log_path=tmp_path / "worker.log", cwd=ROOT, inherit_env=False)
     worker.start(90)
+    sink_env = {
+        **env,
+        "SLUICE_SINK_GROUP_ID": f"sluice-sink-{tenants.prefix}",
+        "SLUICE_CHDB_PATH": str(tmp_path / "chdb"),
+    }
+    sink = WorkerProcess(sink_env, log_path=tmp_path / "sink.log", cwd=ROOT, inherit_env=False, command="sink")
+    sink.start(90)
     try:
         a = tenants.as_user("a").model_copy(update={"tenant_topics": True, "tenant": "a"})
         async with SluiceClient(a, timeout_s=60) as client:
@@ -452,6 +436,16 @@ async def test_a_worker_serves_each_tenant_on_its_own_topics_over_sasl_ssl(tenan
         by_id = {d["id"]: d for d in (orjson.loads(r.value) for r in telemetry if r.value.startswith(b"{"))}
         assert by_id[doc["id"]]["tenant"] == "a" and by_id[ok.id]["tenant"] == "a"
         assert worker.scrape()['sluice_tenant_overrides_total{field="tenant"}'] == 1.0
+        # the sink, as `sluice` too, stored both, under tenant a
+        stored: list = []
+        for _ in range(60):
+            stored = _sink_rows(
+                sink.port, f"SELECT count() FROM sluice.telemetry WHERE tenant = 'a' AND id IN ('{ok.id}', '{doc['id']}')"
+            )
+            if stored and stored[0][0] == 2:
+                break
+            await asyncio.sleep(1)
+        assert stored == [[2]]
 
         # a's principal reading b's results: the broker refuses, the client says so
         with pytest.raises(ClientError, match="ACLs do not let a read it"):
@@ -466,12 +460,21 @@ async def test_a_worker_serves_each_tenant_on_its_own_topics_over_sasl_ssl(tenan
                 pass
     finally:
         worker.stop()
+        sink.stop()
     log = (tmp_path / "worker.log").read_text()
     assert "worker" in log and "assigned partitions" in log
+    sink_log = (tmp_path / "sink.log").read_text()
+    assert "sink started" in sink_log
     secrets = [tenants.password(u) for u in (SERVICE_USER, "a", "b")]
     secrets.append(tenants.stack.secrets.password("redis"))
-    leaked = [s for s in secrets if s in log]
-    assert not leaked, "a password is in the worker's log"
+    leaked = [s for s in secrets if s in log or s in sink_log]
+    assert not leaked, "a password is in the worker's or the sink's log"
+
+
+def _sink_rows(port: int, sql: str) -> list:
+    from sinks.query_endpoint import remote_runner
+
+    return remote_runner("127.0.0.1", port, timeout_s=10)(sql)[1]
 
 
 def _parse_env(path: Path) -> dict[str, str]:
