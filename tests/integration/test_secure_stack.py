@@ -440,7 +440,8 @@ async def test_a_worker_serves_each_tenant_on_its_own_topics_over_sasl_ssl(tenan
         stored: list = []
         for _ in range(60):
             stored = _sink_rows(
-                sink.port, f"SELECT count() FROM sluice.telemetry WHERE tenant = 'a' AND id IN ('{ok.id}', '{doc['id']}')"
+                sink.port,
+                f"SELECT count() FROM sluice.telemetry WHERE tenant = 'a' AND id IN ('{ok.id}', '{doc['id']}')",
             )
             if stored and stored[0][0] == 2:
                 break
