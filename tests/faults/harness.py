@@ -368,6 +368,29 @@ def in_window(sent: dict[str, Sent], window: dict[int, tuple[int, int]]) -> set[
     }
 
 
+_FAILED_COMMIT = re.compile(r"commit of \{([^}]*)\} failed")
+
+
+def failed_commits(keepers: Iterable[Keeper]) -> dict[int, int]:
+    """Partition -> the highest offset a worker answered up to and could
+    not commit (its logged "commit of {p: offset} failed": the session
+    expired, the partition's next owner answers those records again)."""
+    out: dict[int, int] = {}
+    for k in keepers:
+        for log in k.logs():
+            for m in _FAILED_COMMIT.finditer(log):
+                for pair in m.group(1).split(","):
+                    if pair.strip():
+                        p, off = (int(x) for x in pair.split(":"))
+                        out[p] = max(out.get(p, 0), off)
+    return out
+
+
+def widened(window: dict[int, tuple[int, int]], failed: dict[int, int]) -> dict[int, tuple[int, int]]:
+    """The in-flight window grown to what failed commits left answered and uncommitted."""
+    return {p: (lo, max(hi, failed.get(p, 0))) for p, (lo, hi) in window.items()}
+
+
 # ------------------------------------------------------------------- results
 @dataclass
 class Tally:
