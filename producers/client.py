@@ -1,9 +1,14 @@
 """The Python client: produce requests, await or stream their results.
 
 One producer and one results reader per client. The reader is assigned
-every partition of the results topic (no consumer group: each client sees
-all results and keeps those it is waiting for), positioned at the end
-before the first request goes out, so no answer can be missed.
+every partition of its results topic (no consumer group), positioned at the
+end before the first request goes out, so no answer can be missed. By default
+that is the shared results topic, where the client keeps the answers it waits
+for; with `reply_topic` it is a topic of the client's own, which carries only
+its answers (`producers.replies`).
+
+A wait that times out is forgotten; a reader that fails fails every waiting
+call at once and is started again, positioned at the end.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from producers.replies import Waiting, delete_reply_topic, ensure_reply_topic
 from schemas.errors import SluiceError
 from schemas.keys import partition_key
 from schemas.records import Result, now_ms
@@ -114,6 +120,7 @@ class SluiceClient:
         config: KafkaConfig | None = None,
         *,
         results_topic: str | None = None,
+        reply_topic: str | None = None,
         timeout_s: float = 60.0,
         linger_ms: int = 2,
         fetch_max_wait_ms: int = 5,
@@ -121,7 +128,12 @@ class SluiceClient:
     ) -> None:
         self.config = config or KafkaConfig()
         self.topics = self.config.topics
-        self.results_topic = results_topic or results_topic_of(self.config)
+        if reply_topic and results_topic:
+            raise ValueError("results_topic and reply_topic: name one")
+        # a reply topic of the client's own is made at start and removed at stop
+        self.reply_topic = reply_topic
+        self._made_reply_topic = False
+        self.results_topic = reply_topic or results_topic or results_topic_of(self.config)
         self.timeout_s = timeout_s
         self._linger_ms = linger_ms
         # The broker holds a results fetch until fetch_min_bytes gather or
@@ -134,7 +146,11 @@ class SluiceClient:
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._reader: asyncio.Task | None = None
-        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._waiting = Waiting()
+        self._restarts = 0
+        # set while a reader is positioned: a request sent while it restarts
+        # waits for it, or its answer could pass before the new reader's position
+        self._reading = asyncio.Event()
         self._streams: list[asyncio.Queue[dict[str, Any] | ClientError]] = []
         self._ids = itertools.count()
         self._prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
@@ -150,14 +166,27 @@ class SluiceClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    @property
+    def pending(self) -> int:
+        """Requests sent and still waited for."""
+        return len(self._waiting)
+
     async def start(self) -> None:
         cfg = self.config
+        loop = asyncio.get_running_loop()
+        if self.reply_topic:
+            self._made_reply_topic = await loop.run_in_executor(None, ensure_reply_topic, cfg, self.reply_topic)
         self._producer = AIOKafkaProducer(
             **cfg.aiokafka(), acks="all", enable_idempotence=True, linger_ms=self._linger_ms
         )
         await self._producer.start()
         # metadata now, not at the first send
         await self._producer.partitions_for(requests_topic_of(cfg))
+        await self._start_reader()
+
+    async def _start_reader(self) -> None:
+        """A results reader at the topic's end: everything sent from now on is answered to it."""
+        cfg = self.config
         self._consumer = AIOKafkaConsumer(
             **cfg.aiokafka(),
             enable_auto_commit=False,
@@ -173,6 +202,7 @@ class SluiceClient:
         await self._consumer.seek_to_end(*tps)
         for tp in tps:  # materialise the positions now, before any request is sent
             await self._consumer.position(tp)
+        self._reading.set()
         self._reader = supervise(self._read_results(), name="sluice-client-results", on_failure=self._reader_failed)
 
     async def _wait_partitions(self, topic: str, timeout_s: float = 30.0) -> set[int]:
@@ -197,23 +227,38 @@ class SluiceClient:
                 await self._reader
             except (asyncio.CancelledError, Exception):
                 pass
-        for fut in self._waiting.values():
-            if not fut.done():
-                fut.set_exception(ClientError("client stopped before the result arrived"))
-        self._waiting.clear()
+        self._reader = None
+        self._waiting.fail_all(ClientError("client stopped before the result arrived"))
         for part in (self._producer, self._consumer):
             if part is not None:
                 await part.stop()
+        self._producer = self._consumer = None
+        if self._made_reply_topic and self.reply_topic:
+            await asyncio.get_running_loop().run_in_executor(None, delete_reply_topic, self.config, self.reply_topic)
+            self._made_reply_topic = False
 
     def _reader_failed(self, exc: BaseException) -> None:
-        """No result can arrive any more: every waiting call fails now
-        instead of at its timeout."""
-        for fut in self._waiting.values():
-            if not fut.done():
-                fut.set_exception(ClientError(f"the results reader stopped: {exc!r}"))
-        self._waiting.clear()
+        """The results that were on their way are lost with the reader's
+        position: every waiting call fails now instead of at its timeout,
+        and a new reader starts at the end for the calls that follow."""
+        failure = ClientError(f"the results reader stopped: {exc!r}")
+        self._reading.clear()
+        self._waiting.fail_all(failure)
         for q in self._streams:
-            q.put_nowait(ClientError(f"the results reader stopped: {exc!r}"))
+            q.put_nowait(failure)
+        self._reader = supervise(self._restart_reader(), name="sluice-client-reconnect", on_failure=self._reader_failed)
+
+    async def _restart_reader(self) -> None:
+        self._restarts += 1
+        await asyncio.sleep(min(5.0, 0.2 * 2 ** min(self._restarts, 5)))  # a failing broker is not hammered
+        old, self._consumer = self._consumer, None
+        if old is not None:
+            try:
+                await old.stop()
+            except Exception as exc:
+                log.warning("closing the failed results reader: %r", exc)
+        await self._start_reader()
+        log.warning("results reader started again (restart %d)", self._restarts)
 
     async def _read_results(self) -> None:
         assert self._consumer is not None
@@ -229,9 +274,7 @@ class SluiceClient:
                     if not isinstance(doc, dict):
                         continue
                     doc["_received_at_ms"] = now_ms()
-                    fut = self._waiting.pop(doc.get("id"), None)  # type: ignore[arg-type]
-                    if fut is not None and not fut.done():
-                        fut.set_result(doc)
+                    self._waiting.resolve(doc)
                     for q in self._streams:
                         q.put_nowait(doc)
 
@@ -240,13 +283,21 @@ class SluiceClient:
         """Produce one request record; return a future of its result. The
         record is keyed so that identical requests share a partition."""
         assert self._producer is not None, "call start() first"
+        if not self._reading.is_set():
+            try:
+                await asyncio.wait_for(self._reading.wait(), self.timeout_s)
+            except TimeoutError:
+                raise ClientError(f"no results reader on {self.results_topic!r} for {self.timeout_s} s") from None
         doc.setdefault("sent_at_ms", now_ms())
         if self.results_topic != self.topics.results:
             doc.setdefault("reply_to", self.results_topic)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiting[doc["id"]] = fut
+        fut = self._waiting.add(doc["id"])
         topic, key = destination(self.config, doc)
-        await self._producer.send(topic, orjson.dumps(doc), key=key)
+        try:
+            await self._producer.send(topic, orjson.dumps(doc), key=key)
+        except BaseException:
+            self._waiting.forget(doc["id"])
+            raise
         return fut
 
     async def send_raw(self, value: bytes, key: bytes | None = None) -> None:
@@ -256,10 +307,7 @@ class SluiceClient:
 
     def expect(self, request_id: str) -> asyncio.Future[dict[str, Any]]:
         """A future for a result of a request sent some other way."""
-        fut = self._waiting.get(request_id)
-        if fut is None:
-            fut = self._waiting[request_id] = asyncio.get_running_loop().create_future()
-        return fut
+        return self._waiting.get_or_add(request_id)
 
     async def flush(self) -> None:
         assert self._producer is not None
@@ -289,6 +337,8 @@ class SluiceClient:
         while pending:
             done, pending = await asyncio.wait(pending, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
             if not done:
+                for fut in pending:
+                    fut.cancel()  # forgotten: their results will not be waited for
                 raise ResultTimeout(f"{len(pending)} results did not arrive within {limit} s")
             for fut in done:
                 yield Result.model_validate(fut.result())
@@ -309,6 +359,8 @@ class SluiceClient:
     async def _await(self, fut: asyncio.Future[dict[str, Any]], timeout_s: float | None) -> dict[str, Any]:
         limit = timeout_s or self.timeout_s
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout=limit)
+            # not shielded: a wait that ends cancels the future, and the
+            # cancelled future is forgotten (Waiting)
+            return await asyncio.wait_for(fut, timeout=limit)
         except TimeoutError:
             raise ResultTimeout(f"no result within {limit} s") from None

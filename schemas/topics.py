@@ -194,6 +194,10 @@ class Topics:
         """librdkafka's subscription regex for every tenant's requests topic."""
         return "^" + re.escape(self.requests + ".") + ".+$"
 
+    def replies(self, owner: str) -> str:
+        """A reply topic of one gateway instance or client: it reads only its own results."""
+        return check_topic_name(f"{self.prefix}.replies.{owner}")
+
     def tenant_of(self, requests_topic: str) -> str | None:
         """The tenant whose requests topic this is, or None."""
         head = self.requests + "."

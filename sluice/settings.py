@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from processors.admission.config import AdmissionConfig
 from processors.config import WorkerConfig
+from producers.gateway.config import GatewayConfig
 from schemas.errors import ConfigError
 from schemas.records import Limits
 from schemas.topics import KafkaConfig
@@ -27,7 +28,7 @@ from sluice.stack import StackConfig
 ENV_PREFIX = "SLUICE_"
 
 
-class Settings(BaseSettings, AdmissionConfig, SinkConfig, StackConfig, AutoscaleConfig):
+class Settings(BaseSettings, AdmissionConfig, SinkConfig, StackConfig, AutoscaleConfig, GatewayConfig):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
     request_partitions: int = Field(
@@ -91,6 +92,10 @@ class Settings(BaseSettings, AdmissionConfig, SinkConfig, StackConfig, Autoscale
         fields.update(self.model_dump(include=set(AdmissionConfig.model_fields) - set(WorkerConfig.model_fields)))
         return AdmissionConfig.model_validate(fields)
 
+    def gateway(self, **overrides: Any) -> GatewayConfig:
+        fields = self.model_dump(include=set(GatewayConfig.model_fields))
+        return GatewayConfig.model_validate({**fields, **overrides})
+
     def sink(self) -> SinkConfig:
         return SinkConfig.model_validate(self.model_dump(include=set(SinkConfig.model_fields)))
 
@@ -125,6 +130,7 @@ _GROUPS: tuple[tuple[str, str, type], ...] = (
     ("Sink (ClickHouse)", "sinks/config.py", SinkConfig),
     ("Local stack", "sluice/stack/config.py", StackConfig),
     ("Autoscaler", "sluice/autoscale/config.py", AutoscaleConfig),
+    ("HTTP gateway", "producers/gateway/config.py", GatewayConfig),
 )
 SETTINGS_DOC = "docs/settings.md"
 

@@ -31,6 +31,7 @@ _PORT_SETTING = {
     "sink": "SLUICE_SINK_PORT",
     "autoscale": "SLUICE_AUTOSCALE_PORT",
     "admission": "SLUICE_ADMISSION_PORT",
+    "gateway": "SLUICE_GATEWAY_PORT",
 }
 
 

@@ -63,7 +63,7 @@ from schemas.errors import RequestError
 from schemas.keys import partition_key
 from schemas.records import Request, encode, now_ms, parse_request, result_doc, telemetry_doc
 from schemas.service.http import HealthServer
-from schemas.service.lag import BrokerSignals, partitions_of
+from schemas.service.lag import BrokerSignals, Overload, partitions_of
 from schemas.service.tasks import supervise
 from schemas.topics import KafkaConfig
 
@@ -119,7 +119,12 @@ class AdmissionStage:
         self.control = ControlView(config, self.topics.control, on_change=self._on_control)
         self.states = StateView(config, self.topics.admission_state)
         self.lag = BrokerSignals(config, self.topics.requests, config.group_id)
-        self.overloaded = False
+        self.overload = Overload(
+            self.lag,
+            limit=config.admission_overload_lag,
+            resume=config.admission_overload_resume_lag,
+            interval_s=config.admission_lag_interval_s,
+        )
         self._tenants: dict[int, dict[str, TenantState]] = {}  # owned ingress partition -> tenant -> counters
         self._dirty: set[tuple[int, str]] = set()
         self._tokenizers: dict[str, tuple[Any, str]] = {}  # model name -> (tokenizer, ref)
@@ -495,24 +500,16 @@ class AdmissionStage:
                 return
 
     # -- overload and control ----------------------------------------------------
+    @property
+    def overloaded(self) -> bool:
+        return self.overload.overloaded
+
     async def _watch_lag(self) -> None:
-        cfg = self.config
-        while True:
-            try:
-                offsets = await self.lag.read()
-                lag = sum(offsets.lag.values()) + sum(offsets.uncommitted.values())
-            except (KafkaError, OSError) as exc:
-                log.warning("workers' lag unknown (overload state kept): %s", exc)
-            else:
-                self.metrics.lag.set(lag)
-                if not self.overloaded and lag >= cfg.admission_overload_lag:
-                    self.overloaded = True
-                    log.warning("overloaded: the workers' lag is %d, rejecting new requests", lag)
-                elif self.overloaded and lag < cfg.admission_overload_resume_lag:
-                    self.overloaded = False
-                    log.info("overload over: the workers' lag is %d, admitting again", lag)
-                self.metrics.overloaded.set(int(self.overloaded))
-            await asyncio.sleep(cfg.admission_lag_interval_s)
+        def gauges() -> None:
+            self.metrics.lag.set(self.overload.lag or 0)
+            self.metrics.overloaded.set(int(self.overload.overloaded))
+
+        await self.overload.watch(on_reading=gauges)
 
     def _on_control(self, control: Any, key: str) -> None:
         if key == "kill_switch":

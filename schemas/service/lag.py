@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,3 +131,56 @@ def _members(described: list[Any]) -> int:
             if group[0] == 0:
                 return len(group[5])
     return 0
+
+
+class Overload:
+    """The workers' backlog against a limit, with hysteresis, read every
+    `interval_s`: `overloaded` turns on at `limit` records of lag and off
+    under `resume`. The drain rate (committed offsets per second, smoothed)
+    says when the excess will have drained: a caller's Retry-After."""
+
+    def __init__(
+        self, signals: BrokerSignals, *, limit: int, resume: int, interval_s: float, what: str = "new requests"
+    ) -> None:
+        self.signals = signals
+        self.limit, self.resume, self.interval_s = limit, resume, interval_s
+        self.what = what
+        self.overloaded = False
+        self.lag: int | None = None  # last reading; None until one succeeds
+        self.drain_per_s: float | None = None
+        self._last: tuple[float, int] | None = None  # (time, committed records) of the previous reading
+
+    def retry_after_s(self, default_s: float, most_s: float = 60.0) -> float:
+        """Seconds until the backlog is back under `resume` at the measured drain rate."""
+        if self.lag is None or not self.drain_per_s:
+            return default_s
+        return min(most_s, max(default_s, (self.lag - self.resume) / self.drain_per_s))
+
+    def observe(self, offsets: GroupOffsets, at: float) -> None:
+        lag = sum(offsets.lag.values()) + sum(offsets.uncommitted.values())
+        committed = sum(offsets.committed.values())
+        if self._last is not None and at > self._last[0]:
+            rate = max(0.0, committed - self._last[1]) / (at - self._last[0])
+            self.drain_per_s = rate if self.drain_per_s is None else 0.7 * self.drain_per_s + 0.3 * rate
+        self._last = (at, committed)
+        self.lag = lag
+        if not self.overloaded and lag >= self.limit:
+            self.overloaded = True
+            log.warning("overloaded: the workers' lag is %d, refusing %s", lag, self.what)
+        elif self.overloaded and lag < self.resume:
+            self.overloaded = False
+            log.info("overload over: the workers' lag is %d, accepting %s again", lag, self.what)
+
+    async def watch(self, on_reading: Callable[[], None] | None = None) -> None:
+        """Read forever (a supervised task); a failed reading keeps the state.
+        `on_reading` runs after each successful one (gauges)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                self.observe(await self.signals.read(), loop.time())
+            except (KafkaError, OSError) as exc:
+                log.warning("workers' lag unknown (overload state kept): %s", exc)
+            else:
+                if on_reading is not None:
+                    on_reading()
+            await asyncio.sleep(self.interval_s)

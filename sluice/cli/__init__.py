@@ -14,6 +14,7 @@ from schemas.errors import SluiceError
 from sluice.cli.analytics import cmd_analytics, cmd_report, cmd_sink
 from sluice.cli.autoscale import cmd_autoscale
 from sluice.cli.demo import cmd_demo
+from sluice.cli.gateway import cmd_gateway, cmd_keys
 from sluice.cli.settings import cmd_settings
 from sluice.cli.stack import add_up_flags, cmd_down, cmd_status, cmd_topics, cmd_up
 from sluice.cli.tenants import cmd_admission, cmd_tenants
@@ -198,6 +199,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="the tenant's password: read from this file, or written there (mode 0600) when it does not exist",
     )
     ta.add_argument("--partitions", type=int, default=3, help="partitions of each of the tenant's two topics")
+    gw = sub.add_parser(
+        "gateway",
+        help="serve HTTP: OpenAI /v1/embeddings, TEI /embed, /v1/classify, over the Kafka request-reply (SLUICE_GATEWAY_*)",
+        epilog="examples:\n  sluice keys add acme > acme.key    # with SLUICE_GATEWAY_API_KEYS_FILE=keys.txt\n"
+        "  sluice gateway --port 8080\n"
+        '  curl -H "Authorization: Bearer $(cat acme.key)" localhost:8080/v1/embeddings -d \'{"input": "hi"}\'',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gw.add_argument("--port", type=int, help="port (default SLUICE_GATEWAY_PORT)")
+    gw.add_argument("--host", help="address (default SLUICE_GATEWAY_HOST)")
+    ky = sub.add_parser("keys", help="gateway API keys")
+    kysub = ky.add_subparsers(dest="keys_command", required=True)
+    ka = kysub.add_parser(
+        "add", help="make an API key for a tenant: its digest is appended to the keys file, the key printed once"
+    )
+    ka.add_argument("tenant")
+    ka.add_argument("--file", help="keys file (default SLUICE_GATEWAY_API_KEYS_FILE)")
     d = sub.add_parser("demo", help="stack + worker + a load run with repeats; prints a summary")
     _add_load_flags(d, rate=200, duration=15)
     d.add_argument("--metrics-port", type=int, default=0, help="worker metrics port (0: a free one)")
@@ -223,6 +241,8 @@ COMMANDS = {
     "admission": cmd_admission,
     "tenants": cmd_tenants,
     "model": cmd_model,
+    "gateway": cmd_gateway,
+    "keys": cmd_keys,
 }
 
 
