@@ -327,7 +327,7 @@ async def search_pipeline(
 
 
 async def search_peer(workload: Workload, *, start: float, step_s: float, max_rate: float) -> RateSearch:
-    from bench.peer import HttpTransport
+    from bench.peer import transport as peer_transport
 
     port = free_port()
     log = open(OUT / "peer.log", "wb")  # noqa: SIM115 -- the peer's output, closed when it stops
@@ -350,7 +350,7 @@ async def search_peer(workload: Workload, *, start: float, step_s: float, max_ra
                     raise RuntimeError(f"the peer did not start; see {OUT / 'peer.log'}") from None
                 await asyncio.sleep(0.2)
         say("rate search, FastAPI peer, zipf")
-        async with HttpTransport(f"http://127.0.0.1:{port}/embed") as transport:
+        async with peer_transport(f"http://127.0.0.1:{port}/embed") as transport:
 
             async def step(rate: float, n: int):
                 return await run_load(

@@ -52,10 +52,16 @@ def _add_load_flags(p: argparse.ArgumentParser, rate: float, duration: float) ->
     p.add_argument(
         "--transport",
         default="librdkafka",
-        choices=["librdkafka", "aiokafka"],
-        help="Kafka client that offers the load (librdkafka takes less CPU from the machine "
-        "it measures; aiokafka is what SluiceClient uses)",
+        choices=["librdkafka", "aiokafka", "http"],
+        help="what offers the load: a Kafka client (librdkafka takes less CPU from the machine "
+        "it measures; aiokafka is what SluiceClient uses), or HTTP calls to `sluice gateway` (--url)",
     )
+    p.add_argument(
+        "--url",
+        default="http://127.0.0.1:8080/v1/embeddings",
+        help="--transport http: the gateway route each request is POSTed to, one input per call",
+    )
+    p.add_argument("--api-key-file", help="--transport http: file whose first line is the gateway API key")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -106,11 +106,29 @@ def workload_of(args: argparse.Namespace):
     return Workload(args.distribution, args.distinct, args.exponent, args.seed, hot_fraction=args.hot_fraction)
 
 
+def transport_of(s: Settings, args: argparse.Namespace) -> Any:
+    """The client that offers the load (started by the caller with `async with`)."""
+    if args.transport == "http":
+        from producers.http_transport import HttpTransport
+
+        key = None
+        if args.api_key_file:
+            try:
+                with open(args.api_key_file) as f:
+                    key = f.readline().strip()
+            except OSError as exc:
+                raise SluiceError(f"--api-key-file {args.api_key_file}: {exc.strerror}") from None
+        return HttpTransport(args.url, api_key=key)
+    from producers.loadgen import kafka_transport
+
+    return kafka_transport(s.kafka(), args.transport)
+
+
 async def _find_max(s: Settings, args: argparse.Namespace, labels: list[str] | None):
-    from producers.loadgen import find_max_rate, kafka_transport, run_load
+    from producers.loadgen import find_max_rate, run_load
 
     workload = workload_of(args)
-    async with kafka_transport(s.kafka(), args.transport) as client:
+    async with transport_of(s, args) as client:
 
         async def step(rate: float, n: int):
             return await run_load(
@@ -160,19 +178,22 @@ def cmd_loadtest(s: Settings, args: argparse.Namespace) -> int:
             print(search.table())
             print(f"highest rate with p99 < {search.slo_ms:g} ms: {search.max_rate:.0f} requests/s")
         return 0 if search.max_rate > 0 else 1
-    report = asyncio.run(
-        run_load(
-            s.kafka(),
-            rate=args.rate,
-            duration_s=args.duration,
-            workload=workload_of(args),
-            task=args.task,
-            labels=labels,
-            cache=args.cache,
-            progress=None if args.json else print,
-            transport=args.transport,
-        )
-    )
+
+    async def run() -> Any:
+        async with transport_of(s, args) as client:
+            return await run_load(
+                s.kafka(),
+                rate=args.rate,
+                duration_s=args.duration,
+                workload=workload_of(args),
+                task=args.task,
+                labels=labels,
+                cache=args.cache,
+                progress=None if args.json else print,
+                client=client,
+            )
+
+    report = asyncio.run(run())
     if args.json:
         print_json(report.as_dict())
     else:

@@ -335,3 +335,37 @@ def test_the_gateway_refuses_to_start_without_keys(env):
         timeout=60,
     )
     assert r.returncode == 2 and "SLUICE_GATEWAY_API_KEYS_FILE" in r.stderr
+
+
+async def test_an_input_admission_refuses_gets_429_with_its_retry_after(env, worker_factory, gateway_factory):
+    import openai
+
+    from processors.admission.control import write_control
+
+    await write_control(env.stack.bootstrap_servers, env.topics.control, {"tenant:acme": {"requests_per_minute": 3}})
+    worker_factory()
+    stage = WorkerProcess(
+        env, "admission", SLUICE_ADMISSION_GROUP_ID=f"{env.prefix}-admission", SLUICE_ADMISSION_LAG_INTERVAL_S="0.2"
+    ).start()
+    try:
+        gw = gateway_factory(SLUICE_ADMISSION="true")
+        oai = openai_client(gw, max_retries=0)
+        first = await oai.embeddings.create(input=texts(env, 3, "admitted"), model=MODEL)  # the minute's allowance
+        assert len(first.data) == 3
+        async with Http() as http:
+            r = await http.post(
+                url(gw, "/v1/embeddings"),
+                {"input": texts(env, 2, "refused")},
+                headers={"Authorization": "Bearer key-acme"},
+            )
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited"
+        assert 1 <= int(r.headers["Retry-After"]) <= 60
+        # globex has no limit of its own: the same moment, served
+        other = await openai_client(gw, key="key-globex", max_retries=0).embeddings.create(
+            input=texts(env, 2, "globex"), model=MODEL
+        )
+        assert len(other.data) == 2
+        with pytest.raises(openai.RateLimitError):
+            await oai.embeddings.create(input="one more", model=MODEL)
+    finally:
+        stage.stop()
