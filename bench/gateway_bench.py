@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.harness import OUT, PLOTS, ROOT, cpu_seconds, create_topics_async, machine, new_prefix, stack
+from bench.harness import OUT, PLOTS, ROOT, broker_pid, cpu_seconds, create_topics_async, machine, new_prefix, stack
 from bench.suite import MODEL, SLO_MS, plot_searches, say, search_peer
 from producers.corpus import Workload
 from producers.gateway.keys import digest
@@ -80,20 +80,23 @@ async def search(client: Any, workload: Workload, tenant: str, args: argparse.Na
     )
 
 
-async def fixed_rate(client: Any, workload: Workload, tenant: str, rate: float, seconds: float, pid: int | None):
-    """One run at `rate`: its latencies, and the CPU seconds process `pid` spent per call."""
-    before = cpu_seconds(pid) if pid else 0.0
+async def fixed_rate(
+    client: Any, workload: Workload, tenant: str, rate: float, seconds: float, pids: dict[str, int | None]
+) -> dict[str, Any]:
+    """One run at `rate`: its latencies, and the CPU ms per answered call of
+    each process in `pids` (None: this one, the load generator)."""
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     report = await run_load(
         None, rate=rate, duration_s=seconds, workload=workload, tenant=tenant, client=client, progress=None
     )
-    used = (cpu_seconds(pid) - before) if pid else 0.0
+    n = max(1, report.answered)
     return {
         "rate": rate,
         "p50_ms": report.latency_ms.get("p50"),
         "p99_ms": report.latency_ms.get("p99"),
         "answered": report.answered,
         "sent": report.sent,
-        "cpu_ms_per_call": 1000 * used / max(1, report.answered) if pid else None,
+        "cpu_ms_per_call": {name: 1000 * (cpu_seconds(pid) - before[name]) / n for name, pid in pids.items()},
     }
 
 
@@ -129,6 +132,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         fixed: dict[str, Any] = {}
         try:
             async with kafka_transport(cfg) as kafka:
+                if args.fixed_only:
+                    args.no_peer = True
                 # unscored: the first batches of a new worker and the first calls of a new
                 # gateway are slow (connections, the model's first runs), and would decide the first step
                 say("warm-up, 4 s at 100/s through each")
@@ -136,7 +141,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 await run_load(None, rate=100, duration_s=4, workload=warm, tenant="warm", client=kafka, progress=None)
                 async with HttpTransport(url, api_key=f"key-{tenants['gw-fixed']}") as http:
                     await run_load(None, rate=100, duration_s=4, workload=warm.step(1), client=http, progress=None)
-                for name, workload in (("zipf", zipf), ("unique", unique)):
+                for name, workload in () if args.fixed_only else (("zipf", zipf), ("unique", unique)):
                     searches[f"Kafka client, {name}"] = await search(
                         kafka, workload, tenants[f"kafka-{name}"], args, f"Kafka client, {name}"
                     )
@@ -145,13 +150,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                             http, workload, tenants[f"gw-{name}"], args, f"gateway, {name}"
                         )
                 say(f"fixed rate {args.fixed_rate:g}/s, {args.fixed_s:g} s: Kafka client, then gateway")
+                pids = {"generator": None, "broker": broker_pid(), "worker": worker.proc.pid if worker.proc else None}
                 fixed["kafka"] = await fixed_rate(
-                    kafka, zipf.step(50), tenants["kafka-fixed"], args.fixed_rate, args.fixed_s, None
+                    kafka, zipf.step(50), tenants["kafka-fixed"], args.fixed_rate, args.fixed_s, pids
                 )
             async with HttpTransport(url, api_key=f"key-{tenants['gw-fixed']}") as http:
-                assert gw.proc is not None
+                pids["gateway"] = gw.proc.pid if gw.proc else None
                 fixed["gateway"] = await fixed_rate(
-                    http, zipf.step(50), tenants["gw-fixed"], args.fixed_rate, args.fixed_s, gw.proc.pid
+                    http, zipf.step(50), tenants["gw-fixed"], args.fixed_rate, args.fixed_s, pids
                 )
         finally:
             gw.stop()
@@ -175,10 +181,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(f: dict[str, Any]) -> str:
     s = {k: v["max_rate"] for k, v in f["searches"].items()}
-    rows = [
-        "| transport | workload | max rate, p99 < 500 ms | ratio to the Kafka client |",
-        "|---|---|---|---|",
-    ]
+    rows = (
+        ["| transport | workload | max rate, p99 < 500 ms | ratio to the Kafka client |", "|---|---|---|---|"]
+        if s
+        else []
+    )
     for name in ("zipf", "unique"):
         k = s.get(f"Kafka client, {name}", 0)
         for label in (f"Kafka client, {name}", f"gateway, {name}", f"FastAPI peer, {name}"):
@@ -186,13 +193,18 @@ def markdown(f: dict[str, Any]) -> str:
                 ratio = f"{s[label] / k:.2f}" if k else "-"
                 rows.append(f"| {label.split(',')[0]} | {name} | {s[label]:.0f} req/s | {ratio} |")
     fx = f["fixed"]
+    names = ["generator", "gateway", "broker", "worker"]
     rows += [
         "",
-        f"Fixed rate {fx['kafka']['rate']:.0f}/s (Zipf): Kafka client p50 {fx['kafka']['p50_ms']:.0f} / p99 "
-        f"{fx['kafka']['p99_ms']:.0f} ms; gateway p50 {fx['gateway']['p50_ms']:.0f} / p99 "
-        f"{fx['gateway']['p99_ms']:.0f} ms; the gateway process used {fx['gateway']['cpu_ms_per_call']:.2f} ms "
-        "of CPU per call.",
+        f"| fixed {fx['kafka']['rate']:.0f}/s, Zipf | p50 ms | p99 ms | "
+        + " | ".join(f"{n} CPU ms/call" for n in names)
+        + " |",
+        "|---" * (3 + len(names)) + "|",
     ]
+    for label, key in (("Kafka client", "kafka"), ("gateway", "gateway")):
+        cpu = fx[key]["cpu_ms_per_call"]
+        cells = " | ".join(f"{cpu[n]:.2f}" if cpu.get(n) is not None else "-" for n in names)
+        rows.append(f"| {label} | {fx[key]['p50_ms']:.0f} | {fx[key]['p99_ms']:.0f} | {cells} |")
     return "\n".join(rows)
 
 
@@ -204,6 +216,7 @@ def main() -> None:
     ap.add_argument("--fixed-rate", type=float, default=300.0)
     ap.add_argument("--fixed-s", type=float, default=10.0)
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--fixed-only", action="store_true", help="only the fixed-rate runs and their CPU per call")
     ap.add_argument("--quick", action="store_true", help="short steps and a low cap: proves it runs")
     args = ap.parse_args()
     if args.quick:
