@@ -30,10 +30,23 @@ import argparse
 import asyncio
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.harness import OUT, PLOTS, ROOT, broker_pid, cpu_seconds, create_topics_async, machine, new_prefix, stack
+from bench.harness import (
+    OUT,
+    PLOTS,
+    ROOT,
+    broker_pid,
+    cpu_seconds,
+    create_topics_async,
+    machine,
+    new_prefix,
+    stack,
+    worker,
+)
 from bench.suite import MODEL, SLO_MS, plot_searches, say, search_peer
 from producers.corpus import Workload
 from producers.gateway.keys import digest
@@ -43,7 +56,9 @@ from schemas.topics import KafkaConfig
 from sluice.supervisor import WorkerProcess
 
 
-def start_gateway(bootstrap: str, prefix: str, keys: Path) -> WorkerProcess:
+@contextmanager
+def gateway(bootstrap: str, prefix: str, keys: Path) -> Iterator[WorkerProcess]:
+    """`sluice gateway` on the prefix's topics, ready; stopped afterwards."""
     gw = WorkerProcess(
         {
             "SLUICE_BOOTSTRAP_SERVERS": bootstrap,
@@ -57,7 +72,10 @@ def start_gateway(bootstrap: str, prefix: str, keys: Path) -> WorkerProcess:
         command="gateway",
     )
     gw.start()
-    return gw
+    try:
+        yield gw
+    finally:
+        gw.stop()
 
 
 async def search(client: Any, workload: Workload, tenant: str, args: argparse.Namespace, label: str) -> RateSearch:
@@ -104,6 +122,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     import redis
 
     started = time.monotonic()
+    if args.fixed_only:
+        args.no_peer = True
     with stack() as (bootstrap, redis_url):
         prefix = new_prefix("gateway")
         await create_topics_async(bootstrap, prefix)
@@ -114,26 +134,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         }
         keys = OUT / f"gateway-keys-{run}.txt"
         keys.write_text("".join(f"{t} sha256:{digest('key-' + t)}\n" for k, t in tenants.items() if k.startswith("gw")))
-        worker = WorkerProcess(
-            {
-                "SLUICE_BOOTSTRAP_SERVERS": bootstrap,
-                "SLUICE_TOPIC_PREFIX": prefix,
-                "SLUICE_GROUP_ID": f"{prefix}-workers",
-            },
-            log_path=OUT / f"worker-{prefix}.log",
-            cwd=ROOT,
-        )
-        worker.start()
-        gw = start_gateway(bootstrap, prefix, keys)
-        url = f"http://127.0.0.1:{gw.port}/v1/embeddings"
         cfg = KafkaConfig(bootstrap_servers=bootstrap, topic_prefix=prefix)
         zipf, unique = Workload("zipf", 1000, 1.1, 7), Workload("unique", seed=9)
         searches: dict[str, RateSearch] = {}
         fixed: dict[str, Any] = {}
-        try:
+        with worker(bootstrap, prefix) as w, gateway(bootstrap, prefix, keys) as gw:
+            url = f"http://127.0.0.1:{gw.port}/v1/embeddings"
             async with kafka_transport(cfg) as kafka:
-                if args.fixed_only:
-                    args.no_peer = True
                 # unscored: the first batches of a new worker and the first calls of a new
                 # gateway are slow (connections, the model's first runs), and would decide the first step
                 say("warm-up, 4 s at 100/s through each")
@@ -150,7 +157,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                             http, workload, tenants[f"gw-{name}"], args, f"gateway, {name}"
                         )
                 say(f"fixed rate {args.fixed_rate:g}/s, {args.fixed_s:g} s: Kafka client, then gateway")
-                pids = {"generator": None, "broker": broker_pid(), "worker": worker.proc.pid if worker.proc else None}
+                pids = {"generator": None, "broker": broker_pid(), "worker": w.proc.pid if w.proc else None}
                 fixed["kafka"] = await fixed_rate(
                     kafka, zipf.step(50), tenants["kafka-fixed"], args.fixed_rate, args.fixed_s, pids
                 )
@@ -159,9 +166,6 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 fixed["gateway"] = await fixed_rate(
                     http, zipf.step(50), tenants["gw-fixed"], args.fixed_rate, args.fixed_s, pids
                 )
-        finally:
-            gw.stop()
-            worker.stop()
         if not args.no_peer:
             searches["FastAPI peer, zipf"] = await search_peer(
                 zipf, start=args.start_rate, step_s=args.step_s, max_rate=args.max_rate
@@ -174,8 +178,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "searches": {k: {"max_rate": v.max_rate, "steps": v.steps} for k, v in searches.items()},
         "fixed": fixed,
     }
-    (OUT / "gateway_bench.json").write_text(json.dumps(figures, indent=1, default=str))
-    plot_searches(searches, PLOTS / "gateway_rate_search.png")
+    name = "gateway_bench_fixed" if args.fixed_only else "gateway_bench"
+    (OUT / f"{name}.json").write_text(json.dumps(figures, indent=1, default=str))
+    if searches:
+        plot_searches(searches, PLOTS / "gateway_rate_search.png")
     return figures
 
 
