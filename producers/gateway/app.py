@@ -121,6 +121,14 @@ class Gateway:
 
     def admit(self, n: int) -> None:
         cfg = self.config
+        if not self.client.reading:
+            self.metrics.rejections.labels("unavailable").inc()
+            raise ApiError(
+                503,
+                "unavailable",
+                "the gateway's reply reader is being started again",
+                retry_after_s=cfg.gateway_retry_after_s,
+            )
         if self.overload.overloaded:
             self.metrics.rejections.labels("backlog").inc()
             raise ApiError(
@@ -142,14 +150,23 @@ class Gateway:
 
     async def send(self, call: Call, tenant: str, timeout_s: float) -> list[asyncio.Future[dict[str, Any]]]:
         deadline = now_ms() + int(timeout_s * 1000)
-        futs = [
-            await self.client.send(
-                make_request(
+        futs: list[asyncio.Future[dict[str, Any]]] = []
+        try:
+            for text in call.inputs:
+                doc = make_request(
                     text, task=call.task, model=call.model, tenant=tenant, labels=call.labels, deadline_ms=deadline
                 )
-            )
-            for text in call.inputs
-        ]
+                futs.append(await self.client.send(doc))
+        except Exception as exc:  # librdkafka's queue full twice, the reader gone: nothing waits half a call
+            for fut in futs:
+                fut.cancel()
+            self.metrics.rejections.labels("unavailable").inc()
+            raise ApiError(
+                503,
+                "unavailable",
+                f"the call's requests could not be sent: {exc}",
+                retry_after_s=self.config.gateway_retry_after_s,
+            ) from None
         return futs
 
     def timed_out(self, missing: int, timeout_s: float) -> ApiError:
@@ -186,7 +203,12 @@ class Gateway:
         """Server-sent events: one per input as its result arrives, then
         `usage`, then `[DONE]`. An input that fails gets an error event; the
         others go on."""
-        futs = await self.send(call, tenant, timeout_s)
+        try:
+            futs = await self.send(call, tenant, timeout_s)
+        except ApiError as refused:  # the stream has begun: its failure is an event
+            yield api.sse({"index": -1, "error": {"code": refused.code, "message": refused.message}})
+            yield api.sse("[DONE]")
+            return
         index = {fut: i for i, fut in enumerate(futs)}
         answered: list[dict[str, Any]] = []
         loop = asyncio.get_running_loop()
