@@ -472,6 +472,50 @@ async def test_a_worker_serves_each_tenant_on_its_own_topics_over_sasl_ssl(tenan
     assert not leaked, "a password is in the worker's or the sink's log"
 
 
+async def test_a_gateway_serves_http_callers_as_sluice_over_sasl_ssl(secure: Secure, tmp_path: Path) -> None:
+    """The gateway on the secure stack, as `sluice`: it makes its reply
+    topic under the ACLs, serves the openai client, and deletes the topic at
+    its stop; its log holds no password."""
+    import openai
+
+    from producers.gateway.keys import digest
+    from sluice.supervisor import WorkerProcess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    env |= _parse_env(secure.stack.env_file(SERVICE_USER))
+    env |= {
+        "SLUICE_TOPIC_PREFIX": secure.prefix,
+        "SLUICE_GROUP_ID": f"sluice-workers-gw-{secure.prefix}",
+        "SLUICE_ORT_INTRA_OP_THREADS": "1",
+        "SLUICE_DEFAULT_MODEL": "all-minilm-l6-v2",
+    }
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"acme sha256:{digest('key-acme')}\n")
+    worker = WorkerProcess(env, log_path=tmp_path / "worker.log", cwd=ROOT, inherit_env=False)
+    worker.start(90)
+    gw_env = {**env, "SLUICE_GATEWAY_API_KEYS_FILE": str(keys), "SLUICE_GATEWAY_ID": "secure-gw"}
+    gateway = WorkerProcess(gw_env, log_path=tmp_path / "gateway.log", cwd=ROOT, inherit_env=False, command="gateway")
+    reply_topic = secure.topics.replies("secure-gw")
+    admin = AdminClient(secure.as_user(SERVICE_USER).rdkafka())
+    try:
+        gateway.start(60)
+        assert reply_topic in admin.list_topics(timeout=10).topics
+        oai = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gateway.port}/v1", api_key="key-acme", max_retries=0)
+        got = await oai.embeddings.create(input=["over sasl_ssl", "and http"], model="all-minilm-l6-v2")
+        assert [len(d.embedding) for d in got.data] == [384, 384]
+        with pytest.raises(openai.AuthenticationError):
+            await openai.AsyncOpenAI(
+                base_url=f"http://127.0.0.1:{gateway.port}/v1", api_key="nope", max_retries=0
+            ).embeddings.create(input="x", model="all-minilm-l6-v2")
+    finally:
+        gateway.stop()
+        worker.stop()
+    assert reply_topic not in admin.list_topics(timeout=10).topics
+    log = (tmp_path / "gateway.log").read_text()
+    assert "answers on" in log
+    assert secure.password(SERVICE_USER) not in log and "key-acme" not in log
+
+
 def _sink_rows(port: int, sql: str) -> list:
     from sinks.query_endpoint import remote_runner
 
