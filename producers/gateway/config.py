@@ -36,6 +36,9 @@ class GatewayConfig(BaseModel):
     gateway_max_inputs: int = Field(
         2048, ge=1, description="Most inputs in one call; more get 413 (OpenAI's own cap is 2048)."
     )
+    gateway_max_body_bytes: int = Field(
+        8 << 20, ge=1024, description="Largest request body, in bytes; a larger one gets 413 before it is read whole."
+    )
     gateway_max_in_flight: int = Field(
         10_000,
         ge=1,

@@ -308,7 +308,9 @@ async def test_a_call_past_its_timeout_gets_503_and_its_deadline_reaches_the_wor
 
 
 async def test_bad_calls_get_clear_errors(env, gateway_factory):
-    gw = gateway_factory(SLUICE_GATEWAY_MAX_INPUTS="4", SLUICE_GATEWAY_MAX_IN_FLIGHT="3")
+    gw = gateway_factory(
+        SLUICE_GATEWAY_MAX_INPUTS="4", SLUICE_GATEWAY_MAX_IN_FLIGHT="3", SLUICE_GATEWAY_MAX_BODY_BYTES="4096"
+    )
     auth = {"Authorization": "Bearer key-acme"}
     async with Http(timeout=30) as http:
         dims = await http.post(url(gw, "/v1/embeddings"), json={"input": "x", "dimensions": 64}, headers=auth)
@@ -317,6 +319,7 @@ async def test_bad_calls_get_clear_errors(env, gateway_factory):
         not_json = await http.post(url(gw, "/v1/embeddings"), content=b"{", headers=auth)
         fmt = await http.post(url(gw, "/v1/embeddings"), json={"input": "x", "encoding_format": "int8"}, headers=auth)
         busy = await http.post(url(gw, "/v1/embeddings"), json={"input": ["a", "b", "c", "d"]}, headers=auth)
+        huge = await http.post(url(gw, "/v1/embeddings"), json={"input": "x" * 5000}, headers=auth)
     assert dims.status_code == 400 and dims.json()["error"]["param"] == "dimensions"
     assert tokens.status_code == 400 and "token arrays" in tokens.json()["error"]["message"]
     assert many.status_code == 413 and "SLUICE_GATEWAY_MAX_INPUTS" in many.json()["error"]["message"]
@@ -325,6 +328,7 @@ async def test_bad_calls_get_clear_errors(env, gateway_factory):
     # four inputs would pass the three this instance may have waiting: refused at once, nothing sent
     assert busy.status_code == 429 and "SLUICE_GATEWAY_MAX_IN_FLIGHT" in busy.json()["error"]["message"]
     assert int(busy.headers["Retry-After"]) >= 1
+    assert huge.status_code == 413 and "SLUICE_GATEWAY_MAX_BODY_BYTES" in huge.json()["error"]["message"]
 
 
 def test_the_gateway_refuses_to_start_without_keys(env):
