@@ -7,7 +7,8 @@ grant the rights of the three kinds of principal Sluice knows:
 - the service (`grant_service`): workers, the sink, the admission stage and
   the autoscaler, which read and write every topic under the prefix;
 - a single-tenant client application (`grant_client`): writes requests,
-  reads results, nothing else;
+  reads results, and makes, reads and deletes its own reply topics
+  (PREFIX.replies.PRINCIPAL-*), nothing else;
 - a tenant (`grant_tenant`), with tenant topics (SLUICE_TENANT_TOPICS): its
   own PREFIX.requests.TENANT and PREFIX.results.TENANT only, so the broker
   itself keeps tenants apart.
@@ -124,10 +125,18 @@ def service_acls(prefix: str, principal: str = "sluice") -> list[AclBinding]:
 
 def client_acls(prefix: str, principal: str = "client") -> list[AclBinding]:
     """What a single-tenant application needs: write PREFIX.requests and
-    PREFIX.ingress (with admission), read PREFIX.results. No group: the
-    client reads results by partition assignment and commits nothing."""
+    PREFIX.ingress (with admission), read PREFIX.results, and its own reply
+    topics (`SluiceClient(reply_topic=topics.replies(f"{principal}-app1"))`):
+    Create, Read, Describe and Delete on topics PREFIXED
+    PREFIX.replies.PRINCIPAL- (so one principal never reads another's). No
+    group: the client reads results by partition assignment and commits nothing."""
     topics = Topics(prefix)
+    own_replies = topics.replies(f"{principal}-")
     return [
+        *(
+            _allow(_TOPIC, own_replies, _PREFIXED, principal, op)
+            for op in (_OP.CREATE, _OP.READ, _OP.DESCRIBE, _OP.DELETE)
+        ),
         *(
             _allow(_TOPIC, topic, _LITERAL, principal, op)
             for topic in (topics.requests, topics.ingress)

@@ -507,6 +507,19 @@ async def test_a_gateway_serves_http_callers_as_sluice_over_sasl_ssl(secure: Sec
             await openai.AsyncOpenAI(
                 base_url=f"http://127.0.0.1:{gateway.port}/v1", api_key="nope", max_retries=0
             ).embeddings.create(input="x", model="all-minilm-l6-v2")
+
+        # an application as `client` has reply topics of its own too, named after its principal
+        from producers.client import SluiceClient
+        from schemas.errors import SluiceError
+
+        as_client = secure.as_user(CLIENT_USER)
+        mine = secure.topics.replies(f"{CLIENT_USER}-app1")
+        async with SluiceClient(as_client, reply_topic=mine, timeout_s=60) as client:
+            assert (await client.submit("answered on my own topic")).status == "ok"
+        assert mine not in admin.list_topics(timeout=10).topics
+        with pytest.raises(SluiceError, match="cannot create reply topic"):
+            async with SluiceClient(as_client, reply_topic=secure.topics.replies("someone-else"), timeout_s=10):
+                pass
     finally:
         gateway.stop()
         worker.stop()
