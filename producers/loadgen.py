@@ -62,6 +62,7 @@ class LoadReport:
     latency_ms: dict[str, float] = field(default_factory=dict)
     latency_by_cache_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     cost_usd: float = 0.0
+    cost_known: bool = True  # answers carried cost_usd (HTTP answers do not)
     # (scheduled send, seconds since start; latency ms; cache level), when asked for
     samples: list[tuple[float, float, str]] = field(default_factory=list, repr=False)
 
@@ -95,7 +96,10 @@ class LoadReport:
             )
             for level, q in sorted(self.latency_by_cache_ms.items()):
                 lines.append(f"  {level:>9}: p50 {q['p50']:.1f}  p95 {q['p95']:.1f}  p99 {q['p99']:.1f} ms")
-        lines.append(f"cost ${self.cost_usd:.6f} (${self.cost_usd / max(1, self.answered) * 1e6:.3f} per million)")
+        if self.cost_known:
+            lines.append(f"cost ${self.cost_usd:.6f} (${self.cost_usd / max(1, self.answered) * 1e6:.3f} per million)")
+        else:
+            lines.append("cost: not in these answers (`sluice analytics cost_by_tenant_day` has it)")
         return "\n".join(lines)
 
 
@@ -145,6 +149,7 @@ async def run_load(
     levels: Counter[str] = Counter()
     last_arrival = [0]
     cost = [0.0]
+    costed = [False]
 
     def on_result(fut: asyncio.Future) -> None:
         pending.discard(fut)
@@ -157,7 +162,9 @@ async def run_load(
         level = doc.get("cache") or "none"
         levels[level] += 1
         by_level.setdefault(level, []).append(lat)
-        cost[0] += float(doc.get("cost_usd") or 0.0)
+        if "cost_usd" in doc:
+            cost[0] += float(doc["cost_usd"] or 0.0)
+            costed[0] = True
         if keep_samples:
             report.samples.append(((scheduled[doc["id"]] - t0_wall) / 1000, lat, level))
         last_arrival[0] = doc["_received_at_ms"]
@@ -216,6 +223,7 @@ async def run_load(
     report.latency_ms = percentiles(latencies)
     report.latency_by_cache_ms = {k: percentiles(v) for k, v in by_level.items()}
     report.cost_usd = cost[0]
+    report.cost_known = costed[0] or not report.answered
     return report
 
 

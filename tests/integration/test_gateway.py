@@ -377,3 +377,32 @@ async def test_an_input_admission_refuses_gets_429_with_its_retry_after(env, wor
             await oai.embeddings.create(input="one more", model=MODEL)
     finally:
         stage.stop()
+
+
+def test_sluice_loadtest_offers_load_over_http(env, worker_factory, gateway_factory, tmp_path):
+    import subprocess
+    import sys
+
+    worker_factory()
+    gw = gateway_factory()
+    key = tmp_path / "acme.key"
+    key.write_text("key-acme\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "sluice", "loadtest", "--transport", "http", "--url", url(gw, "/v1/embeddings")]
+        + ["--api-key-file", str(key), "--rate", "50", "--duration", "2", "--seed", "5", "--json"],
+        env=env.worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    report = orjson.loads(r.stdout.strip().splitlines()[-1])
+    assert report["sent"] == report["answered"] == 100 and report["statuses"] == {"ok": 100}
+    assert sum(report["cache"].values()) == 100 and report["cost_known"] is False
+    metrics = asyncio.run(get_metrics(gw))
+    assert 'sluice_gateway_requests_total{code="200",route="/v1/embeddings"} 100.0' in metrics
+
+
+async def get_metrics(gw) -> str:
+    async with Http() as http:
+        return (await http.get(url(gw, "/metrics"))).text
