@@ -399,16 +399,12 @@ async def test_a_worker_serves_each_tenant_on_its_own_topics_over_sasl_ssl(tenan
     from sluice.supervisor import WorkerProcess
     from tests.conftest import read_topic_as
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
-    env |= _parse_env(tenants.stack.env_file(SERVICE_USER))
-    env |= {
-        "SLUICE_TOPIC_PREFIX": tenants.prefix,
-        "SLUICE_GROUP_ID": f"sluice-workers-{tenants.prefix}",
-        "SLUICE_TENANT_TOPICS": "true",
-        "SLUICE_DELIVERY": "exactly-once",
-        "SLUICE_ORT_INTRA_OP_THREADS": "1",
-        "SLUICE_DEFAULT_MODEL": "all-minilm-l6-v2",
-    }
+    env = _service_env(
+        tenants,
+        SLUICE_GROUP_ID=f"sluice-workers-{tenants.prefix}",
+        SLUICE_TENANT_TOPICS="true",
+        SLUICE_DELIVERY="exactly-once",
+    )
     worker = WorkerProcess(env, log_path=tmp_path / "worker.log", cwd=ROOT, inherit_env=False)
     worker.start(90)
     sink_env = {
@@ -481,14 +477,7 @@ async def test_a_gateway_serves_http_callers_as_sluice_over_sasl_ssl(secure: Sec
     from producers.gateway.keys import digest
     from sluice.supervisor import WorkerProcess
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
-    env |= _parse_env(secure.stack.env_file(SERVICE_USER))
-    env |= {
-        "SLUICE_TOPIC_PREFIX": secure.prefix,
-        "SLUICE_GROUP_ID": f"sluice-workers-gw-{secure.prefix}",
-        "SLUICE_ORT_INTRA_OP_THREADS": "1",
-        "SLUICE_DEFAULT_MODEL": "all-minilm-l6-v2",
-    }
+    env = _service_env(secure, SLUICE_GROUP_ID=f"sluice-workers-gw-{secure.prefix}")
     keys = tmp_path / "keys.txt"
     keys.write_text(f"acme sha256:{digest('key-acme')}\n")
     worker = WorkerProcess(env, log_path=tmp_path / "worker.log", cwd=ROOT, inherit_env=False)
@@ -533,6 +522,18 @@ def _sink_rows(port: int, sql: str) -> list:
     from sinks.query_endpoint import remote_runner
 
     return remote_runner("127.0.0.1", port, timeout_s=10)(sql)[1]
+
+
+def _service_env(secure: Secure, **settings: str) -> dict[str, str]:
+    """A Sluice process's environment as `sluice` (secure.env) on the module's topics, plus `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    env |= _parse_env(secure.stack.env_file(SERVICE_USER))
+    env |= {
+        "SLUICE_TOPIC_PREFIX": secure.prefix,
+        "SLUICE_ORT_INTRA_OP_THREADS": "1",
+        "SLUICE_DEFAULT_MODEL": "all-minilm-l6-v2",
+    }
+    return env | settings
 
 
 def _parse_env(path: Path) -> dict[str, str]:
